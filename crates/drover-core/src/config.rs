@@ -1,0 +1,202 @@
+//! Layered configuration: flags, then environment, then an optional TOML file, then defaults.
+//!
+//! clap resolves flags and environment variables together (a flag wins over its variable);
+//! whatever is still unset is taken from the TOML file, and finally from defaults that work
+//! on a machine with local services, so a newcomer types nothing.
+
+use crate::retry::RetryPolicy;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+
+/// Default broker: a local RabbitMQ with its stock guest account.
+pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+/// Default ledger: a local Postgres with trust auth; the database is created if absent.
+pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/drover";
+/// Default namespace: queues `drover.jobs` and `drover.dead`.
+pub const DEFAULT_NAMESPACE: &str = "drover";
+/// The config file read when `--config` / `DROVER_CONFIG` is not given, if it exists.
+pub const DEFAULT_CONFIG_FILE: &str = "drover.toml";
+
+/// Configuration errors, each naming the file or field at fault.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{field}: {message}")]
+    Invalid { field: &'static str, message: String },
+}
+
+/// The TOML file's shape. Every field is optional; unknown fields are an error so a typo
+/// does not silently fall back to a default.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FileConfig {
+    pub amqp_url: Option<String>,
+    pub database_url: Option<String>,
+    pub namespace: Option<String>,
+    pub worker: WorkerFileConfig,
+    pub retry: Option<RetryPolicy>,
+}
+
+/// `[worker]` table of the TOML file.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerFileConfig {
+    pub prefetch: Option<u16>,
+    pub heartbeat_secs: Option<u64>,
+    pub shutdown_grace_secs: Option<u64>,
+    pub output_root: Option<PathBuf>,
+    pub max_attempts: Option<u32>,
+    pub delivery_limit: Option<u32>,
+    pub id: Option<String>,
+}
+
+impl FileConfig {
+    /// Loads `explicit` if given (it must exist), else `drover.toml` in the current
+    /// directory if present, else an empty config.
+    pub fn load(explicit: Option<&Path>) -> Result<FileConfig, ConfigError> {
+        let path = match explicit {
+            Some(p) => p.to_path_buf(),
+            None => {
+                let p = PathBuf::from(DEFAULT_CONFIG_FILE);
+                if !p.exists() {
+                    return Ok(FileConfig::default());
+                }
+                p
+            }
+        };
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path,
+            message: e.to_string().trim().replace('\n', " "),
+        })
+    }
+}
+
+/// Connection settings every command needs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Connections {
+    pub amqp_url: String,
+    pub database_url: String,
+    pub namespace: String,
+}
+
+impl Connections {
+    /// Resolves flag/env values (already merged by clap) over the file over the defaults.
+    pub fn resolve(
+        amqp_url: Option<String>,
+        database_url: Option<String>,
+        namespace: Option<String>,
+        file: &FileConfig,
+    ) -> Result<Connections, ConfigError> {
+        let c = Connections {
+            amqp_url: amqp_url
+                .or_else(|| file.amqp_url.clone())
+                .unwrap_or_else(|| DEFAULT_AMQP_URL.into()),
+            database_url: database_url
+                .or_else(|| file.database_url.clone())
+                .unwrap_or_else(|| DEFAULT_DATABASE_URL.into()),
+            namespace: namespace
+                .or_else(|| file.namespace.clone())
+                .unwrap_or_else(|| DEFAULT_NAMESPACE.into()),
+        };
+        if !(c.amqp_url.starts_with("amqp://") || c.amqp_url.starts_with("amqps://")) {
+            return Err(ConfigError::Invalid {
+                field: "amqp url (--amqp-url / DROVER_AMQP_URL)",
+                message: format!("{:?} does not start with amqp:// or amqps://", redact(&c.amqp_url)),
+            });
+        }
+        if !(c.database_url.starts_with("postgres://") || c.database_url.starts_with("postgresql://")) {
+            return Err(ConfigError::Invalid {
+                field: "database url (--database-url / DATABASE_URL)",
+                message: format!(
+                    "{:?} does not start with postgres:// or postgresql://",
+                    redact(&c.database_url)
+                ),
+            });
+        }
+        let ns_ok = !c.namespace.is_empty()
+            && c.namespace.len() <= 64
+            && c.namespace
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '_' || ch == '.');
+        if !ns_ok {
+            return Err(ConfigError::Invalid {
+                field: "namespace (--namespace / DROVER_NAMESPACE)",
+                message: format!("{:?}: use 1-64 of [A-Za-z0-9._-]", c.namespace),
+            });
+        }
+        Ok(c)
+    }
+}
+
+/// Hides the password of a `scheme://user:password@host/...` URL for messages and logs.
+pub fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split(':').next().unwrap_or("");
+            if userinfo.contains(':') {
+                format!("{scheme}://{user}:***@{host}{path}")
+            } else {
+                format!("{scheme}://{user}@{host}{path}")
+            }
+        }
+        None => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_beat_file_beats_defaults() {
+        let file: FileConfig = toml::from_str(
+            "namespace = \"fromfile\"\ndatabase_url = \"postgres://db/x\"\n[worker]\nprefetch = 3\n",
+        )
+        .unwrap();
+        let c = Connections::resolve(None, Some("postgres://flag/y".into()), None, &file).unwrap();
+        assert_eq!(c.database_url, "postgres://flag/y");
+        assert_eq!(c.namespace, "fromfile");
+        assert_eq!(c.amqp_url, DEFAULT_AMQP_URL);
+        assert_eq!(file.worker.prefetch, Some(3));
+    }
+
+    #[test]
+    fn bad_values_name_the_field() {
+        let f = FileConfig::default();
+        let e = Connections::resolve(Some("http://x".into()), None, None, &f).unwrap_err();
+        assert!(e.to_string().contains("DROVER_AMQP_URL"), "{e}");
+        let e = Connections::resolve(None, Some("mysql://x".into()), None, &f).unwrap_err();
+        assert!(e.to_string().contains("DATABASE_URL"), "{e}");
+        let e = Connections::resolve(None, None, Some("a b".into()), &f).unwrap_err();
+        assert!(e.to_string().contains("namespace"), "{e}");
+        let e = toml::from_str::<FileConfig>("prefetc = 1").unwrap_err();
+        assert!(e.to_string().contains("prefetc"));
+    }
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(
+            redact("amqp://guest:secret@h:5672/%2f"),
+            "amqp://guest:***@h:5672/%2f"
+        );
+        assert_eq!(redact("postgres://postgres@h/db"), "postgres://postgres@h/db");
+    }
+}

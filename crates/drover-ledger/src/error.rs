@@ -1,0 +1,62 @@
+//! Ledger errors: connection problems name the (redacted) URL; the rest say which job.
+
+use thiserror::Error;
+
+/// Everything that can go wrong talking to the ledger.
+#[derive(Debug, Error)]
+pub enum LedgerError {
+    #[error("database url {url}: {message}")]
+    BadUrl { url: String, message: String },
+    #[error("cannot connect to Postgres at {url}: {source}")]
+    Connect { url: String, source: sqlx::Error },
+    #[error("cannot connect to Postgres at {url}: no answer within {secs}s")]
+    Timeout { url: String, secs: u64 },
+    #[error("cannot create the database of {url}: {source}")]
+    CreateDatabase { url: String, source: sqlx::Error },
+    #[error("migrating the ledger failed: {0}")]
+    Migrate(sqlx::migrate::MigrateError),
+    #[error("the ledger at {url} has no drover schema yet: run `drover migrate`")]
+    NotMigrated { url: String },
+    #[error("no job with idempotency key {0:?}")]
+    NotFound(String),
+    #[error("job {key:?} is {state}: {message}")]
+    WrongState {
+        key: String,
+        state: String,
+        message: String,
+    },
+    #[error("ledger query failed: {0}")]
+    Db(#[from] sqlx::Error),
+}
+
+impl LedgerError {
+    /// True when the error is about reaching Postgres rather than about the data: the worker
+    /// then backs off and waits for the database instead of failing the job.
+    pub fn is_connection(&self) -> bool {
+        match self {
+            LedgerError::Connect { .. } | LedgerError::Timeout { .. } => true,
+            LedgerError::Db(e) => is_connection_error(e),
+            _ => false,
+        }
+    }
+}
+
+/// Whether a sqlx error means the database is unreachable (or shutting down).
+pub fn is_connection_error(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(db) => {
+            // 57P01 admin_shutdown, 57P02 crash_shutdown, 57P03 cannot_connect_now,
+            // 08xxx connection exceptions.
+            db.code()
+                .map(|c| c.starts_with("57P") || c.starts_with("08"))
+                .unwrap_or(false)
+        }
+        _ => false,
+    }
+}

@@ -1,0 +1,166 @@
+//! drover-ledger: the Postgres job ledger.
+//!
+//! One row per idempotency key in `drover.jobs`, one per attempt in `drover.attempts`, one per
+//! completed batch in `drover.checkpoints`. Every state transition of the job state machine
+//! lives in this crate as one SQL transaction, so a reader finds "what moves a job from
+//! running to retrying" in one place:
+//!
+//! ```text
+//! queued → running → succeeded
+//! running → retrying → queued → running …   (transient failure, retry scheduled)
+//! running → dead                             (permanent failure / attempts exhausted)
+//! rejected                                   (invalid message)
+//! running → cancelled                        (operator, at a batch boundary)
+//! running → queued                           (graceful shutdown released it)
+//! ```
+//!
+//! Invariants: a running job has exactly one lease owner; every write a worker makes about a
+//! running job is conditioned on still holding that lease (`lease_owner` and `attempts`), so a
+//! worker that lost its lease cannot overwrite the new owner's progress.
+
+mod error;
+mod publish;
+mod read;
+mod relay;
+mod worker;
+
+pub use error::LedgerError;
+pub use publish::{InsertOutcome, NewJob};
+pub use read::{AttemptView, JobFilter, JobProgress, JobView};
+pub use relay::{DueJob, RelaySweep};
+pub use worker::{BatchRecord, Claim, ClaimedJob, FailOutcome, HeldEnd, LeaseLost, LeaseSeen};
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, PgPool};
+use std::str::FromStr;
+use std::time::Duration;
+
+/// The migrations in the workspace's top-level `migrations/` directory, embedded.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
+
+/// States after which nothing more happens to a job.
+pub const TERMINAL_STATES: [&str; 4] = ["succeeded", "dead", "cancelled", "rejected"];
+
+/// Whether `state` is terminal.
+pub fn is_terminal(state: &str) -> bool {
+    TERMINAL_STATES.contains(&state)
+}
+
+/// A handle on the ledger: a connection pool plus the operations on it.
+#[derive(Clone, Debug)]
+pub struct Ledger {
+    pool: PgPool,
+    url: String,
+}
+
+impl Ledger {
+    /// Connects to `url`, creating the database first if `create_database` and it is absent.
+    ///
+    /// Bounded: fails after `connect_timeout` with an error naming the (redacted) URL.
+    pub async fn connect(
+        url: &str,
+        create_database: bool,
+        max_connections: u32,
+        connect_timeout: Duration,
+    ) -> Result<Ledger, LedgerError> {
+        let shown = drover_core::config::redact(url);
+        let opts = PgConnectOptions::from_str(url).map_err(|e| LedgerError::BadUrl {
+            url: shown.clone(),
+            message: e.to_string(),
+        })?;
+        let opts = opts.log_statements(tracing::log::LevelFilter::Trace);
+        if create_database {
+            ensure_database(url, &shown, connect_timeout).await?;
+        }
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(connect_timeout)
+            .connect_with(opts)
+            .await
+            .map_err(|source| LedgerError::Connect {
+                url: shown.clone(),
+                source,
+            })?;
+        Ok(Ledger {
+            pool,
+            url: url.to_string(),
+        })
+    }
+
+    /// The pool, for callers that need plain SQL (tests, the CLI's stats).
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Applies pending migrations. Safe to run from several replicas at once: sqlx holds a
+    /// Postgres advisory lock while it migrates, and applied migrations are skipped.
+    pub async fn migrate(&self) -> Result<(), LedgerError> {
+        MIGRATOR.run(&self.pool).await.map_err(LedgerError::Migrate)
+    }
+
+    /// Checks the schema is there, with a hint to run `drover migrate` if not.
+    pub async fn check_schema(&self) -> Result<(), LedgerError> {
+        let exists: bool = sqlx::query_scalar("SELECT to_regclass('drover.jobs') IS NOT NULL")
+            .fetch_one(&self.pool)
+            .await?;
+        if exists {
+            Ok(())
+        } else {
+            Err(LedgerError::NotMigrated {
+                url: drover_core::config::redact(&self.url),
+            })
+        }
+    }
+
+    /// A cheap round trip, for readiness checks and outage detection.
+    pub async fn ping(&self) -> Result<(), LedgerError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// A LISTEN connection subscribed to job change notifications (channel `drover_jobs`,
+    /// payload = idempotency key).
+    pub async fn listener(&self) -> Result<sqlx::postgres::PgListener, LedgerError> {
+        let mut l = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
+        l.listen("drover_jobs").await?;
+        Ok(l)
+    }
+
+    /// Closes the pool, waiting for connections to be returned.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// Creates the database named in `url` if it does not exist. Tolerates a concurrent
+/// creation by another replica.
+async fn ensure_database(url: &str, shown: &str, timeout: Duration) -> Result<(), LedgerError> {
+    use sqlx::migrate::MigrateDatabase;
+    let exists = tokio::time::timeout(timeout, sqlx::Postgres::database_exists(url))
+        .await
+        .map_err(|_| LedgerError::Timeout {
+            url: shown.to_string(),
+            secs: timeout.as_secs(),
+        })?
+        .map_err(|source| LedgerError::Connect {
+            url: shown.to_string(),
+            source,
+        })?;
+    if exists {
+        return Ok(());
+    }
+    match sqlx::Postgres::create_database(url).await {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            // Another process may have created it between our check and our CREATE.
+            if sqlx::Postgres::database_exists(url).await.unwrap_or(false) {
+                Ok(())
+            } else {
+                Err(LedgerError::CreateDatabase {
+                    url: shown.to_string(),
+                    source: e,
+                })
+            }
+        }
+    }
+}

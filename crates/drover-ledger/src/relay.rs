@@ -1,0 +1,72 @@
+//! The retry relay's queries: find retries that are due and hand them back to the broker.
+//!
+//! Every worker runs the relay; `FOR UPDATE SKIP LOCKED` lets replicas split the due rows
+//! between them without a leader. The rows stay locked while their messages are published
+//! with confirms, and only then move to `queued`: a crash in between leaves them `retrying`
+//! and due, so the next sweep publishes them again (a duplicate message is harmless, the
+//! ledger acks it without running).
+
+use crate::{Ledger, LedgerError};
+use sqlx::{Postgres, Transaction};
+use uuid::Uuid;
+
+/// A retry that is due, with what its message needs.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct DueJob {
+    pub id: Uuid,
+    pub idempotency_key: String,
+    pub pipeline: String,
+    pub params: sqlx::types::Json<serde_json::Value>,
+    pub batch_size: Option<i32>,
+    pub max_attempts: i32,
+    pub trace_id: Option<String>,
+    /// Seconds the job has been due for (relay lag).
+    pub overdue_secs: f64,
+}
+
+/// An open relay sweep: rows locked until [`RelaySweep::commit`].
+pub struct RelaySweep {
+    tx: Transaction<'static, Postgres>,
+    /// The due jobs this sweep locked.
+    pub due: Vec<DueJob>,
+}
+
+impl Ledger {
+    /// Locks up to `limit` due retries (also jobs left `queued` without a confirmed message
+    /// for over `orphan_secs`, e.g. a producer that crashed between ledger and broker).
+    pub async fn relay_sweep(&self, limit: i64, orphan_secs: f64) -> Result<RelaySweep, LedgerError> {
+        let mut tx = self.pool.begin().await?;
+        let due: Vec<DueJob> = sqlx::query_as(
+            "SELECT id, idempotency_key, pipeline, params, batch_size, max_attempts, trace_id, \
+             EXTRACT(EPOCH FROM now() - COALESCE(run_at, created_at))::float8 AS overdue_secs \
+             FROM drover.jobs \
+             WHERE (state = 'retrying' AND run_at <= now()) \
+                OR (state = 'queued' AND enqueued_at IS NULL \
+                    AND created_at < now() - make_interval(secs => $2)) \
+             ORDER BY run_at NULLS LAST LIMIT $1 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(limit)
+        .bind(orphan_secs)
+        .fetch_all(&mut *tx)
+        .await?;
+        Ok(RelaySweep { tx, due })
+    }
+}
+
+impl RelaySweep {
+    /// Marks the swept jobs `queued` with a confirmed message and releases the locks.
+    pub async fn commit(mut self) -> Result<(), LedgerError> {
+        let ids: Vec<Uuid> = self.due.iter().map(|d| d.id).collect();
+        if !ids.is_empty() {
+            sqlx::query(
+                "UPDATE drover.jobs SET state = 'queued', run_at = NULL, enqueued_at = now(), \
+                 updated_at = now() WHERE id = ANY($1)",
+            )
+            .bind(&ids)
+            .execute(&mut *self.tx)
+            .await?;
+        }
+        self.tx.commit().await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,576 @@
+//! The worker's side of the state machine: claim, lease, checkpoint, finish.
+//!
+//! Every write about a running job is conditioned on the caller still holding the lease
+//! (`lease_owner = worker AND attempts = attempt AND state = 'running'`). When the condition
+//! fails the caller gets [`LeaseLost`] and must stop: another worker took the job over.
+
+use crate::{Ledger, LedgerError, is_terminal};
+use chrono::{DateTime, Utc};
+use drover_core::retry::{GiveUpReason, RetryDecision, RetryPolicy};
+use drover_core::{ErrorKind, JobMessage};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sqlx::{Postgres, Transaction};
+use std::time::Duration;
+use uuid::Uuid;
+
+/// A job this worker now holds the lease on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClaimedJob {
+    pub id: Uuid,
+    pub key: String,
+    pub pipeline: String,
+    pub params: Value,
+    pub batch_size: Option<i32>,
+    /// This attempt's number (1-based); also the lease generation.
+    pub attempt: i32,
+    pub max_attempts: i32,
+    /// Batches already checkpointed by earlier attempts: resume after them.
+    pub batches_done: i32,
+    pub trace_id: Option<String>,
+}
+
+/// What a delivery should do, decided by the ledger.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Claim {
+    /// Run it: the lease is ours.
+    Run(ClaimedJob),
+    /// Terminal already (or just cancelled): ack without running.
+    Done { state: String },
+    /// Scheduled for a later retry; the relay re-publishes it when due. Ack this copy.
+    NotDue { run_at: Option<DateTime<Utc>> },
+    /// Another worker holds the lease. Watch its heartbeat before deciding.
+    Held { id: Uuid, seen: LeaseSeen },
+}
+
+/// A lease as one reader saw it: the owner and its last heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseSeen {
+    pub state: String,
+    pub owner: Option<String>,
+    pub heartbeat_at: Option<DateTime<Utc>>,
+}
+
+/// One completed batch, as checkpointed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
+pub struct BatchRecord {
+    pub batch_index: i32,
+    pub rows: i64,
+    pub output: Option<String>,
+    pub checksum: Option<String>,
+    pub summary: sqlx::types::Json<Value>,
+}
+
+/// The worker no longer holds the job's lease (taken over, or changed by an operator).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("lease lost: another worker or an operator changed this job")]
+pub struct LeaseLost;
+
+/// How a failed attempt was recorded.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FailOutcome {
+    /// `retrying`, due at `run_at`.
+    Retrying {
+        run_at: DateTime<Utc>,
+        delay: Duration,
+    },
+    /// `dead`: permanent error, attempts or time budget exhausted.
+    Dead { reason: String },
+    /// The lease was gone; nothing recorded.
+    LeaseLost,
+}
+
+#[derive(sqlx::FromRow)]
+struct LockedJob {
+    id: Uuid,
+    state: String,
+    not_due: bool,
+    run_at: Option<DateTime<Utc>>,
+    lease_owner: Option<String>,
+    heartbeat_at: Option<DateTime<Utc>>,
+    cancel_requested: bool,
+    failures: i32,
+    max_attempts: i32,
+}
+
+const LOCK_JOB: &str = "SELECT id, state, (run_at IS NOT NULL AND run_at > now()) AS not_due, \
+     run_at, lease_owner, heartbeat_at, cancel_requested, failures, max_attempts \
+     FROM drover.jobs WHERE idempotency_key = $1 FOR UPDATE";
+
+impl Ledger {
+    /// Decides what to do with a delivery of `msg` and, when it should run, starts a new
+    /// attempt owned by `worker`.
+    ///
+    /// A key the ledger has never seen (a producer that published straight to the queue) is
+    /// recorded first, so every job that ever ran has a row. `takeover` is the lease this
+    /// worker saw stale ([`Claim::Held`] of an earlier call): if the job is still running
+    /// with exactly that owner and heartbeat, the owner is presumed dead and the job is taken
+    /// over, its lost attempt counted as a failure.
+    pub async fn claim(
+        &self,
+        msg: &JobMessage,
+        max_attempts: i32,
+        worker: &str,
+        trace_id: Option<&str>,
+        takeover: Option<&LeaseSeen>,
+    ) -> Result<Claim, LedgerError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "INSERT INTO drover.jobs (id, idempotency_key, pipeline, params, batch_size, \
+             max_attempts, trace_id, state, enqueued_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 'queued', now()) \
+             ON CONFLICT (idempotency_key) DO NOTHING",
+        )
+        .bind(Uuid::new_v4())
+        .bind(&msg.idempotency_key)
+        .bind(&msg.pipeline)
+        .bind(sqlx::types::Json(Value::Object(msg.params.clone())))
+        .bind(msg.batch_size.map(|b| b as i32))
+        .bind(max_attempts)
+        .bind(trace_id)
+        .execute(&mut *tx)
+        .await?;
+        let job: LockedJob = sqlx::query_as(LOCK_JOB)
+            .bind(&msg.idempotency_key)
+            .fetch_one(&mut *tx)
+            .await?;
+
+        if is_terminal(&job.state) {
+            tx.commit().await?;
+            return Ok(Claim::Done { state: job.state });
+        }
+        if job.state == "retrying" && job.not_due {
+            tx.commit().await?;
+            return Ok(Claim::NotDue { run_at: job.run_at });
+        }
+        if job.state == "running" {
+            let stale = takeover
+                .map(|seen| seen.owner == job.lease_owner && seen.heartbeat_at == job.heartbeat_at)
+                .unwrap_or(false);
+            if !stale {
+                tx.commit().await?;
+                return Ok(Claim::Held {
+                    id: job.id,
+                    seen: LeaseSeen {
+                        state: job.state,
+                        owner: job.lease_owner,
+                        heartbeat_at: job.heartbeat_at,
+                    },
+                });
+            }
+            // The owner stopped renewing its lease: record its attempt as lost.
+            let failures = job.failures + 1;
+            sqlx::query(
+                "UPDATE drover.attempts SET outcome = 'lost', finished_at = now(), \
+                 error = $2 WHERE job_id = $1 AND attempt = \
+                 (SELECT attempts FROM drover.jobs WHERE id = $1) AND outcome = 'running'",
+            )
+            .bind(job.id)
+            .bind(format!(
+                "lease expired: worker {} stopped heartbeating; taken over by {worker}",
+                job.lease_owner.as_deref().unwrap_or("?")
+            ))
+            .execute(&mut *tx)
+            .await?;
+            if failures >= job.max_attempts {
+                let reason = format!(
+                    "attempts exhausted: {failures} of {} attempts failed or were lost \
+                     (last: worker {} vanished mid-run)",
+                    job.max_attempts,
+                    job.lease_owner.as_deref().unwrap_or("?")
+                );
+                sqlx::query(
+                    "UPDATE drover.jobs SET state = 'dead', failures = $2, lease_owner = NULL, \
+                     last_error = $3, error_kind = 'transient', finished_at = now(), \
+                     updated_at = now() WHERE id = $1",
+                )
+                .bind(job.id)
+                .bind(failures)
+                .bind(&reason)
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                return Ok(Claim::Done {
+                    state: "dead".into(),
+                });
+            }
+            sqlx::query("UPDATE drover.jobs SET failures = $2 WHERE id = $1")
+                .bind(job.id)
+                .bind(failures)
+                .execute(&mut *tx)
+                .await?;
+        }
+        if job.cancel_requested {
+            sqlx::query(
+                "UPDATE drover.jobs SET state = 'cancelled', lease_owner = NULL, \
+                 finished_at = now(), updated_at = now() WHERE id = $1",
+            )
+            .bind(job.id)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            return Ok(Claim::Done {
+                state: "cancelled".into(),
+            });
+        }
+        let claimed = start_attempt(&mut tx, job.id, worker).await?;
+        tx.commit().await?;
+        Ok(Claim::Run(claimed))
+    }
+
+    /// The current lease of a job, to watch whether its owner is alive.
+    pub async fn lease(&self, id: Uuid) -> Result<LeaseSeen, LedgerError> {
+        let (state, owner, heartbeat_at): (String, Option<String>, Option<DateTime<Utc>>) =
+            sqlx::query_as("SELECT state, lease_owner, heartbeat_at FROM drover.jobs WHERE id = $1")
+                .bind(id)
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(LeaseSeen {
+            state,
+            owner,
+            heartbeat_at,
+        })
+    }
+
+    /// Renews the lease of every job in `ids` held by `worker`. Returns the ids whose
+    /// cancellation an operator requested.
+    pub async fn heartbeat(&self, worker: &str, ids: &[Uuid]) -> Result<Vec<Uuid>, LedgerError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let cancelled: Vec<Option<Uuid>> = sqlx::query_scalar(
+            "UPDATE drover.jobs SET heartbeat_at = now() \
+             WHERE id = ANY($2) AND lease_owner = $1 AND state = 'running' \
+             RETURNING CASE WHEN cancel_requested THEN id END",
+        )
+        .bind(worker)
+        .bind(ids)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(cancelled.into_iter().flatten().collect())
+    }
+
+    /// Records the number of batches the job's input has, once known.
+    pub async fn set_batches_total(&self, job: &ClaimedJob, worker: &str, total: i32) -> Result<(), LedgerError> {
+        sqlx::query(
+            "UPDATE drover.jobs SET batches_total = $4, updated_at = now() \
+             WHERE id = $1 AND lease_owner = $2 AND attempts = $3 AND state = 'running'",
+        )
+        .bind(job.id)
+        .bind(worker)
+        .bind(job.attempt)
+        .bind(total)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Checkpoints one completed batch and the job's progress in one transaction (one
+    /// statement), renewing the lease. Returns whether cancellation was requested.
+    ///
+    /// Replaying a batch index overwrites its checkpoint and corrects `rows_done`, so
+    /// progress never double counts.
+    pub async fn checkpoint(
+        &self,
+        job: &ClaimedJob,
+        worker: &str,
+        batch: &BatchRecord,
+    ) -> Result<Result<bool, LeaseLost>, LedgerError> {
+        let cancel: Option<bool> = sqlx::query_scalar(
+            r#"
+            WITH lease AS (
+                SELECT id FROM drover.jobs
+                WHERE id = $1 AND lease_owner = $2 AND attempts = $3 AND state = 'running'
+                FOR UPDATE
+            ), old AS (
+                SELECT rows FROM drover.checkpoints WHERE job_id = $1 AND batch_index = $4
+            ), cp AS (
+                INSERT INTO drover.checkpoints (job_id, batch_index, rows, output, checksum,
+                                                summary, attempt)
+                SELECT id, $4, $5, $6, $7, $8, $3 FROM lease
+                ON CONFLICT (job_id, batch_index) DO UPDATE
+                    SET rows = EXCLUDED.rows, output = EXCLUDED.output,
+                        checksum = EXCLUDED.checksum, summary = EXCLUDED.summary,
+                        attempt = EXCLUDED.attempt, committed_at = now()
+                RETURNING 1
+            )
+            UPDATE drover.jobs j
+            SET batches_done = GREATEST(j.batches_done, $4 + 1),
+                rows_done = j.rows_done + $5 - COALESCE((SELECT rows FROM old), 0),
+                heartbeat_at = now(),
+                updated_at = now()
+            FROM lease
+            WHERE j.id = lease.id AND EXISTS (SELECT 1 FROM cp)
+            RETURNING j.cancel_requested
+            "#,
+        )
+        .bind(job.id)
+        .bind(worker)
+        .bind(job.attempt)
+        .bind(batch.batch_index)
+        .bind(batch.rows)
+        .bind(&batch.output)
+        .bind(&batch.checksum)
+        .bind(&batch.summary)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(cancel.ok_or(LeaseLost))
+    }
+
+    /// Every checkpoint of a job, in batch order (to resume, and to summarise at the end).
+    pub async fn checkpoints(&self, job_id: Uuid) -> Result<Vec<BatchRecord>, LedgerError> {
+        Ok(sqlx::query_as(
+            "SELECT batch_index, rows, output, checksum, summary FROM drover.checkpoints \
+             WHERE job_id = $1 ORDER BY batch_index",
+        )
+        .bind(job_id)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// `running → succeeded`, storing the result summary.
+    pub async fn succeed(&self, job: &ClaimedJob, worker: &str, result: &Value) -> Result<Result<(), LeaseLost>, LedgerError> {
+        let done: Option<i32> = sqlx::query_scalar(
+            r#"
+            WITH j AS (
+                UPDATE drover.jobs SET state = 'succeeded', result = $4, lease_owner = NULL,
+                       finished_at = now(), updated_at = now()
+                WHERE id = $1 AND lease_owner = $2 AND attempts = $3 AND state = 'running'
+                RETURNING id
+            )
+            UPDATE drover.attempts a SET outcome = 'succeeded', finished_at = now()
+            FROM j WHERE a.job_id = j.id AND a.attempt = $3
+            RETURNING a.attempt
+            "#,
+        )
+        .bind(job.id)
+        .bind(worker)
+        .bind(job.attempt)
+        .bind(sqlx::types::Json(result))
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(done.map(|_| ()).ok_or(LeaseLost))
+    }
+
+    /// Records a failed attempt: permanent → `dead`; transient → `retrying` at a jittered,
+    /// capped exponential delay, or `dead` when attempts or the time budget are exhausted.
+    pub async fn fail(
+        &self,
+        job: &ClaimedJob,
+        worker: &str,
+        kind: ErrorKind,
+        error: &str,
+        policy: &RetryPolicy,
+    ) -> Result<FailOutcome, LedgerError> {
+        let mut tx = self.pool.begin().await?;
+        let row: Option<(i32, i32, f64)> = sqlx::query_as(
+            "SELECT failures, max_attempts, \
+             EXTRACT(EPOCH FROM now() - COALESCE(started_at, created_at))::float8 \
+             FROM drover.jobs WHERE id = $1 AND lease_owner = $2 AND attempts = $3 \
+             AND state = 'running' FOR UPDATE",
+        )
+        .bind(job.id)
+        .bind(worker)
+        .bind(job.attempt)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((failures, max_attempts, elapsed)) = row else {
+            return Ok(FailOutcome::LeaseLost);
+        };
+        let failures = failures + 1;
+        let decision = match kind {
+            ErrorKind::Permanent => None,
+            ErrorKind::Transient => Some(policy.decide(
+                failures as u32,
+                max_attempts as u32,
+                Duration::from_secs_f64(elapsed.max(0.0)),
+            )),
+        };
+        let outcome = match decision {
+            Some(RetryDecision::RetryAfter(delay)) => {
+                let run_at: DateTime<Utc> = sqlx::query_scalar(
+                    "UPDATE drover.jobs SET state = 'retrying', failures = $2, \
+                     run_at = now() + make_interval(secs => $3), lease_owner = NULL, \
+                     last_error = $4, error_kind = $5, updated_at = now() \
+                     WHERE id = $1 RETURNING run_at",
+                )
+                .bind(job.id)
+                .bind(failures)
+                .bind(delay.as_secs_f64())
+                .bind(error)
+                .bind(kind.as_str())
+                .fetch_one(&mut *tx)
+                .await?;
+                FailOutcome::Retrying { run_at, delay }
+            }
+            other => {
+                let reason = match other {
+                    None => format!("permanent error: {error}"),
+                    Some(RetryDecision::GiveUp(GiveUpReason::AttemptsExhausted)) => format!(
+                        "attempts exhausted ({failures} of {max_attempts}): {error}"
+                    ),
+                    Some(_) => format!("retry time budget exhausted after {failures} attempts: {error}"),
+                };
+                sqlx::query(
+                    "UPDATE drover.jobs SET state = 'dead', failures = $2, lease_owner = NULL, \
+                     last_error = $3, error_kind = $4, finished_at = now(), updated_at = now() \
+                     WHERE id = $1",
+                )
+                .bind(job.id)
+                .bind(failures)
+                .bind(error)
+                .bind(kind.as_str())
+                .execute(&mut *tx)
+                .await?;
+                FailOutcome::Dead { reason }
+            }
+        };
+        let attempt_outcome = match outcome {
+            FailOutcome::Dead { .. } => "dead",
+            _ => "failed",
+        };
+        sqlx::query(
+            "UPDATE drover.attempts SET outcome = $3, error = $4, finished_at = now() \
+             WHERE job_id = $1 AND attempt = $2",
+        )
+        .bind(job.id)
+        .bind(job.attempt)
+        .bind(attempt_outcome)
+        .bind(error)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(outcome)
+    }
+
+    /// Ends a held job in a state that is not a failure: `cancelled` (operator request),
+    /// `rejected` (its pipeline or params are invalid), or `queued` again (released by a
+    /// draining worker; its attempt is recorded as interrupted and does not count as a
+    /// failure).
+    pub async fn finish_held(
+        &self,
+        job: &ClaimedJob,
+        worker: &str,
+        state: HeldEnd,
+        note: &str,
+    ) -> Result<Result<(), LeaseLost>, LedgerError> {
+        let (job_state, attempt_outcome, terminal) = match state {
+            HeldEnd::Cancelled => ("cancelled", "cancelled", true),
+            HeldEnd::Rejected => ("rejected", "rejected", true),
+            HeldEnd::Released => ("queued", "interrupted", false),
+        };
+        let done: Option<i32> = sqlx::query_scalar(
+            r#"
+            WITH j AS (
+                UPDATE drover.jobs SET state = $4, lease_owner = NULL, heartbeat_at = NULL,
+                       finished_at = CASE WHEN $6 THEN now() END,
+                       last_error = CASE WHEN $4 = 'rejected' THEN $5 ELSE last_error END,
+                       error_kind = CASE WHEN $4 = 'rejected' THEN 'permanent' ELSE error_kind END,
+                       updated_at = now()
+                WHERE id = $1 AND lease_owner = $2 AND attempts = $3 AND state = 'running'
+                RETURNING id
+            )
+            UPDATE drover.attempts a SET outcome = $7, finished_at = now(),
+                   error = NULLIF($5, '')
+            FROM j WHERE a.job_id = j.id AND a.attempt = $3
+            RETURNING a.attempt
+            "#,
+        )
+        .bind(job.id)
+        .bind(worker)
+        .bind(job.attempt)
+        .bind(job_state)
+        .bind(note)
+        .bind(terminal)
+        .bind(attempt_outcome)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(done.map(|_| ()).ok_or(LeaseLost))
+    }
+
+    /// Records a message that is not a valid job as `rejected`, when it has a usable key.
+    /// A key that exists already is only changed if it is still `queued` (its own content is
+    /// what was found invalid); a job that ran or finished is left alone. Returns whether a
+    /// row now says `rejected` because of this call.
+    pub async fn reject_message(
+        &self,
+        key: &str,
+        pipeline: Option<&str>,
+        params: Option<&Value>,
+        reason: &str,
+    ) -> Result<bool, LedgerError> {
+        let n = sqlx::query(
+            "INSERT INTO drover.jobs (id, idempotency_key, pipeline, params, max_attempts, state, \
+             last_error, error_kind, finished_at, enqueued_at) \
+             VALUES ($1, $2, COALESCE($3, ''), COALESCE($4, '{}'::jsonb), 1, 'rejected', $5, \
+             'permanent', now(), now()) \
+             ON CONFLICT (idempotency_key) DO UPDATE SET state = 'rejected', \
+             last_error = EXCLUDED.last_error, error_kind = 'permanent', finished_at = now(), \
+             updated_at = now() WHERE drover.jobs.state = 'queued'",
+        )
+        .bind(Uuid::new_v4())
+        .bind(key)
+        .bind(pipeline)
+        .bind(params.map(sqlx::types::Json))
+        .bind(reason)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(n > 0)
+    }
+}
+
+/// How [`Ledger::finish_held`] ends a held job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeldEnd {
+    Cancelled,
+    Rejected,
+    Released,
+}
+
+/// Opens a new attempt on a locked, claimable job.
+async fn start_attempt(
+    tx: &mut Transaction<'_, Postgres>,
+    id: Uuid,
+    worker: &str,
+) -> Result<ClaimedJob, LedgerError> {
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        idempotency_key: String,
+        pipeline: String,
+        params: sqlx::types::Json<Value>,
+        batch_size: Option<i32>,
+        attempts: i32,
+        max_attempts: i32,
+        batches_done: i32,
+        trace_id: Option<String>,
+    }
+    let r: Row = sqlx::query_as(
+        "UPDATE drover.jobs SET state = 'running', attempts = attempts + 1, lease_owner = $2, \
+         heartbeat_at = now(), run_at = NULL, started_at = COALESCE(started_at, now()), \
+         updated_at = now() WHERE id = $1 \
+         RETURNING idempotency_key, pipeline, params, batch_size, attempts, max_attempts, \
+         batches_done, trace_id",
+    )
+    .bind(id)
+    .bind(worker)
+    .fetch_one(&mut **tx)
+    .await?;
+    sqlx::query("INSERT INTO drover.attempts (job_id, attempt, worker) VALUES ($1, $2, $3)")
+        .bind(id)
+        .bind(r.attempts)
+        .bind(worker)
+        .execute(&mut **tx)
+        .await?;
+    Ok(ClaimedJob {
+        id,
+        key: r.idempotency_key,
+        pipeline: r.pipeline,
+        params: r.params.0,
+        batch_size: r.batch_size,
+        attempt: r.attempts,
+        max_attempts: r.max_attempts,
+        batches_done: r.batches_done,
+        trace_id: r.trace_id,
+    })
+}

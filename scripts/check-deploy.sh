@@ -1,0 +1,641 @@
+#!/usr/bin/env bash
+# scripts/check-deploy.sh: static checks of the deployment files under deploy/.
+#
+# Run from the repository root (it cds there itself); `make test` runs it. Needs bash and
+# python3 with PyYAML (installed with pip into a cache directory when missing). Uses
+# systemd-analyze, kubectl (kustomize only, no cluster) and `docker compose` (config only, no
+# engine) when they are installed, and says "skip" when they are not. Needs no docker engine,
+# no cluster, and no network unless PyYAML has to be installed. Prints one line per check
+# (ok / FAIL / skip / pending); exits 1 if any check failed. Takes about a second.
+#
+# What it guards: every YAML file parses; the shutdown grace stays below every stop timeout
+# (systemd TimeoutStopSec, compose stop_grace_period, k8s terminationGracePeriodSeconds);
+# probes point at /readyz and /healthz on the metrics port; manifests reference each other
+# consistently; every DROVER_* variable used in deploy/ is one the binary reads; the units
+# verify; the Dockerfile builds with the same cargo command as the Makefile's `build` target.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+failures=0
+line() { printf '%-8s %s\n' "$1" "$2"; }
+ok() { line ok "$1"; }
+fail() { line FAIL "$1"; failures=$((failures + 1)); }
+skip() { line skip "$1"; }
+pending() { line pending "$1"; }
+
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/check-deploy.XXXXXX")
+probe_server_pid=
+cleanup() {
+    if [[ -n $probe_server_pid ]]; then kill "$probe_server_pid" 2>/dev/null || true; fi
+    rm -rf "$tmp"
+}
+trap cleanup EXIT
+
+# ---- python3 + PyYAML ----------------------------------------------------------------------
+if ! command -v python3 >/dev/null; then
+    fail "python3: not installed (apt-get install python3 python3-yaml); cannot check YAML"
+    exit 1
+fi
+pylib="${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/drover-check-deploy/pylib"
+if python3 -c 'import yaml' 2>/dev/null; then
+    ok "pyyaml: importable"
+elif PYTHONPATH="$pylib" python3 -c 'import yaml' 2>/dev/null; then
+    export PYTHONPATH="$pylib${PYTHONPATH:+:$PYTHONPATH}"
+    ok "pyyaml: importable from $pylib"
+elif python3 -m pip install --quiet --disable-pip-version-check --target "$pylib" pyyaml \
+        >"$tmp/pip.log" 2>&1 \
+    && PYTHONPATH="$pylib" python3 -c 'import yaml' 2>/dev/null; then
+    export PYTHONPATH="$pylib${PYTHONPATH:+:$PYTHONPATH}"
+    ok "pyyaml: installed into $pylib"
+else
+    sed 's/^/         /' "$tmp/pip.log" 2>/dev/null | tail -5 || true
+    fail "pyyaml: not importable and 'pip install --target $pylib pyyaml' failed; install python3-yaml"
+    exit 1
+fi
+
+# ---- YAML, Kubernetes, Compose, systemd settings, Dockerfile (python) ------------------------
+# The python part prints its own lines in the same format and exits with its failure count.
+py_failures=0
+python3 - <<'PY' || py_failures=$?
+import glob, os, re, subprocess, sys
+import yaml
+
+failures = 0
+def line(tag, msg): print(f"{tag:<8} {msg}", flush=True)
+def ok(msg): line("ok", msg)
+def skip(msg): line("skip", msg)
+def fail(msg):
+    global failures
+    failures += 1
+    line("FAIL", msg)
+def check(cond, good, bad):
+    ok(good) if cond else fail(bad)
+    return cond
+
+# A loader that rejects duplicate keys (PyYAML silently keeps the last one).
+class StrictLoader(yaml.SafeLoader):
+    pass
+def _mapping(loader, node, deep=False):
+    seen = set()
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    loader.flatten_mapping(node)
+    return loader.construct_mapping(node, deep=deep)
+StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
+
+def get(d, *path, default=None):
+    for p in path:
+        if isinstance(d, dict) and p in d:
+            d = d[p]
+        elif isinstance(d, list) and isinstance(p, int) and -len(d) <= p < len(d):
+            d = d[p]
+        else:
+            return default
+    return d
+
+def seconds(value):
+    """Durations: 45, "45", "45s", "1m30s", "1min 30s", "2min" -> seconds (None if unparsable)."""
+    if isinstance(value, int):
+        return value
+    s = str(value).strip().replace(" ", "")
+    if re.fullmatch(r"\d+", s):
+        return int(s)
+    units = {"h": 3600, "min": 60, "m": 60, "s": 1, "sec": 1, "ms": 0.001}
+    parts = re.findall(r"(\d+)(h|min|ms|m|sec|s)", s)
+    if not parts or "".join(n + u for n, u in parts) != s:
+        return None
+    return sum(int(n) * units[u] for n, u in parts)
+
+# ---- (a) every YAML file under deploy/ parses -----------------------------------------------
+docs_by_file = {}
+unparsable = set()
+yaml_files = sorted(glob.glob("deploy/**/*.yaml", recursive=True)
+                    + glob.glob("deploy/**/*.yml", recursive=True))
+if not yaml_files:
+    fail("yaml: no *.yaml/*.yml files under deploy/")
+for path in yaml_files:
+    try:
+        with open(path) as f:
+            docs = [d for d in yaml.load_all(f, Loader=StrictLoader) if d is not None]
+    except yaml.YAMLError as e:
+        fail(f"yaml: {path}: {str(e).splitlines()[0]} {getattr(e, 'problem_mark', '') or ''}".strip())
+        unparsable.add(path)
+        continue
+    docs_by_file[path] = docs
+    ok(f"yaml: {path} parses ({len(docs)} document{'s' if len(docs) != 1 else ''})")
+
+# ---- the variables the binary reads ------------------------------------------------------------
+known_vars = set()
+for src in glob.glob("crates/**/*.rs", recursive=True):
+    with open(src, errors="replace") as f:
+        known_vars.update(re.findall(r'"((?:DROVER_[A-Z0-9_]+)|DATABASE_URL)"', f.read()))
+def unknown_drover_vars(names):
+    return sorted(n for n in names if (n.startswith("DROVER_") or n == "DATABASE_URL")
+                  and n not in known_vars)
+
+# ---- (b) Kubernetes ------------------------------------------------------------------------------
+k8s_dir = "deploy/k8s"
+k8s_docs = []   # (file, doc)
+for path, docs in sorted(docs_by_file.items()):
+    if os.path.dirname(path) == k8s_dir and os.path.basename(path) not in ("kustomization.yaml", "kustomization.yml"):
+        k8s_docs += [(path, d) for d in docs]
+
+def of_kind(kind):
+    return [d for _, d in k8s_docs if isinstance(d, dict) and d.get("kind") == kind]
+
+if any(os.path.dirname(p) == k8s_dir for p in unparsable):
+    skip("k8s: manifest checks: not run until the YAML errors above are fixed")
+elif not k8s_docs:
+    fail(f"k8s: no manifests parsed under {k8s_dir}/")
+else:
+    bad = [f"{p}: {get(d, 'kind') or '?'}" for p, d in k8s_docs
+           if not (isinstance(d, dict) and d.get("apiVersion") and d.get("kind") and get(d, "metadata", "name"))]
+    check(not bad, f"k8s: all {len(k8s_docs)} documents have apiVersion, kind, metadata.name",
+          f"k8s: documents missing apiVersion/kind/metadata.name: {', '.join(bad)}")
+    namespaced = [f"{p}: {d.get('kind')}/{get(d, 'metadata', 'name')}" for p, d in k8s_docs
+                  if isinstance(d, dict) and get(d, "metadata", "namespace")]
+    check(not namespaced, "k8s: no manifest hard-codes metadata.namespace",
+          f"k8s: metadata.namespace set (manifests must be namespace-agnostic): {', '.join(namespaced)}")
+
+    # kustomization lists exactly the manifest files
+    kust = docs_by_file.get(f"{k8s_dir}/kustomization.yaml", [None])[0]
+    files = sorted(os.path.basename(p) for p in glob.glob(f"{k8s_dir}/*.yaml")
+                   if os.path.basename(p) != "kustomization.yaml")
+    listed = sorted(get(kust, "resources", default=[]) or [])
+    check(listed == files, f"k8s: kustomization.yaml lists all {len(files)} manifests",
+          f"k8s: kustomization.yaml resources {listed} != files {files}")
+
+    cms = {get(d, "metadata", "name"): d for d in of_kind("ConfigMap")}
+    secrets = {get(d, "metadata", "name"): d for d in of_kind("Secret")}
+    deps = of_kind("Deployment")
+    jobs = of_kind("Job")
+    cm_data = {}
+    for cm in cms.values():
+        cm_data.update(get(cm, "data", default={}) or {})
+    secret_keys = set()
+    for s in secrets.values():
+        secret_keys |= set((get(s, "stringData", default={}) or {}).keys())
+        secret_keys |= set((get(s, "data", default={}) or {}).keys())
+    check({"DATABASE_URL", "DROVER_AMQP_URL"} <= secret_keys,
+          "k8s: the Secret holds DATABASE_URL and DROVER_AMQP_URL",
+          f"k8s: the Secret lacks DATABASE_URL/DROVER_AMQP_URL (has {sorted(secret_keys)})")
+    leaked = sorted(k for k in cm_data if k in ("DATABASE_URL", "DROVER_AMQP_URL"))
+    check(not leaked, "k8s: no connection URL in the ConfigMap",
+          f"k8s: {leaked} belong in the Secret, not the ConfigMap")
+    unknown = unknown_drover_vars(cm_data)
+    check(not unknown, "k8s: every DROVER_* key in the ConfigMap is read by the binary",
+          f"k8s: ConfigMap keys the binary does not read (typo?): {unknown}")
+
+    def env_of(container):
+        env = {}
+        for e in container.get("env", []) or []:
+            env[e.get("name")] = e.get("value")
+        return env
+
+    def check_env_from(kind, name, pod_spec):
+        refs = []
+        for c in pod_spec.get("containers", []) or []:
+            for ef in c.get("envFrom", []) or []:
+                if "configMapRef" in ef:
+                    refs.append(("ConfigMap", ef["configMapRef"].get("name"), cms))
+                if "secretRef" in ef:
+                    refs.append(("Secret", ef["secretRef"].get("name"), secrets))
+        kinds = {k for k, _, _ in refs}
+        missing = [f"{k} {n}" for k, n, known in refs if n not in known]
+        check({"ConfigMap", "Secret"} <= kinds and not missing,
+              f"k8s: {kind} {name} takes its env from the ConfigMap and the Secret",
+              f"k8s: {kind} {name}: envFrom must reference the manifests' ConfigMap and Secret"
+              + (f" (unknown: {', '.join(missing)})" if missing else ""))
+
+    if len(deps) != 1:
+        fail(f"k8s: expected one Deployment, found {len(deps)}")
+    else:
+        dep = deps[0]
+        dname = get(dep, "metadata", "name")
+        pod = get(dep, "spec", "template", "spec", default={})
+        containers = pod.get("containers", []) or []
+        c = containers[0] if containers else {}
+        check_env_from("Deployment", dname, pod)
+        check(c.get("args") == ["worker"] or c.get("command") in (["drover", "worker"],),
+              "k8s: the Deployment runs `drover worker`",
+              f"k8s: the Deployment's container args are {c.get('args')!r}, expected ['worker']")
+
+        # shutdown grace vs terminationGracePeriodSeconds
+        env = env_of(c)
+        grace_raw = env.get("DROVER_SHUTDOWN_GRACE_SECS", cm_data.get("DROVER_SHUTDOWN_GRACE_SECS"))
+        tgps = pod.get("terminationGracePeriodSeconds")
+        if grace_raw is None:
+            fail("k8s: DROVER_SHUTDOWN_GRACE_SECS is not set in the ConfigMap (the relation to "
+                 "terminationGracePeriodSeconds must be explicit)")
+        elif not isinstance(tgps, int):
+            fail(f"k8s: Deployment terminationGracePeriodSeconds missing or not an integer: {tgps!r}")
+        else:
+            grace = int(str(grace_raw))
+            check(tgps > grace,
+                  f"k8s: terminationGracePeriodSeconds {tgps} > DROVER_SHUTDOWN_GRACE_SECS {grace}",
+                  f"k8s: terminationGracePeriodSeconds {tgps} must exceed DROVER_SHUTDOWN_GRACE_SECS {grace}")
+
+        # probes and the metrics port
+        addr = env.get("DROVER_METRICS_ADDR", cm_data.get("DROVER_METRICS_ADDR", "127.0.0.1:9464"))
+        host, _, mport = str(addr).rpartition(":")
+        check(host.strip("[]") in ("0.0.0.0", "::", ""),
+              f"k8s: DROVER_METRICS_ADDR {addr} listens on the pod IP",
+              f"k8s: DROVER_METRICS_ADDR {addr} is not reachable by the kubelet's probes (use 0.0.0.0:PORT)")
+        ports = {p.get("name"): p.get("containerPort") for p in c.get("ports", []) or []}
+        def probe_target(probe):
+            hg = get(c, probe, "httpGet", default={}) or {}
+            port = hg.get("port")
+            return hg.get("path"), ports.get(port, port)
+        for probe, want in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
+            path, port = probe_target(probe)
+            check(path == want and str(port) == mport,
+                  f"k8s: {probe} GET {path} on port {port}",
+                  f"k8s: {probe} must GET {want} on the metrics port {mport}; it has {path!r} on {port!r}")
+        if "startupProbe" in c:
+            path, port = probe_target("startupProbe")
+            check(path == "/healthz" and str(port) == mport, f"k8s: startupProbe GET {path} on port {port}",
+                  f"k8s: startupProbe should GET /healthz on port {mport}; it has {path!r} on {port!r}")
+        ann = get(dep, "spec", "template", "metadata", "annotations", default={}) or {}
+        check(ann.get("prometheus.io/scrape") == "true" and str(ann.get("prometheus.io/port")) == mport
+              and ann.get("prometheus.io/path", "/metrics") == "/metrics",
+              f"k8s: prometheus.io annotations scrape :{mport}/metrics",
+              f"k8s: prometheus.io annotations {ann} do not match the metrics port {mport}")
+
+        # non-root, read-only root, a writable mount for the output root
+        psc = pod.get("securityContext", {}) or {}
+        csc = c.get("securityContext", {}) or {}
+        check((psc.get("runAsNonRoot") or csc.get("runAsNonRoot")) is True and csc.get("readOnlyRootFilesystem") is True,
+              "k8s: runAsNonRoot and readOnlyRootFilesystem",
+              "k8s: the worker must set runAsNonRoot: true and readOnlyRootFilesystem: true")
+        out = env.get("DROVER_OUTPUT_ROOT", cm_data.get("DROVER_OUTPUT_ROOT"))
+        mounts = [m.get("mountPath", "") for m in c.get("volumeMounts", []) or []]
+        covered = out and any(out == m or out.startswith(m.rstrip("/") + "/") for m in mounts)
+        check(bool(covered), f"k8s: the output root {out} is on a mounted volume",
+              f"k8s: DROVER_OUTPUT_ROOT {out!r} is not under any volumeMount {mounts} (root fs is read-only)")
+        res = c.get("resources", {}) or {}
+        check(get(res, "requests", "memory") and get(res, "limits", "memory"),
+              "k8s: memory requests and limits set",
+              "k8s: the worker needs memory requests and limits (batch memory)")
+
+        # PDB and KEDA target the Deployment
+        labels = get(dep, "spec", "template", "metadata", "labels", default={}) or {}
+        for pdb in of_kind("PodDisruptionBudget"):
+            sel = get(pdb, "spec", "selector", "matchLabels", default={}) or {}
+            check(sel and all(labels.get(k) == v for k, v in sel.items()),
+                  f"k8s: PodDisruptionBudget {get(pdb, 'metadata', 'name')} selects the worker pods",
+                  f"k8s: PodDisruptionBudget selector {sel} does not match the pod labels {labels}")
+        ns = cm_data.get("DROVER_NAMESPACE", "drover")
+        auths = {get(d, "metadata", "name"): d for d in of_kind("TriggerAuthentication")}
+        for so in of_kind("ScaledObject"):
+            target = get(so, "spec", "scaleTargetRef", "name")
+            check(target == dname, f"k8s: ScaledObject scales Deployment {target}",
+                  f"k8s: ScaledObject targets {target!r}, the Deployment is {dname!r}")
+            for t in get(so, "spec", "triggers", default=[]) or []:
+                if t.get("type") != "rabbitmq":
+                    continue
+                md = t.get("metadata", {}) or {}
+                check(md.get("queueName") == f"{ns}.jobs" and md.get("mode") == "QueueLength" and md.get("value"),
+                      f"k8s: KEDA rabbitmq trigger on {md.get('queueName')}, QueueLength {md.get('value')}",
+                      f"k8s: KEDA trigger must watch {ns}.jobs in QueueLength mode with a value; has {md}")
+                auth = auths.get(get(t, "authenticationRef", "name"))
+                refs = get(auth, "spec", "secretTargetRef", default=[]) or []
+                good = [r for r in refs if r.get("parameter") == "host"
+                        and r.get("name") in secrets and r.get("key") in secret_keys]
+                check(bool(good), "k8s: KEDA reads the broker host from the Secret",
+                      "k8s: the trigger's TriggerAuthentication must map `host` to a key of the Secret")
+
+    for job in jobs:
+        jname = get(job, "metadata", "name")
+        pod = get(job, "spec", "template", "spec", default={})
+        c = (pod.get("containers") or [{}])[0]
+        check(c.get("args") == ["migrate"] and isinstance(get(job, "spec", "backoffLimit"), int)
+              and pod.get("restartPolicy") in ("Never", "OnFailure"),
+              f"k8s: Job {jname} runs `drover migrate` with backoffLimit {get(job, 'spec', 'backoffLimit')}",
+              f"k8s: Job {jname} must run args ['migrate'] with a backoffLimit and restartPolicy Never/OnFailure")
+        check_env_from("Job", jname, pod)
+        if deps:
+            dimg = get(deps[0], "spec", "template", "spec", "containers", 0, "image")
+            check(c.get("image") == dimg, f"k8s: Job {jname} and the Deployment use image {dimg}",
+                  f"k8s: Job image {c.get('image')!r} differs from the Deployment's {dimg!r}")
+    if not jobs:
+        fail("k8s: no migrate Job")
+
+    # kustomize renders (client-side only)
+    try:
+        r = subprocess.run(["kubectl", "kustomize", k8s_dir], capture_output=True, text=True, timeout=30)
+        check(r.returncode == 0, f"k8s: kubectl kustomize {k8s_dir} renders",
+              f"k8s: kubectl kustomize {k8s_dir} failed: {r.stderr.strip()[:300]}")
+    except FileNotFoundError:
+        skip("k8s: kubectl kustomize: kubectl not installed")
+    except subprocess.TimeoutExpired:
+        fail("k8s: kubectl kustomize timed out")
+
+# ---- (c) systemd settings (systemd-analyze verify runs in the bash part) ----------------------
+def env_file(path):
+    env = {}
+    with open(path) as f:
+        for raw in f:
+            s = raw.strip()
+            if not s or s.startswith("#"):
+                continue
+            if "=" not in s:
+                fail(f"systemd: {path}: not KEY=value: {s!r}")
+                continue
+            k, v = s.split("=", 1)
+            env[k.strip()] = v.strip().strip('"').strip("'")
+    return env
+
+def unit(path):
+    entries, section = [], None
+    with open(path) as f:
+        for raw in f:
+            s = raw.strip()
+            if not s or s[0] in "#;":
+                continue
+            if s.startswith("["):
+                section = s
+                continue
+            k, _, v = s.partition("=")
+            entries.append((section, k.strip(), v.strip()))
+    return entries
+
+env_example = "deploy/systemd/drover.env.example"
+if not os.path.exists(env_example):
+    fail(f"systemd: {env_example} missing")
+else:
+    env = env_file(env_example)
+    unknown = unknown_drover_vars(env)
+    check(not unknown, f"systemd: every DROVER_* variable in {os.path.basename(env_example)} is read by the binary",
+          f"systemd: {env_example} sets variables the binary does not read (typo?): {unknown}")
+    grace = int(env.get("DROVER_SHUTDOWN_GRACE_SECS", "30"))
+    worker_units = sorted(glob.glob("deploy/systemd/drover-worker*.service"))
+    if not worker_units:
+        fail("systemd: no deploy/systemd/drover-worker*.service")
+    parsed = {}
+    for path in worker_units:
+        entries = unit(path)
+        parsed[path] = entries
+        svc = {k: v for sec, k, v in entries if sec == "[Service]"}
+        name = os.path.basename(path)
+        t = seconds(svc.get("TimeoutStopSec", "")) if "TimeoutStopSec" in svc else None
+        check(t is not None and t > grace,
+              f"systemd: {name}: TimeoutStopSec {t} > DROVER_SHUTDOWN_GRACE_SECS {grace}",
+              f"systemd: {name}: TimeoutStopSec {svc.get('TimeoutStopSec')!r} must exceed DROVER_SHUTDOWN_GRACE_SECS {grace}")
+        want = {"KillSignal": "SIGTERM", "User": "drover", "EnvironmentFile": "/etc/drover/drover.env",
+                "Restart": "on-failure", "NoNewPrivileges": "yes", "ProtectSystem": "strict",
+                "PrivateTmp": "yes"}
+        wrong = [f"{k}={svc.get(k)!r}" for k, v in want.items() if svc.get(k) != v]
+        wrong += [] if "/var/lib/drover" in svc.get("ReadWritePaths", "").split() else ["ReadWritePaths lacks /var/lib/drover"]
+        wrong += [] if re.match(r"/usr/local/bin/drover worker\b", svc.get("ExecStart", "")) else [f"ExecStart={svc.get('ExecStart')!r}"]
+        check(not wrong, f"systemd: {name}: SIGTERM drain, drover user, env file, restart, hardening",
+              f"systemd: {name}: unexpected {', '.join(wrong)}")
+    base, tmpl = "deploy/systemd/drover-worker.service", "deploy/systemd/drover-worker@.service"
+    if base in parsed and tmpl in parsed:
+        allowed = {"ExecStart", "Environment"}
+        def service_lines(p):
+            return sorted((k, v) for sec, k, v in parsed[p] if sec == "[Service]" and k not in allowed)
+        a, b = service_lines(base), service_lines(tmpl)
+        diff = sorted(set(a) ^ set(b))
+        check(not diff, "systemd: drover-worker@.service's [Service] matches drover-worker.service",
+              f"systemd: the template and the single unit differ in [Service]: {diff}")
+
+# ---- (d) compose (structure; `docker compose config` runs in the bash part) -------------------
+compose_path = "deploy/compose.yaml"
+compose = (docs_by_file.get(compose_path) or [None])[0]
+if {compose_path, "deploy/otel-collector.yaml"} & unparsable:
+    skip("compose: structure checks: not run until the YAML errors above are fixed")
+elif not isinstance(compose, dict):
+    fail(f"compose: {compose_path} missing or empty")
+else:
+    services = compose.get("services", {}) or {}
+    need = ["rabbitmq", "postgres", "migrate", "worker", "otel-collector"]
+    missing = [s for s in need if s not in services]
+    check(not missing, f"compose: services {', '.join(need)} present",
+          f"compose: missing services {missing}")
+    def depends(svc):
+        d = get(services, svc, "depends_on", default={}) or {}
+        return {k: "service_started" for k in d} if isinstance(d, list) else {k: (v or {}).get("condition", "service_started") for k, v in d.items()}
+    dangling = sorted({f"{s} -> {t}" for s in services for t in depends(s) if t not in services})
+    check(not dangling, "compose: every depends_on names a service", f"compose: depends_on unknown services: {dangling}")
+    hc = lambda s: " ".join(map(str, get(services, s, "healthcheck", "test", default=[]) or []))
+    check("rabbitmq-diagnostics" in hc("rabbitmq") and "ping" in hc("rabbitmq"),
+          "compose: rabbitmq healthcheck is rabbitmq-diagnostics ping",
+          f"compose: rabbitmq healthcheck {hc('rabbitmq')!r}")
+    check("pg_isready" in hc("postgres"), "compose: postgres healthcheck is pg_isready",
+          f"compose: postgres healthcheck {hc('postgres')!r}")
+    m = services.get("migrate", {}) or {}
+    check(m.get("command") in (["migrate"], "migrate") and str(m.get("restart")) == "no"
+          and depends("migrate").get("postgres") == "service_healthy",
+          "compose: migrate runs `drover migrate` once, after postgres is healthy",
+          f"compose: migrate needs command [migrate], restart \"no\", depends_on postgres service_healthy")
+    w = services.get("worker", {}) or {}
+    wd = depends("worker")
+    check(wd.get("migrate") == "service_completed_successfully" and wd.get("rabbitmq") == "service_healthy"
+          and wd.get("postgres") == "service_healthy",
+          "compose: worker waits for healthy rabbitmq/postgres and a completed migrate",
+          f"compose: worker depends_on conditions are {wd}")
+    wenv = w.get("environment", {}) or {}
+    if isinstance(wenv, list):
+        wenv = dict(e.split("=", 1) for e in wenv if "=" in e)
+    unknown = unknown_drover_vars(wenv)
+    check(not unknown, "compose: every DROVER_* variable is read by the binary",
+          f"compose: variables the binary does not read (typo?): {unknown}")
+    grace = int(str(wenv.get("DROVER_SHUTDOWN_GRACE_SECS", 30)))
+    sgp = seconds(w.get("stop_grace_period", "10s"))
+    check(sgp is not None and sgp > grace,
+          f"compose: worker stop_grace_period {w.get('stop_grace_period')} > DROVER_SHUTDOWN_GRACE_SECS {grace}",
+          f"compose: worker stop_grace_period {w.get('stop_grace_period')!r} must exceed DROVER_SHUTDOWN_GRACE_SECS {grace}")
+    maddr = str(wenv.get("DROVER_METRICS_ADDR", ""))
+    check(maddr.startswith("0.0.0.0:") and "/healthz" in hc("worker"),
+          f"compose: worker listens on {maddr} and its healthcheck probes /healthz",
+          f"compose: worker needs DROVER_METRICS_ADDR=0.0.0.0:PORT (has {maddr!r}) and a /healthz healthcheck ({hc('worker')!r})")
+    replicas = get(w, "deploy", "replicas", default=1)
+    check(isinstance(replicas, int) and replicas >= 2, f"compose: worker runs {replicas} replicas",
+          f"compose: worker replicas {replicas!r}, expected at least 2")
+    otel = str(wenv.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""))
+    mo = re.fullmatch(r"http://([a-z0-9-]+):4318/?", otel)
+    check(bool(mo) and mo.group(1) in services,
+          f"compose: workers export OTLP/HTTP to {otel}",
+          f"compose: OTEL_EXPORTER_OTLP_ENDPOINT {otel!r} must be http://<collector service>:4318 (drover speaks OTLP/HTTP)")
+    # builds and mounted files resolve relative to deploy/
+    for name, svc in services.items():
+        b = svc.get("build")
+        if isinstance(b, dict):
+            df = os.path.normpath(os.path.join("deploy", b.get("context", "."), b.get("dockerfile", "Dockerfile")))
+            check(os.path.isfile(df), f"compose: {name} builds {df}", f"compose: {name}: dockerfile {df} does not exist")
+        for v in svc.get("volumes", []) or []:
+            src = v.split(":")[0] if isinstance(v, str) else v.get("source", "")
+            if src.startswith("./") and not os.path.exists(os.path.join("deploy", src)):
+                fail(f"compose: {name} mounts {src}, which does not exist in deploy/")
+    otel_cfg = (docs_by_file.get("deploy/otel-collector.yaml") or [None])[0]
+    pipe = get(otel_cfg, "service", "pipelines", "traces", default={}) or {}
+    http_ep = str(get(otel_cfg, "receivers", "otlp", "protocols", "http", "endpoint", default=""))
+    check("otlp" in (pipe.get("receivers") or []) and any(str(e).split("/")[0] == "debug" for e in pipe.get("exporters") or [])
+          and http_ep.endswith(":4318") and not http_ep.startswith(("localhost", "127.")),
+          "compose: otel-collector.yaml: OTLP/HTTP receiver on :4318 -> debug exporter (traces)",
+          f"compose: otel-collector.yaml needs a traces pipeline otlp -> debug and an http receiver on 0.0.0.0:4318 (has {http_ep!r})")
+
+# ---- (e, static part) the Dockerfile -----------------------------------------------------------
+dockerfile = "deploy/docker/Dockerfile"
+if not os.path.isfile(dockerfile):
+    fail(f"docker: {dockerfile} missing")
+else:
+    text = open(dockerfile).read()
+    logical = re.sub(r"\\\n", " ", text)
+    stmts = [l.strip() for l in logical.splitlines() if l.strip() and not l.strip().startswith("#")]
+    froms = [s.split()[1] for s in stmts if s.upper().startswith("FROM ")]
+    check(froms[:1] == ["rust:1-bookworm"] and froms[-1:] == ["debian:bookworm-slim"],
+          f"docker: stages {' -> '.join(froms)}",
+          f"docker: expected FROM rust:1-bookworm ... FROM debian:bookworm-slim, found {froms}")
+    runtime = stmts[max(i for i, s in enumerate(stmts) if s.upper().startswith("FROM ")):]
+    def last(instr):
+        v = [s[len(instr):].strip() for s in runtime if s.upper().startswith(instr + " ")]
+        return v[-1] if v else None
+    problems = []
+    if (last("USER") or "").split(":")[0] != "10001": problems.append(f"USER {last('USER')}")
+    if last("ENTRYPOINT") != '["drover"]': problems.append(f"ENTRYPOINT {last('ENTRYPOINT')}")
+    if last("CMD") != '["worker"]': problems.append(f"CMD {last('CMD')}")
+    if "9464" not in (last("EXPOSE") or "").split(): problems.append(f"EXPOSE {last('EXPOSE')}")
+    if "/healthz" not in (last("HEALTHCHECK") or ""): problems.append("HEALTHCHECK without /healthz")
+    check(not problems, "docker: runtime user 10001, ENTRYPOINT drover, CMD worker, EXPOSE 9464, HEALTHCHECK /healthz",
+          f"docker: runtime stage: {', '.join(problems)}")
+    # COPY sources from the context exist and are not filtered out by the ignore file
+    ignore_path = dockerfile + ".dockerignore"
+    ignore = [l.strip() for l in open(ignore_path)] if os.path.exists(ignore_path) else []
+    ignore = [l for l in ignore if l and not l.startswith("#")]
+    needed = ["Cargo.toml", "Cargo.lock", "crates", "migrations"]
+    dropped = [n for n in needed if n in ignore or n + "/" in ignore]
+    check(os.path.exists(ignore_path) and not dropped,
+          f"docker: {os.path.basename(ignore_path)} keeps {', '.join(needed)} in the context",
+          f"docker: {ignore_path} missing or excludes {dropped}")
+    bad_copies = []
+    for s in stmts:
+        if s.upper().startswith("COPY ") and "--from=" not in s:
+            srcs = [t for t in s.split()[1:] if not t.startswith("--")][:-1]
+            for src in srcs:
+                if src == ".":
+                    continue
+                if not os.path.exists(src):
+                    bad_copies.append(f"{src} does not exist")
+                elif any(src == p or src.startswith(p.rstrip("/") + "/") for p in ignore) and f"!{src}" not in ignore:
+                    bad_copies.append(f"{src} is excluded by {ignore_path}")
+    check(not bad_copies, "docker: COPY sources exist and are in the build context",
+          f"docker: COPY sources: {'; '.join(bad_copies)}")
+
+sys.exit(min(failures, 100))
+PY
+failures=$((failures + py_failures))
+
+# ---- (c) systemd-analyze verify ----------------------------------------------------------------
+if command -v systemd-analyze >/dev/null; then
+    # verify insists that ExecStart binaries exist: check copies pointing at /bin/true.
+    mkdir -p "$tmp/units"
+    for f in deploy/systemd/*.service; do
+        name=$(basename "$f")
+        [[ $name == *@.service ]] && name=${name/@.service/@9464.service}
+        sed 's#/usr/local/bin/drover#/bin/true#g' "$f" >"$tmp/units/$name"
+    done
+    # One run over all units (they reference each other); each message names its file.
+    verify_rc=0
+    verify_out=$(cd "$tmp/units" && systemd-analyze verify --man=no ./*.service 2>&1) || verify_rc=$?
+    for u in "$tmp"/units/*.service; do
+        name=$(basename "$u")
+        msgs=$(grep -F "$name" <<<"$verify_out" | sed "s#$tmp/units/##" | tr '\n' ' ' | cut -c1-400 || true)
+        if [[ -z $msgs ]]; then
+            ok "systemd: systemd-analyze verify $name"
+        else
+            fail "systemd: systemd-analyze verify $name: $msgs"
+        fi
+    done
+    if ((verify_rc != 0)) && ! grep -qF '.service' <<<"$verify_out"; then
+        fail "systemd: systemd-analyze verify exited $verify_rc: $(tr '\n' ' ' <<<"$verify_out" | cut -c1-400)"
+    fi
+else
+    skip "systemd: systemd-analyze verify: systemd-analyze not installed"
+fi
+
+# ---- (d) docker compose config -----------------------------------------------------------------
+if command -v docker >/dev/null && docker compose version >/dev/null 2>&1; then
+    if out=$(docker compose -f deploy/compose.yaml config -q 2>&1); then
+        ok "compose: docker compose config -q"
+    else
+        fail "compose: docker compose config -q: $(tr '\n' ' ' <<<"$out" | cut -c1-400)"
+    fi
+else
+    skip "compose: docker compose config: the compose plugin is not installed (structure checked above)"
+fi
+
+# ---- the container health probe ----------------------------------------------------------------
+probe=deploy/docker/drover-probe
+if ! bash -n "$probe"; then
+    fail "docker: $probe has syntax errors"
+else
+    # Against a stand-in server: 200 on /healthz, 503 elsewhere.
+    port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    python3 - "$port" >/dev/null 2>&1 <<'PY' &
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path == "/healthz" else 503)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+    def log_message(self, *a):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+PY
+    probe_server_pid=$!
+    for _ in $(seq 50); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+        sleep 0.1
+    done
+    if DROVER_METRICS_ADDR="0.0.0.0:$port" bash "$probe" /healthz 2>/dev/null \
+        && ! DROVER_METRICS_ADDR="0.0.0.0:$port" bash "$probe" /readyz 2>/dev/null \
+        && ! DROVER_METRICS_ADDR="127.0.0.1:1" bash "$probe" /healthz 2>/dev/null; then
+        ok "docker: drover-probe passes on 200, fails on 503 and on a closed port"
+    else
+        fail "docker: drover-probe does not tell 200 from 503/closed"
+    fi
+    kill "$probe_server_pid" 2>/dev/null || true
+    wait "$probe_server_pid" 2>/dev/null || true
+    probe_server_pid=
+fi
+
+# ---- (e) the Dockerfile builds with the Makefile's `build` command -----------------------------
+docker_cmd=$(sed -e ':a' -e '/\\$/N; s/\\\n//; ta' deploy/docker/Dockerfile \
+    | { grep -oE 'cargo build[^&;|]*' || true; } | head -1 | tr -s ' ' | sed 's/ *$//')
+norm() { tr ' ' '\n' | { grep -v '^$' || true; } | sort | tr '\n' ' ' | sed 's/ $//'; }
+if [[ -z $docker_cmd ]]; then
+    fail "build: no 'cargo build' in deploy/docker/Dockerfile"
+elif [[ ! -f Makefile ]]; then
+    pending "build: Makefile not written yet; Dockerfile runs '$docker_cmd'"
+else
+    # What `make build` would run, variables expanded; the rule text if make cannot say.
+    make_out=$(timeout 20 make --no-print-directory -n -B build 2>/dev/null) \
+        || make_out=$(awk '/^build[[:space:]]*:/ {r=1; next} r && /^\t/ {print; next} r && !/^\t/ {r=0}' Makefile)
+    make_cmds=$(grep -oE 'cargo build[^&;|]*' <<<"$make_out" | tr -s ' ' | sed 's/ *$//' || true)
+    want=$(norm <<<"${docker_cmd#cargo build}")
+    match=
+    while IFS= read -r c; do
+        [[ -n $c ]] && [[ $(norm <<<"${c#cargo build}") == "$want" ]] && match=$c
+    done <<<"$make_cmds"
+    if [[ -n $match ]]; then
+        ok "build: Dockerfile and 'make build' both run '$docker_cmd'"
+    elif [[ -z $make_cmds ]]; then
+        fail "build: the Makefile's build target runs no 'cargo build' (Dockerfile: '$docker_cmd')"
+    else
+        fail "build: Dockerfile runs '$docker_cmd' but 'make build' runs '$(head -1 <<<"$make_cmds")'"
+    fi
+fi
+
+if ((failures > 0)); then
+    line FAIL "check-deploy: $failures check(s) failed"
+    exit 1
+fi
+line ok "check-deploy: all checks passed"

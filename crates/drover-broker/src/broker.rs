@@ -1,0 +1,438 @@
+//! One AMQP connection and the channels opened on it.
+
+use crate::consumer::JobConsumer;
+use crate::endpoint::Endpoint;
+use crate::error::{describe, is_permanent, is_precondition_failed, scrub};
+use crate::publisher::Publisher;
+use crate::topology::{JOBS_ROUTING_KEY, short};
+use crate::{BrokerError, Topology};
+use lapin::options::{
+    BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+use tracing::{debug, info, warn};
+
+/// How long [`Broker::connect`] waits for TCP + TLS + the AMQP handshake.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long [`Broker::close`] waits for each channel and for the connection to close.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One AMQP connection to RabbitMQ.
+///
+/// A worker opens one per (re)connection and takes a [`Publisher`] and a [`JobConsumer`] from
+/// it; each gets its own channel, so a slow consumer never delays confirms and a channel error
+/// on one side does not take the other down. Automatic recovery is deliberately off: when the
+/// connection is lost, the consumer ends and the caller reconnects, redeclares and resumes,
+/// which keeps the state after an outage explicit.
+#[derive(Debug)]
+pub struct Broker {
+    connection: Connection,
+    endpoint: Arc<str>,
+    /// Channels handed out in publishers and consumers, so [`Broker::close`] can close them
+    /// first. Weak: a dropped publisher or consumer lets lapin close its channel by itself.
+    channels: Mutex<Vec<Weak<Channel>>>,
+}
+
+impl Broker {
+    /// Connects to `url` (`amqp://user:pass@host:port/vhost`), naming the connection
+    /// `connection_name` in the management UI, within [`CONNECT_TIMEOUT`].
+    ///
+    /// Errors name `host:port (vhost …)` and the cause, never the password. Needs a tokio
+    /// runtime (lapin's I/O is bound to it); outside one this returns an error, not a panic.
+    pub async fn connect(url: &str, connection_name: &str) -> Result<Broker, BrokerError> {
+        let endpoint = Endpoint::parse(url).map_err(|reason| BrokerError::InvalidUrl {
+            url: crate::redact_url(url),
+            reason,
+        })?;
+        let endpoint_text = endpoint.to_string();
+        let uri: lapin::uri::AMQPUri = url.parse().map_err(|e: String| {
+            // lapin's parse errors may quote the whole URL; only keep ones that do not.
+            let reason = if e.contains("://") || e.contains('@') {
+                "not a valid AMQP URI".to_string()
+            } else {
+                e
+            };
+            BrokerError::InvalidUrl {
+                url: endpoint_text.clone(),
+                reason,
+            }
+        })?;
+        let password = uri.authority.userinfo.password.clone();
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(BrokerError::Invalid {
+                what: "runtime".into(),
+                reason: format!(
+                    "connecting to RabbitMQ at {endpoint_text} needs a tokio runtime, and none is running"
+                ),
+            });
+        }
+        let props = ConnectionProperties::default().with_connection_name(connection_name.into());
+        debug!(endpoint = %endpoint_text, connection_name, "connecting to RabbitMQ");
+        let connection = match tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            Connection::connect_uri(uri, props),
+        )
+        .await
+        {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                return Err(BrokerError::Connect {
+                    endpoint: endpoint_text,
+                    detail: scrub(describe(&e), &password),
+                });
+            }
+            Err(_) => {
+                return Err(BrokerError::Connect {
+                    endpoint: endpoint_text,
+                    detail: format!(
+                        "no answer within {} s (is the host reachable and is it RabbitMQ?)",
+                        CONNECT_TIMEOUT.as_secs()
+                    ),
+                });
+            }
+        };
+        info!(endpoint = %endpoint_text, connection_name, "connected to RabbitMQ");
+        Ok(Broker {
+            connection,
+            endpoint: endpoint_text.into(),
+            channels: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// `host:port (vhost …)` of this connection, for logs.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    /// Whether the connection is still open; false once it closed or failed, which is the
+    /// caller's cue to reconnect.
+    pub fn is_connected(&self) -> bool {
+        self.connection.status().connected()
+    }
+
+    /// Declares the namespace's exchanges, queues and bindings (see [`Topology`]).
+    ///
+    /// Idempotent, so producers and workers both call it at start-up and after every
+    /// reconnect. If `{ns}.jobs` (or another object) already exists with other arguments —
+    /// a classic queue, another delivery limit — RabbitMQ answers PRECONDITION_FAILED and this
+    /// returns [`BrokerError::TopologyMismatch`] naming the object, the differing argument
+    /// and what to do.
+    pub async fn declare(&self, topo: &Topology) -> Result<(), BrokerError> {
+        topo.validate()?;
+        let channel = self.open_channel("declare the topology").await?;
+        let durable_exchange = ExchangeDeclareOptions {
+            durable: true,
+            ..ExchangeDeclareOptions::default()
+        };
+        let durable_queue = QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        };
+        let dlx = topo.dead_letter_exchange();
+        let jobs_exchange = topo.jobs_exchange();
+        let dead = topo.dead_queue();
+        let jobs = topo.jobs_queue();
+
+        for exchange in [&dlx, &jobs_exchange] {
+            let object = format!("exchange {exchange}");
+            channel
+                .exchange_declare(
+                    short("exchange name", exchange)?,
+                    ExchangeKind::Direct,
+                    durable_exchange,
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| self.declare_error(&object, "a durable direct exchange", &e))?;
+        }
+        channel
+            .queue_declare(
+                short("queue name", &dead)?,
+                durable_queue,
+                topo.dead_queue_arguments(),
+            )
+            .await
+            .map_err(|e| {
+                self.declare_error(&format!("queue {dead}"), "a durable quorum queue", &e)
+            })?;
+        channel
+            .queue_bind(
+                short("queue name", &dead)?,
+                short("exchange name", &dlx)?,
+                short("routing key", &topo.dead_routing_key())?,
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| self.op_error(format!("bind queue {dead} to exchange {dlx}"), &e))?;
+        channel
+            .queue_declare(
+                short("queue name", &jobs)?,
+                durable_queue,
+                topo.jobs_queue_arguments(),
+            )
+            .await
+            .map_err(|e| {
+                let expected = format!(
+                    "a durable quorum queue with x-delivery-limit {} that dead-letters to \
+                     exchange {dlx} with routing key {}",
+                    topo.delivery_limit,
+                    topo.dead_routing_key()
+                );
+                self.declare_error(&format!("queue {jobs}"), &expected, &e)
+            })?;
+        channel
+            .queue_bind(
+                short("queue name", &jobs)?,
+                short("exchange name", &jobs_exchange)?,
+                JOBS_ROUTING_KEY.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| {
+                self.op_error(format!("bind queue {jobs} to exchange {jobs_exchange}"), &e)
+            })?;
+        if let Err(e) = channel.close(200, "OK".into()).await {
+            debug!(error = %describe(&e), "closing the declare channel");
+        }
+        debug!(endpoint = %self.endpoint, namespace = %topo.namespace, "topology declared");
+        Ok(())
+    }
+
+    /// A publisher for the namespace on its own channel in confirm mode, so every publish is
+    /// known to be stored (or reported as failed) before the caller moves on.
+    pub async fn publisher(&self, topo: &Topology) -> Result<Publisher, BrokerError> {
+        topo.validate()?;
+        let channel = self.open_channel("open a publisher channel").await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .map_err(|e| self.op_error("enable publisher confirms (confirm.select)".into(), &e))?;
+        let channel = self.register(channel);
+        Publisher::new(channel, topo, self.endpoint.clone())
+    }
+
+    /// Starts consuming `{ns}.jobs` with manual acks on a new channel, after `basic.qos`
+    /// limits the unacked deliveries to `prefetch` — drover's concurrency limit and the bound
+    /// on buffered messages. `consumer_tag` identifies the worker in the management UI
+    /// (empty: the broker makes one up).
+    pub async fn consume(
+        &self,
+        topo: &Topology,
+        prefetch: u16,
+        consumer_tag: &str,
+    ) -> Result<JobConsumer, BrokerError> {
+        topo.validate()?;
+        if prefetch == 0 {
+            return Err(BrokerError::Invalid {
+                what: "prefetch 0".into(),
+                reason: "it must be at least 1 (AMQP reads 0 as \"unlimited\", which would \
+                         defeat the concurrency bound)"
+                    .into(),
+            });
+        }
+        let tag = short("consumer tag", consumer_tag)?;
+        let queue = topo.jobs_queue();
+        let channel = self.open_channel("open a consumer channel").await?;
+        channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await
+            .map_err(|e| self.op_error(format!("set prefetch {prefetch} (basic.qos)"), &e))?;
+        let consumer = channel
+            .basic_consume(
+                short("queue name", &queue)?,
+                tag,
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| self.op_error(format!("consume from queue {queue}"), &e))?;
+        info!(endpoint = %self.endpoint, %queue, prefetch, consumer_tag = %consumer.tag(), "consumer started");
+        let channel = self.register(channel);
+        Ok(JobConsumer::new(
+            channel,
+            consumer,
+            queue,
+            self.endpoint.clone(),
+        ))
+    }
+
+    /// Closes every channel still open (the broker requeues their unacked deliveries), then
+    /// the connection, with reply 200 so the broker logs a clean close rather than a lost
+    /// client. Each step is bounded by [`CLOSE_TIMEOUT`]. Closing an already lost connection
+    /// is not an error.
+    pub async fn close(self) -> Result<(), BrokerError> {
+        let channels: Vec<Arc<Channel>> = {
+            let mut list = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+            list.drain(..).filter_map(|w| w.upgrade()).collect()
+        };
+        let mut first_error = None;
+        for channel in channels {
+            if !channel.status().connected() {
+                continue;
+            }
+            let action = format!("close channel {}", channel.id());
+            match tokio::time::timeout(CLOSE_TIMEOUT, channel.close(200, "OK".into())).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    if channel.status().connected() {
+                        first_error.get_or_insert_with(|| self.op_error(action, &e));
+                    }
+                }
+                Err(_) => {
+                    first_error.get_or_insert_with(|| self.timeout_error(action));
+                }
+            }
+        }
+        if self.connection.status().connected() {
+            match tokio::time::timeout(CLOSE_TIMEOUT, self.connection.close(200, "OK".into())).await
+            {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    if self.connection.status().connected() {
+                        first_error.get_or_insert_with(|| {
+                            self.op_error("close the connection".into(), &e)
+                        });
+                    }
+                }
+                Err(_) => {
+                    first_error
+                        .get_or_insert_with(|| self.timeout_error("close the connection".into()));
+                }
+            }
+        }
+        match first_error {
+            None => {
+                debug!(endpoint = %self.endpoint, "connection closed");
+                Ok(())
+            }
+            Some(e) => {
+                warn!(error = %e, "closing the RabbitMQ connection");
+                Err(e)
+            }
+        }
+    }
+
+    async fn open_channel(&self, purpose: &str) -> Result<Channel, BrokerError> {
+        self.connection
+            .create_channel()
+            .await
+            .map_err(|e| self.op_error(purpose.to_string(), &e))
+    }
+
+    fn register(&self, channel: Channel) -> Arc<Channel> {
+        let channel = Arc::new(channel);
+        let mut list = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        list.retain(|w| w.strong_count() > 0);
+        list.push(Arc::downgrade(&channel));
+        channel
+    }
+
+    fn op_error(&self, action: String, e: &lapin::Error) -> BrokerError {
+        BrokerError::Operation {
+            action,
+            endpoint: self.endpoint.to_string(),
+            detail: describe(e),
+            permanent: is_permanent(e),
+        }
+    }
+
+    fn timeout_error(&self, action: String) -> BrokerError {
+        BrokerError::Operation {
+            action,
+            endpoint: self.endpoint.to_string(),
+            detail: format!("no answer within {} s", CLOSE_TIMEOUT.as_secs()),
+            permanent: false,
+        }
+    }
+
+    fn declare_error(&self, object: &str, expected: &str, e: &lapin::Error) -> BrokerError {
+        if !is_precondition_failed(e) {
+            return self.op_error(format!("declare {object}"), e);
+        }
+        let detail = describe(e);
+        BrokerError::TopologyMismatch {
+            object: object.to_string(),
+            endpoint: self.endpoint.to_string(),
+            hint: mismatch_hint(object, expected, &detail),
+            detail,
+        }
+    }
+}
+
+/// What an operator can do about a PRECONDITION_FAILED, based on the argument the broker
+/// names in `inequivalent arg 'NAME' …` (the first difference it found; there may be more)
+/// and on what drover expects (`expected`, e.g. "a durable quorum queue …").
+fn mismatch_hint(object: &str, expected: &str, detail: &str) -> String {
+    let arg = detail
+        .split_once("inequivalent arg '")
+        .and_then(|(_, rest)| rest.split_once('\''))
+        .map(|(arg, _)| arg);
+    let (kind, name) = object.split_once(' ').unwrap_or(("queue", object));
+    let remedy = if kind == "exchange" {
+        format!(
+            "delete it (`rabbitmqadmin delete exchange name={name}`, or in the management UI) so \
+             drover can recreate it, or use another --namespace"
+        )
+    } else {
+        format!(
+            "drain it and delete it (`rabbitmqctl delete_queue {name}`) so drover can recreate \
+             it, or use another --namespace"
+        )
+    };
+    let expected = format!("drover declares it as {expected}");
+    let Some(arg) = arg else {
+        return format!("{expected}; {remedy}");
+    };
+    if detail.trim_end().ends_with("current is none") {
+        return format!(
+            "the existing {kind} has no {arg} argument, so it was not declared by drover (a \
+             classic queue created by hand or by another tool?); {expected}; {remedy}"
+        );
+    }
+    match arg {
+        "x-queue-type" => format!(
+            "it is not a quorum queue, and a queue's type cannot be changed in place; \
+             {expected}; {remedy}"
+        ),
+        "x-delivery-limit" => format!(
+            "it was declared with another delivery limit: give every producer and worker of \
+             this namespace the same delivery limit, or {remedy}"
+        ),
+        "x-dead-letter-exchange" | "x-dead-letter-routing-key" => {
+            format!("it dead-letters somewhere else ({arg} differs); {expected}; {remedy}")
+        }
+        "durable" => format!("its durability differs; {expected}; {remedy}"),
+        "type" => format!("an exchange of another type has this name; {expected}; {remedy}"),
+        _ => format!("argument {arg} differs; {expected}; {remedy}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::mismatch_hint;
+
+    #[test]
+    fn hints_name_the_argument() {
+        let exp = "a durable quorum queue";
+        let d = "PRECONDITION_FAILED - inequivalent arg 'x-dead-letter-exchange' for queue 'n.jobs' in vhost '/': received the value 'n.dlx' of type 'longstr' but current is none";
+        let h = mismatch_hint("queue n.jobs", exp, d);
+        assert!(h.contains("has no x-dead-letter-exchange argument"), "{h}");
+        assert!(
+            h.contains("drover declares it as a durable quorum queue"),
+            "{h}"
+        );
+        assert!(h.contains("rabbitmqctl delete_queue n.jobs"), "{h}");
+        let d = "PRECONDITION_FAILED - inequivalent arg 'x-delivery-limit' for queue 'n.jobs' in vhost '/': received '5' but current is '20'";
+        assert!(mismatch_hint("queue n.jobs", exp, d).contains("another delivery limit"));
+        let d = "PRECONDITION_FAILED - inequivalent arg 'type' for exchange 'n' in vhost '/': received 'direct' but current is 'fanout'";
+        let h = mismatch_hint("exchange n", "a durable direct exchange", d);
+        assert!(h.contains("rabbitmqadmin delete exchange name=n"), "{h}");
+    }
+}

@@ -1,0 +1,67 @@
+# drover: build, test and demo entry points. `make help` lists the targets.
+#
+# Builds go to $(CARGO_TARGET_DIR) (default ~/.cache/drover-target, outside the clone, so every
+# clone and CI run reuses one build cache). Targets that need RabbitMQ and Postgres start them
+# first with scripts/ensure-services.sh (which installs them with apt-get when absent).
+
+SHELL := bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+MAKEFLAGS += --no-print-directory
+
+CARGO ?= cargo
+CARGO_TARGET_DIR ?= $(HOME)/.cache/drover-target
+export CARGO_TARGET_DIR
+# The release binary that `build` produces; `migrate` and `demo` run it.
+DROVER ?= $(CARGO_TARGET_DIR)/release/drover
+
+# The services the tests talk to (tests/integration/support.rs, crates/*/tests).
+DROVER_TEST_AMQP_URL ?= amqp://guest:guest@127.0.0.1:5672/%2f
+DROVER_TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/postgres
+export DROVER_TEST_AMQP_URL DROVER_TEST_DATABASE_URL
+
+# Test runner: cargo-nextest when installed (NEXTEST=auto), or force it with NEXTEST=1 / 0.
+NEXTEST ?= auto
+
+.PHONY: help services build lint fmt check-deploy test migrate demo clean-demo
+
+help: ## list the targets
+	@echo 'usage: make <target>   (builds in $(CARGO_TARGET_DIR))'
+	@awk -F ':.*## ' '/^[a-z][a-z-]*:.*## / { printf "  %-13s %s\n", $$1, $$2 }' $(firstword $(MAKEFILE_LIST))
+
+services: ## start RabbitMQ and Postgres if needed (installs them with apt-get when absent)
+	scripts/ensure-services.sh
+
+build: ## build the release binary (cargo build --release -p drover)
+	$(CARGO) build --release -p drover
+
+lint: ## cargo fmt --check and clippy -D warnings on every target
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt: ## format the workspace (cargo fmt)
+	$(CARGO) fmt --all
+
+check-deploy: ## static checks of deploy/ (systemd, Docker, compose, Kubernetes)
+	scripts/check-deploy.sh
+
+test: services ## start the services, lint, check deploy/, run every test against them
+	$(MAKE) lint
+	$(MAKE) check-deploy
+	@if [[ $(NEXTEST) == 1 ]] || { [[ $(NEXTEST) == auto ]] && $(CARGO) nextest --version >/dev/null 2>&1; }; then \
+	    echo '$(CARGO) nextest run --workspace && $(CARGO) test --workspace --doc'; \
+	    $(CARGO) nextest run --workspace; \
+	    $(CARGO) test --workspace --doc; \
+	else \
+	    echo '$(CARGO) test --workspace'; \
+	    $(CARGO) test --workspace; \
+	fi
+
+migrate: build ## create the ledger database if absent and apply migrations (drover migrate)
+	$(DROVER) migrate
+
+demo: services build ## start the services, run a worker and real jobs, show the ledger
+	DROVER='$(DROVER)' scripts/demo.sh
+
+clean-demo: ## remove the demo's data and output (./demo-data)
+	rm -rf demo-data

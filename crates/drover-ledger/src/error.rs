@@ -1,4 +1,5 @@
 //! Ledger errors: connection problems name the (redacted) URL; the rest say which job.
+//! Causes are chained as `source()`, not repeated in the message, so `{:#}` prints each once.
 
 use thiserror::Error;
 
@@ -7,11 +8,13 @@ use thiserror::Error;
 pub enum LedgerError {
     #[error("database url {url}: {message}")]
     BadUrl { url: String, message: String },
-    #[error("cannot connect to Postgres at {url}: {source}")]
+    #[error("cannot connect to Postgres at {url}")]
     Connect { url: String, source: sqlx::Error },
+    #[error("the database of {url} does not exist: run `drover migrate` (it creates it)")]
+    NoDatabase { url: String },
     #[error("cannot connect to Postgres at {url}: no answer within {secs}s")]
     Timeout { url: String, secs: u64 },
-    #[error("cannot create the database of {url}: {source}")]
+    #[error("cannot create the database of {url}")]
     CreateDatabase { url: String, source: sqlx::Error },
     #[error("migrating the ledger failed: {0}")]
     Migrate(sqlx::migrate::MigrateError),
@@ -25,7 +28,7 @@ pub enum LedgerError {
         state: String,
         message: String,
     },
-    #[error("ledger query failed: {0}")]
+    #[error("ledger query failed")]
     Db(#[from] sqlx::Error),
 }
 
@@ -34,7 +37,8 @@ impl LedgerError {
     /// then backs off and waits for the database instead of failing the job.
     pub fn is_connection(&self) -> bool {
         match self {
-            LedgerError::Connect { .. } | LedgerError::Timeout { .. } => true,
+            LedgerError::Connect { source, .. } => is_connection_error(source),
+            LedgerError::Timeout { .. } => true,
             LedgerError::Db(e) => is_connection_error(e),
             _ => false,
         }

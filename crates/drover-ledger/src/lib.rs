@@ -26,7 +26,7 @@ mod worker;
 
 pub use error::LedgerError;
 pub use publish::{InsertOutcome, NewJob};
-pub use read::{AttemptView, JobFilter, JobProgress, JobView};
+pub use read::{AttemptView, DurationStats, JobFilter, JobProgress, JobView, StateCount};
 pub use relay::{DueJob, RelaySweep};
 pub use worker::{BatchRecord, Claim, ClaimedJob, FailOutcome, HeldEnd, LeaseLost, LeaseSeen};
 
@@ -77,9 +77,14 @@ impl Ledger {
             .acquire_timeout(connect_timeout)
             .connect_with(opts)
             .await
-            .map_err(|source| LedgerError::Connect {
-                url: shown.clone(),
-                source,
+            .map_err(|source| match &source {
+                sqlx::Error::Database(db) if db.code().as_deref() == Some("3D000") => {
+                    LedgerError::NoDatabase { url: shown.clone() }
+                }
+                _ => LedgerError::Connect {
+                    url: shown.clone(),
+                    source,
+                },
             })?;
         Ok(Ledger {
             pool,

@@ -177,3 +177,54 @@ impl Ledger {
         })
     }
 }
+
+/// One line of `drover stats`: jobs of a pipeline in a state.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct StateCount {
+    pub pipeline: String,
+    pub state: String,
+    pub jobs: i64,
+}
+
+/// Durations of jobs of one pipeline that finished within the window.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct DurationStats {
+    pub pipeline: String,
+    pub finished: i64,
+    pub p50_secs: Option<f64>,
+    pub p95_secs: Option<f64>,
+    pub max_secs: Option<f64>,
+}
+
+impl Ledger {
+    /// Jobs by pipeline and state (all time), for `drover stats`.
+    pub async fn state_counts(&self) -> Result<Vec<StateCount>, LedgerError> {
+        Ok(sqlx::query_as(
+            "SELECT pipeline, state, count(*) AS jobs FROM drover.jobs \
+             GROUP BY pipeline, state ORDER BY pipeline, state",
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// p50/p95/max of first start → finish for jobs that succeeded in the last
+    /// `window_secs`, by pipeline.
+    pub async fn duration_stats(
+        &self,
+        window_secs: f64,
+    ) -> Result<Vec<DurationStats>, LedgerError> {
+        Ok(sqlx::query_as(
+            "SELECT pipeline, count(*) AS finished, \
+               percentile_cont(0.5) WITHIN GROUP (ORDER BY EXTRACT(EPOCH FROM finished_at - started_at))::float8 AS p50_secs, \
+               percentile_cont(0.95) WITHIN GROUP (ORDER BY EXTRACT(EPOCH FROM finished_at - started_at))::float8 AS p95_secs, \
+               max(EXTRACT(EPOCH FROM finished_at - started_at))::float8 AS max_secs \
+             FROM drover.jobs \
+             WHERE state = 'succeeded' AND finished_at >= now() - make_interval(secs => $1) \
+               AND started_at IS NOT NULL \
+             GROUP BY pipeline ORDER BY pipeline",
+        )
+        .bind(window_secs)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+}

@@ -34,7 +34,11 @@ pub struct RelaySweep {
 impl Ledger {
     /// Locks up to `limit` due retries (also jobs left `queued` without a confirmed message
     /// for over `orphan_secs`, e.g. a producer that crashed between ledger and broker).
-    pub async fn relay_sweep(&self, limit: i64, orphan_secs: f64) -> Result<RelaySweep, LedgerError> {
+    pub async fn relay_sweep(
+        &self,
+        limit: i64,
+        orphan_secs: f64,
+    ) -> Result<RelaySweep, LedgerError> {
         let mut tx = self.pool.begin().await?;
         let due: Vec<DueJob> = sqlx::query_as(
             "SELECT id, idempotency_key, pipeline, params, batch_size, max_attempts, trace_id, \

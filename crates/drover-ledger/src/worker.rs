@@ -221,10 +221,12 @@ impl Ledger {
     /// The current lease of a job, to watch whether its owner is alive.
     pub async fn lease(&self, id: Uuid) -> Result<LeaseSeen, LedgerError> {
         let (state, owner, heartbeat_at): (String, Option<String>, Option<DateTime<Utc>>) =
-            sqlx::query_as("SELECT state, lease_owner, heartbeat_at FROM drover.jobs WHERE id = $1")
-                .bind(id)
-                .fetch_one(&self.pool)
-                .await?;
+            sqlx::query_as(
+                "SELECT state, lease_owner, heartbeat_at FROM drover.jobs WHERE id = $1",
+            )
+            .bind(id)
+            .fetch_one(&self.pool)
+            .await?;
         Ok(LeaseSeen {
             state,
             owner,
@@ -251,7 +253,12 @@ impl Ledger {
     }
 
     /// Records the number of batches the job's input has, once known.
-    pub async fn set_batches_total(&self, job: &ClaimedJob, worker: &str, total: i32) -> Result<(), LedgerError> {
+    pub async fn set_batches_total(
+        &self,
+        job: &ClaimedJob,
+        worker: &str,
+        total: i32,
+    ) -> Result<(), LedgerError> {
         sqlx::query(
             "UPDATE drover.jobs SET batches_total = $4, updated_at = now() \
              WHERE id = $1 AND lease_owner = $2 AND attempts = $3 AND state = 'running'",
@@ -329,7 +336,12 @@ impl Ledger {
     }
 
     /// `running → succeeded`, storing the result summary.
-    pub async fn succeed(&self, job: &ClaimedJob, worker: &str, result: &Value) -> Result<Result<(), LeaseLost>, LedgerError> {
+    pub async fn succeed(
+        &self,
+        job: &ClaimedJob,
+        worker: &str,
+        result: &Value,
+    ) -> Result<Result<(), LeaseLost>, LedgerError> {
         let done: Option<i32> = sqlx::query_scalar(
             r#"
             WITH j AS (
@@ -406,10 +418,12 @@ impl Ledger {
             other => {
                 let reason = match other {
                     None => format!("permanent error: {error}"),
-                    Some(RetryDecision::GiveUp(GiveUpReason::AttemptsExhausted)) => format!(
-                        "attempts exhausted ({failures} of {max_attempts}): {error}"
-                    ),
-                    Some(_) => format!("retry time budget exhausted after {failures} attempts: {error}"),
+                    Some(RetryDecision::GiveUp(GiveUpReason::AttemptsExhausted)) => {
+                        format!("attempts exhausted ({failures} of {max_attempts}): {error}")
+                    }
+                    Some(_) => {
+                        format!("retry time budget exhausted after {failures} attempts: {error}")
+                    }
                 };
                 sqlx::query(
                     "UPDATE drover.jobs SET state = 'dead', failures = $2, lease_owner = NULL, \

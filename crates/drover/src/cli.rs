@@ -1,0 +1,162 @@
+//! Command-line interface: the clap definitions and the dispatch to each subcommand.
+
+use crate::logging::LogFormat;
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use drover_core::config::{Connections, FileConfig};
+use drover_ledger::Ledger;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+const ABOUT: &str = "Durable RabbitMQ + Postgres worker daemon for batched polars jobs.";
+const LONG_ABOUT: &str = "\
+Durable RabbitMQ + Postgres worker daemon for batched polars jobs.
+
+Producers publish job messages (contract v1, JSON) to the queue {ns}.jobs; `drover worker`
+consumes them with a bounded prefetch, runs each job's pipeline over its input in fixed-size
+batches, and keeps an idempotency-keyed ledger in Postgres (schema `drover`).
+
+Configuration comes from flags, then environment variables, then a TOML file (--config, or
+./drover.toml when present), then defaults that work with local services:
+  DROVER_AMQP_URL   amqp://guest:guest@127.0.0.1:5672/%2f
+  DATABASE_URL      postgres://postgres@127.0.0.1:5432/drover  (created if absent)
+  DROVER_NAMESPACE  drover  (queues drover.jobs and drover.dead)
+
+Quick start:
+  drover migrate
+  drover worker &
+  drover publish --pipeline noop --key hello-1
+  drover jobs wait hello-1";
+
+/// The `drover` command line.
+#[derive(Debug, Parser)]
+#[command(name = "drover", version, about = ABOUT, long_about = LONG_ABOUT)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Options every subcommand accepts.
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// RabbitMQ URL (amqp:// or amqps://).
+    #[arg(
+        long,
+        env = "DROVER_AMQP_URL",
+        global = true,
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    pub amqp_url: Option<String>,
+    /// Postgres URL of the ledger database.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        global = true,
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    pub database_url: Option<String>,
+    /// Namespace: prefixes the queues ({ns}.jobs, {ns}.dead) [default: drover].
+    #[arg(long, env = "DROVER_NAMESPACE", global = true, value_name = "NS")]
+    pub namespace: Option<String>,
+    /// TOML config file [default: ./drover.toml if it exists].
+    #[arg(long, env = "DROVER_CONFIG", global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Log format [default: text on a terminal, json otherwise]. Filter with DROVER_LOG.
+    #[arg(long, env = "DROVER_LOG_FORMAT", global = true, value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// More log detail (-v debug, -vv trace).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create the ledger database if absent and apply migrations (idempotent; safe to run
+    /// from several replicas at once).
+    Migrate,
+    /// Publish jobs: record each as `queued` in the ledger, then publish its message with
+    /// publisher confirms. A key that exists already is not published again.
+    Publish(crate::publish::PublishArgs),
+    /// Run the worker daemon in the foreground (SIGTERM/SIGINT drain it and exit 0).
+    Worker(crate::worker::WorkerArgs),
+    /// Inspect and steer jobs in the ledger.
+    #[command(subcommand)]
+    Jobs(crate::jobs::JobsCommand),
+    /// Run a pipeline in-process, without broker or ledger, and print its summary.
+    Run(crate::run::RunArgs),
+    /// Counts by state and pipeline, and p50/p95 durations over a window, from the ledger.
+    Stats(crate::jobs::StatsArgs),
+    /// List the pipelines this binary knows.
+    Pipelines,
+    /// Demo helpers.
+    #[command(subcommand)]
+    Demo(crate::demo::DemoCommand),
+}
+
+/// Everything a subcommand may need from the layered configuration.
+pub struct Context {
+    pub conns: Connections,
+    pub file: FileConfig,
+}
+
+impl Context {
+    /// Connects to the ledger (bounded by a 10 s timeout), creating the database if asked.
+    pub async fn ledger(
+        &self,
+        create_database: bool,
+        max_connections: u32,
+    ) -> anyhow::Result<Ledger> {
+        let ledger = Ledger::connect(
+            &self.conns.database_url,
+            create_database,
+            max_connections,
+            Duration::from_secs(10),
+        )
+        .await?;
+        Ok(ledger)
+    }
+
+    /// Connects to the ledger and checks it has been migrated.
+    pub async fn migrated_ledger(&self, max_connections: u32) -> anyhow::Result<Ledger> {
+        let ledger = self.ledger(false, max_connections).await?;
+        ledger.check_schema().await?;
+        Ok(ledger)
+    }
+}
+
+/// Resolves the configuration and runs the chosen subcommand.
+pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+    let g = cli.global;
+    let file = FileConfig::load(g.config.as_deref())?;
+    let conns = Connections::resolve(g.amqp_url, g.database_url, g.namespace, &file)?;
+    let ctx = Context { conns, file };
+    match cli.command {
+        Command::Migrate => {
+            let ledger = ctx.ledger(true, 2).await?;
+            ledger.migrate().await.context("drover migrate")?;
+            println!(
+                "ledger migrated: {}",
+                drover_core::config::redact(&ctx.conns.database_url)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Publish(args) => crate::publish::run(&ctx, args).await,
+        Command::Worker(args) => crate::worker::run(&ctx, args).await,
+        Command::Jobs(cmd) => crate::jobs::run(&ctx, cmd).await,
+        Command::Run(args) => crate::run::run(args).await,
+        Command::Stats(args) => crate::jobs::stats(&ctx, args).await,
+        Command::Pipelines => {
+            for name in drover_pipeline::Registry::builtin().names() {
+                println!("{name}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo(cmd) => crate::demo::run(cmd).await,
+    }
+}

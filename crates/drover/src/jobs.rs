@@ -1,0 +1,423 @@
+//! `drover jobs`: list, show, wait for, cancel and retry jobs in the ledger.
+
+use crate::cli::Context;
+use anyhow::bail;
+use clap::Subcommand;
+use drover_ledger::{JobFilter, JobProgress, JobView, Ledger};
+use serde_json::json;
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+/// States a job can be in, for `--state`.
+const STATES: [&str; 7] = [
+    "queued",
+    "running",
+    "retrying",
+    "succeeded",
+    "dead",
+    "rejected",
+    "cancelled",
+];
+
+/// `drover jobs` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum JobsCommand {
+    /// List jobs, newest first.
+    List {
+        /// Only jobs in this state (queued, running, retrying, succeeded, dead, rejected,
+        /// cancelled).
+        #[arg(long)]
+        state: Option<String>,
+        /// Only jobs of this pipeline.
+        #[arg(long)]
+        pipeline: Option<String>,
+        /// At most this many jobs.
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+        /// One JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one job with its attempt history.
+    Show {
+        /// Idempotency key.
+        key: String,
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Wait until every named job is terminal, showing progress. Exit status: 0 if all
+    /// succeeded; 1 if any ended dead, rejected or cancelled; 2 on timeout.
+    Wait {
+        /// Idempotency keys.
+        #[arg(required = true)]
+        keys: Vec<String>,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
+    /// Cancel a job: queued/retrying at once, running at its next batch boundary.
+    Cancel {
+        /// Idempotency key.
+        key: String,
+    },
+    /// Re-drive a dead, rejected or cancelled job (attempt numbers continue).
+    Retry {
+        /// Idempotency key.
+        key: String,
+    },
+}
+
+/// `drover jobs ...`.
+pub async fn run(ctx: &Context, cmd: JobsCommand) -> anyhow::Result<ExitCode> {
+    let ledger = ctx.migrated_ledger(2).await?;
+    let code = match cmd {
+        JobsCommand::List {
+            state,
+            pipeline,
+            limit,
+            json,
+        } => {
+            if let Some(s) = &state
+                && !STATES.contains(&s.as_str())
+            {
+                bail!("--state {s:?}: not a state (one of {})", STATES.join(", "));
+            }
+            let jobs = ledger
+                .list(&JobFilter {
+                    state,
+                    pipeline,
+                    limit: limit.clamp(1, 100_000),
+                })
+                .await?;
+            if json {
+                let rows: Vec<_> = jobs.iter().map(job_json).collect();
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                print_table(&jobs);
+            }
+            ExitCode::SUCCESS
+        }
+        JobsCommand::Show { key, json } => {
+            let job = ledger.get(&key).await?;
+            let attempts = ledger.attempts(job.id).await?;
+            if json {
+                let mut v = job_json(&job);
+                v["attempt_history"] = serde_json::to_value(&attempts)?;
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                print_show(&job, &attempts);
+            }
+            ExitCode::SUCCESS
+        }
+        JobsCommand::Wait { keys, timeout } => {
+            wait(&ledger, &keys, Duration::from_secs(timeout)).await?
+        }
+        JobsCommand::Cancel { key } => {
+            let state = ledger.request_cancel(&key).await?;
+            if state == "cancelled" {
+                println!("{key}: cancelled");
+            } else {
+                println!(
+                    "{key}: {state}; cancellation requested, it stops at its next batch boundary"
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        JobsCommand::Retry { key } => {
+            ledger.redrive(&key).await?;
+            println!("{key}: scheduled for another attempt");
+            ExitCode::SUCCESS
+        }
+    };
+    ledger.close().await;
+    Ok(code)
+}
+
+/// The documented JSON shape of a job (RFC 3339 times).
+fn job_json(j: &JobView) -> serde_json::Value {
+    json!({
+        "idempotency_key": j.idempotency_key,
+        "id": j.id,
+        "pipeline": j.pipeline,
+        "params": j.params.0,
+        "state": j.state,
+        "attempts": j.attempts,
+        "max_attempts": j.max_attempts,
+        "batch_size": j.batch_size,
+        "batches_done": j.batches_done,
+        "batches_total": j.batches_total,
+        "rows_done": j.rows_done,
+        "result": j.result.as_ref().map(|r| &r.0),
+        "last_error": j.last_error,
+        "error_kind": j.error_kind,
+        "run_at": j.run_at,
+        "lease_owner": j.lease_owner,
+        "heartbeat_at": j.heartbeat_at,
+        "cancel_requested": j.cancel_requested,
+        "trace_id": j.trace_id,
+        "created_at": j.created_at,
+        "started_at": j.started_at,
+        "finished_at": j.finished_at,
+    })
+}
+
+fn progress_text(batches_done: i32, batches_total: Option<i32>, rows: i64) -> String {
+    match batches_total {
+        Some(t) => format!("{batches_done}/{t} batches, {rows} rows"),
+        None => format!("{batches_done} batches, {rows} rows"),
+    }
+}
+
+fn print_table(jobs: &[JobView]) {
+    let key_w = jobs
+        .iter()
+        .map(|j| j.idempotency_key.chars().count())
+        .max()
+        .unwrap_or(3)
+        .clamp(3, 48);
+    println!(
+        "{:<key_w$}  {:<10}  {:<9}  {:>8}  {:<28}  {:<20}",
+        "KEY", "PIPELINE", "STATE", "ATTEMPTS", "PROGRESS", "CREATED"
+    );
+    for j in jobs {
+        let key: String = j.idempotency_key.chars().take(key_w).collect();
+        println!(
+            "{key:<key_w$}  {:<10}  {:<9}  {:>8}  {:<28}  {:<20}",
+            j.pipeline,
+            j.state,
+            format!("{}/{}", j.attempts, j.max_attempts),
+            progress_text(j.batches_done, j.batches_total, j.rows_done),
+            j.created_at.format("%Y-%m-%d %H:%M:%S"),
+        );
+    }
+    if jobs.is_empty() {
+        println!("(no jobs)");
+    }
+}
+
+fn print_show(j: &JobView, attempts: &[drover_ledger::AttemptView]) {
+    let t = |d: Option<chrono::DateTime<chrono::Utc>>| {
+        d.map(|d| d.to_rfc3339()).unwrap_or_else(|| "-".into())
+    };
+    println!("key:        {}", j.idempotency_key);
+    println!("id:         {}", j.id);
+    println!("pipeline:   {}", j.pipeline);
+    println!("params:     {}", j.params.0);
+    println!("state:      {}", j.state);
+    println!("attempts:   {} of {}", j.attempts, j.max_attempts);
+    println!(
+        "progress:   {}",
+        progress_text(j.batches_done, j.batches_total, j.rows_done)
+    );
+    if let Some(r) = &j.result {
+        println!("result:     {}", r.0);
+    }
+    if let Some(e) = &j.last_error {
+        println!(
+            "last error: [{}] {e}",
+            j.error_kind.as_deref().unwrap_or("?")
+        );
+    }
+    if let Some(r) = j.run_at {
+        println!("next run:   {}", r.to_rfc3339());
+    }
+    if let Some(o) = &j.lease_owner {
+        println!("lease:      {o} (heartbeat {})", t(j.heartbeat_at));
+    }
+    if j.cancel_requested {
+        println!("cancel:     requested");
+    }
+    println!("created:    {}", j.created_at.to_rfc3339());
+    println!("started:    {}", t(j.started_at));
+    println!("finished:   {}", t(j.finished_at));
+    println!("attempt history:");
+    for a in attempts {
+        println!(
+            "  #{:<3} {:<12} worker {}  {} → {}{}",
+            a.attempt,
+            a.outcome,
+            a.worker,
+            a.started_at.to_rfc3339(),
+            t(a.finished_at),
+            a.error
+                .as_deref()
+                .map(|e| format!("  error: {e}"))
+                .unwrap_or_default()
+        );
+    }
+}
+
+fn progress_line(p: &JobProgress) -> String {
+    let mut s = format!(
+        "{}: {} ({}, attempt {})",
+        p.idempotency_key,
+        p.state,
+        progress_text(p.batches_done, p.batches_total, p.rows_done),
+        p.attempts
+    );
+    if p.state == "retrying"
+        && let Some(r) = p.run_at
+    {
+        s.push_str(&format!(", next attempt at {}", r.format("%H:%M:%S")));
+    }
+    if !matches!(p.state.as_str(), "succeeded" | "running" | "queued")
+        && let Some(e) = &p.last_error
+    {
+        s.push_str(&format!(": {e}"));
+    }
+    s
+}
+
+/// Blocks until every key is terminal (LISTEN/NOTIFY, with a 1 s polling fallback),
+/// printing a line whenever a job's state or progress changes.
+async fn wait(ledger: &Ledger, keys: &[String], timeout: Duration) -> anyhow::Result<ExitCode> {
+    let deadline = Instant::now() + timeout;
+    // LISTEN first, then read, so no change between the two is missed.
+    let mut listener = match ledger.listener().await {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::warn!(error = %e, "LISTEN unavailable, polling instead");
+            None
+        }
+    };
+    let tty = std::io::stdout().is_terminal();
+    let mut last: BTreeMap<String, String> = BTreeMap::new();
+    loop {
+        let rows = ledger.progress(keys).await?;
+        let by_key: BTreeMap<&str, &JobProgress> = rows
+            .iter()
+            .map(|p| (p.idempotency_key.as_str(), p))
+            .collect();
+        for k in keys {
+            let line = match by_key.get(k.as_str()) {
+                Some(p) => progress_line(p),
+                None => format!("{k}: unknown (not in the ledger yet)"),
+            };
+            if last.get(k) != Some(&line) {
+                if tty {
+                    println!("  {line}");
+                } else {
+                    println!("{line}");
+                }
+                last.insert(k.clone(), line);
+            }
+        }
+        let all_terminal = keys.iter().all(|k| {
+            by_key
+                .get(k.as_str())
+                .map(|p| p.is_terminal())
+                .unwrap_or(false)
+        });
+        if all_terminal {
+            let failed: Vec<&str> = rows
+                .iter()
+                .filter(|p| p.state != "succeeded")
+                .map(|p| p.idempotency_key.as_str())
+                .collect();
+            if failed.is_empty() {
+                println!("all {} job(s) succeeded", keys.len());
+                return Ok(ExitCode::SUCCESS);
+            }
+            eprintln!(
+                "drover: {} job(s) did not succeed: {}",
+                failed.len(),
+                failed.join(", ")
+            );
+            return Ok(ExitCode::from(1));
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            let pending: Vec<String> = keys
+                .iter()
+                .filter(|k| {
+                    !by_key
+                        .get(k.as_str())
+                        .map(|p| p.is_terminal())
+                        .unwrap_or(false)
+                })
+                .map(|k| {
+                    let state = by_key
+                        .get(k.as_str())
+                        .map(|p| p.state.as_str())
+                        .unwrap_or("unknown");
+                    format!("{k} ({state})")
+                })
+                .collect();
+            eprintln!(
+                "drover: timed out after {}s; not finished: {}",
+                timeout.as_secs(),
+                pending.join(", ")
+            );
+            return Ok(ExitCode::from(2));
+        }
+        let nap = (deadline - now).min(Duration::from_secs(1));
+        match listener.as_mut() {
+            Some(l) => {
+                // A notification or the polling interval, whichever comes first.
+                if let Ok(Err(e)) = tokio::time::timeout(nap, l.recv()).await {
+                    tracing::warn!(error = %e, "LISTEN connection lost, polling instead");
+                    listener = None;
+                }
+            }
+            None => tokio::time::sleep(nap).await,
+        }
+    }
+}
+
+/// `drover stats` arguments.
+#[derive(Debug, clap::Args)]
+pub struct StatsArgs {
+    /// Duration window: jobs that finished within the last SECS seconds.
+    #[arg(long, default_value_t = 86_400, value_name = "SECS")]
+    window_secs: u64,
+    /// JSON instead of tables.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `drover stats`.
+pub async fn stats(ctx: &Context, args: StatsArgs) -> anyhow::Result<ExitCode> {
+    let ledger = ctx.migrated_ledger(2).await?;
+    let counts = ledger.state_counts().await?;
+    let durations = ledger.duration_stats(args.window_secs as f64).await?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "window_secs": args.window_secs,
+                "states": counts,
+                "durations": durations,
+            }))?
+        );
+    } else {
+        println!("{:<16} {:<10} {:>10}", "PIPELINE", "STATE", "JOBS");
+        for c in &counts {
+            println!("{:<16} {:<10} {:>10}", c.pipeline, c.state, c.jobs);
+        }
+        println!();
+        println!(
+            "succeeded in the last {}s (first start to finish):",
+            args.window_secs
+        );
+        println!(
+            "{:<16} {:>10} {:>10} {:>10} {:>10}",
+            "PIPELINE", "JOBS", "P50_S", "P95_S", "MAX_S"
+        );
+        let f = |v: Option<f64>| v.map(|x| format!("{x:.3}")).unwrap_or_else(|| "-".into());
+        for d in &durations {
+            println!(
+                "{:<16} {:>10} {:>10} {:>10} {:>10}",
+                d.pipeline,
+                d.finished,
+                f(d.p50_secs),
+                f(d.p95_secs),
+                f(d.max_secs)
+            );
+        }
+    }
+    ledger.close().await;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,292 @@
+//! The core round trip: publish, consume, ledger, CLI.
+
+use crate::support::*;
+use serde_json::Value;
+use sqlx::Row;
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(90);
+
+#[tokio::test(flavor = "multi_thread")]
+async fn publish_run_and_inspect_a_job() {
+    let mut env = TestEnv::new().await;
+    env.start_worker(&["--prefetch", "4"]);
+    let out = env.drover(&[
+        "publish",
+        "--pipeline",
+        "noop",
+        "--key",
+        "rt-1",
+        "--param",
+        "batches=3",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("rt-1: published"), "{}", stdout(&out));
+
+    let out = env.drover(&["jobs", "wait", "rt-1", "--timeout", "60"]);
+    assert!(
+        out.status.success(),
+        "wait: {}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    assert!(stdout(&out).contains("all 1 job(s) succeeded"));
+
+    let job = env.show("rt-1");
+    for field in [
+        "idempotency_key",
+        "pipeline",
+        "params",
+        "state",
+        "attempts",
+        "max_attempts",
+        "batches_done",
+        "batches_total",
+        "rows_done",
+        "result",
+        "last_error",
+        "error_kind",
+        "created_at",
+        "started_at",
+        "finished_at",
+        "attempt_history",
+    ] {
+        assert!(job.get(field).is_some(), "show --json lacks {field}: {job}");
+    }
+    assert_eq!(job["state"], "succeeded");
+    assert_eq!(job["attempts"], 1);
+    assert_eq!(job["batches_done"], 3);
+    assert_eq!(job["batches_total"], 3);
+    assert_eq!(job["params"]["batches"], 3);
+    let history = job["attempt_history"].as_array().expect("array");
+    assert_eq!(history.len(), 1);
+    assert_eq!(history[0]["outcome"], "succeeded");
+    for t in ["created_at", "started_at", "finished_at"] {
+        let s = job[t].as_str().expect("time string");
+        chrono::DateTime::parse_from_rfc3339(s).unwrap_or_else(|e| panic!("{t}={s}: {e}"));
+    }
+    chrono::DateTime::parse_from_rfc3339(history[0]["started_at"].as_str().expect("str"))
+        .expect("rfc3339");
+
+    let out = env.drover(&["jobs", "list", "--json", "--state", "succeeded"]);
+    let list: Vec<Value> = serde_json::from_slice(&out.stdout).expect("list --json");
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0]["idempotency_key"], "rt-1");
+    let table = stdout(&env.drover(&["jobs", "list"]));
+    assert!(
+        table.contains("KEY") && table.contains("rt-1") && table.contains("succeeded"),
+        "{table}"
+    );
+    let text = stdout(&env.drover(&["jobs", "show", "rt-1"]));
+    assert!(
+        text.contains("attempt history") && text.contains("3/3 batches"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn duplicate_publish_makes_one_row_and_one_run() {
+    let mut env = TestEnv::new().await;
+    let first = env.drover(&["publish", "--pipeline", "noop", "--key", "dup-1"]);
+    assert!(first.status.success(), "{}", stderr(&first));
+    let second = env.drover(&["publish", "--pipeline", "noop", "--key", "dup-1"]);
+    assert!(second.status.success());
+    assert!(
+        stdout(&second).contains("already exists (queued); nothing published"),
+        "{}",
+        stdout(&second)
+    );
+    // A second copy of the message anyway (at-least-once delivery from some producer).
+    env.publish_raw(
+        br#"{"v":1,"idempotency_key":"dup-1","pipeline":"noop"}"#,
+        None,
+    )
+    .await;
+    env.start_worker(&[]);
+    env.wait_job("dup-1", T, |r| r.get::<String, _>("state") == "succeeded")
+        .await;
+    let w = env.worker(0);
+    w.wait_log("acking duplicate delivery", T);
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM drover.jobs")
+        .fetch_one(&env.pool)
+        .await
+        .expect("count");
+    assert_eq!(rows, 1);
+    let attempts: i64 = sqlx::query_scalar("SELECT count(*) FROM drover.attempts")
+        .fetch_one(&env.pool)
+        .await
+        .expect("count");
+    assert_eq!(attempts, 1, "the job ran exactly once");
+    let after = env.drover(&["publish", "--pipeline", "noop", "--key", "dup-1"]);
+    assert!(
+        stdout(&after).contains("already exists (succeeded)"),
+        "{}",
+        stdout(&after)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_external_producer_publishing_to_the_queue_is_served() {
+    let mut env = TestEnv::new().await;
+    env.start_worker(&[]);
+    env.publish_raw(
+        br#"{"v":1,"idempotency_key":"ext-1","pipeline":"noop","params":{"batches":2},"max_attempts":3}"#,
+        Some("external-id-1"),
+    )
+    .await;
+    let row = env
+        .wait_job("ext-1", T, |r| r.get::<String, _>("state") == "succeeded")
+        .await;
+    assert_eq!(row.get::<i32, _>("max_attempts"), 3);
+    assert_eq!(row.get::<i32, _>("batches_done"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_workers_share_the_queue_and_each_job_runs_once() {
+    let mut env = TestEnv::new().await;
+    env.start_worker(&["--prefetch", "2", "--worker-id", "w-one"]);
+    env.start_worker(&["--prefetch", "2", "--worker-id", "w-two"]);
+    let mut lines = String::new();
+    for i in 0..30 {
+        lines.push_str(&format!(
+            "{{\"v\":1,\"idempotency_key\":\"share-{i}\",\"pipeline\":\"noop\",\"params\":{{\"sleep_ms\":50}}}}\n"
+        ));
+    }
+    std::fs::write(env.path("jobs.jsonl"), lines).expect("write");
+    let out = env.drover(&["publish", "--file", "jobs.jsonl"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("published 30, already present 0"),
+        "{}",
+        stdout(&out)
+    );
+    let keys: Vec<String> = (0..30).map(|i| format!("share-{i}")).collect();
+    let mut args = vec!["jobs", "wait", "--timeout", "90"];
+    args.extend(keys.iter().map(String::as_str));
+    let out = env.drover(&args);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    let per_job: Vec<i64> =
+        sqlx::query_scalar("SELECT count(*) FROM drover.attempts GROUP BY job_id")
+            .fetch_all(&env.pool)
+            .await
+            .expect("attempts");
+    assert_eq!(per_job.len(), 30);
+    assert!(
+        per_job.iter().all(|n| *n == 1),
+        "every job ran exactly once: {per_job:?}"
+    );
+    let workers: Vec<String> =
+        sqlx::query_scalar("SELECT DISTINCT worker FROM drover.attempts ORDER BY 1")
+            .fetch_all(&env.pool)
+            .await
+            .expect("workers");
+    assert_eq!(
+        workers,
+        vec!["w-one".to_string(), "w-two".to_string()],
+        "both workers took work"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn wait_reports_failures_and_timeouts_by_exit_status() {
+    let mut env = TestEnv::new().await;
+    env.start_worker(&[]);
+    let out = env.drover(&[
+        "publish",
+        "--pipeline",
+        "noop",
+        "--key",
+        "perm-1",
+        "--param",
+        "fail_attempts=1",
+        "--param",
+        "fail_kind=permanent",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = env.drover(&["jobs", "wait", "perm-1", "--timeout", "60"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    assert!(stdout(&out).contains("perm-1: dead"), "{}", stdout(&out));
+    let job = env.show("perm-1");
+    assert_eq!(job["error_kind"], "permanent");
+    assert_eq!(job["attempts"], 1, "permanent errors are never retried");
+    assert!(
+        job["last_error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("injected"),
+        "{job}"
+    );
+    let dead = env.dead_letters().await;
+    assert_eq!(
+        dead.len(),
+        1,
+        "dead job copied to the dead-letter queue: {dead:?}"
+    );
+
+    let out = env.drover(&["jobs", "wait", "never-published", "--timeout", "1"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("timed out") && stderr(&out).contains("never-published"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn payroll_runs_through_the_worker() {
+    let mut env = TestEnv::new().await;
+    let input = generate(&env, 12_000, "acme.parquet");
+    env.start_worker(&["--output-root", "out"]);
+    let out = env.drover(&[
+        "publish",
+        "--pipeline",
+        "payroll",
+        "--key",
+        "acme:2026-11",
+        "--batch-size",
+        "5000",
+        "--param",
+        "client_id=acme",
+        "--param",
+        "period=2026-11",
+        "--param",
+        &format!("input={}", input.display()),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = env.drover(&["jobs", "wait", "acme:2026-11", "--timeout", "120"]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    let job = env.show("acme:2026-11");
+    assert_eq!(job["rows_done"], 12_000);
+    assert_eq!(job["batches_done"], 3);
+    assert_eq!(job["result"]["rows"], 12_000);
+    assert!(
+        job["result"]["total_net"].as_i64().unwrap_or(0) > 0,
+        "{job}"
+    );
+
+    // Same input through `drover run`: the same summary, to the cent.
+    let out = env.drover(&[
+        "run",
+        "payroll",
+        "--param",
+        "client_id=acme",
+        "--param",
+        "period=2026-11",
+        "--param",
+        &format!("input={}", input.display()),
+        "--batch-size",
+        "5000",
+        "--output",
+        "local",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let local: Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(local, job["result"]);
+}

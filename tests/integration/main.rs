@@ -1,0 +1,11 @@
+//! End-to-end tests of the `drover` binary against real RabbitMQ and Postgres.
+//!
+//! Each test gets its own database (`drover_t_<random>`), namespace (queues) and working
+//! directory, so tests run in parallel and leave nothing behind. Waits are on events (log
+//! lines, LISTEN/NOTIFY from the ledger, process exit), each bounded by a timeout.
+
+mod support;
+
+mod cli;
+mod core;
+mod reliability;

@@ -12,8 +12,10 @@ MAKEFLAGS += --no-print-directory
 CARGO ?= cargo
 CARGO_TARGET_DIR ?= $(HOME)/.cache/drover-target
 export CARGO_TARGET_DIR
-# The release binary that `build` produces; `migrate` and `demo` run it.
-DROVER ?= $(CARGO_TARGET_DIR)/release/drover
+# The binary `migrate` and `demo` run: the dev-profile build that `make test` also uses
+# (dependencies optimised, see Cargo.toml), so a newcomer compiles polars once, not twice.
+# `make build` makes the optimised release binary for deployment and benchmarks.
+DROVER ?= $(CARGO_TARGET_DIR)/debug/drover
 
 # The services the tests talk to (tests/integration/support.rs, crates/*/tests).
 DROVER_TEST_AMQP_URL ?= amqp://guest:guest@127.0.0.1:5672/%2f
@@ -23,7 +25,7 @@ export DROVER_TEST_AMQP_URL DROVER_TEST_DATABASE_URL
 # Test runner: cargo-nextest when installed (NEXTEST=auto), or force it with NEXTEST=1 / 0.
 NEXTEST ?= auto
 
-.PHONY: help services build lint fmt check-deploy test migrate demo clean-demo
+.PHONY: help services build build-dev lint fmt check-deploy test test-outage migrate demo clean-demo
 
 help: ## list the targets
 	@echo 'usage: make <target>   (builds in $(CARGO_TARGET_DIR))'
@@ -56,11 +58,19 @@ test: services ## start the services, lint, check deploy/, run every test agains
 	    echo '$(CARGO) test --workspace'; \
 	    $(CARGO) test --workspace; \
 	fi
+	$(MAKE) test-outage
 
-migrate: build ## create the ledger database if absent and apply migrations (drover migrate)
+test-outage: services ## the outage tests: they stop the shared RabbitMQ/Postgres, so they run alone
+	$(CARGO) test -p drover --test integration outage:: -- --ignored --test-threads=1
+	scripts/ensure-services.sh
+
+build-dev: ## build the dev-profile binary that demo and migrate run
+	$(CARGO) build -p drover
+
+migrate: build-dev ## create the ledger database if absent and apply migrations (drover migrate)
 	$(DROVER) migrate
 
-demo: services build ## start the services, run a worker and real jobs, show the ledger
+demo: services build-dev ## start the services, run a worker and real jobs, show the ledger
 	DROVER='$(DROVER)' scripts/demo.sh
 
 clean-demo: ## remove the demo's data and output (./demo-data)

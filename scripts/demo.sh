@@ -11,7 +11,7 @@
 # namespace `demo` (demo.jobs, demo.dead); the ledger is the default database `drover`. Every
 # run publishes fresh keys (demo-<timestamp>:...), so it can be rerun at will.
 #
-# Environment: DROVER (the binary; default $CARGO_TARGET_DIR/release/drover), DEMO_TIMEOUT
+# Environment: DROVER (the binary; default $CARGO_TARGET_DIR/debug/drover), DEMO_TIMEOUT
 # (seconds to wait for the jobs, default 300), DEMO_METRICS_ADDR (the worker's HTTP port,
 # default 127.0.0.1:9465, away from a worker you may run on the default 9464).
 set -euo pipefail
@@ -19,7 +19,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 root=$PWD
 
-DROVER=${DROVER:-${CARGO_TARGET_DIR:-$HOME/.cache/drover-target}/release/drover}
+DROVER=${DROVER:-${CARGO_TARGET_DIR:-$HOME/.cache/drover-target}/debug/drover}
 DEMO_TIMEOUT=${DEMO_TIMEOUT:-300}
 DEMO_METRICS_ADDR=${DEMO_METRICS_ADDR:-127.0.0.1:9465}
 STOP_WAIT_SECS=40

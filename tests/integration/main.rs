@@ -8,4 +8,6 @@ mod support;
 
 mod cli;
 mod core;
+mod observability;
+mod outage;
 mod reliability;

@@ -1,0 +1,107 @@
+//! What an operator sees: health, readiness and metrics over HTTP, and the producer's trace
+//! continued into the worker's logs and the ledger.
+
+use crate::support::*;
+use serde_json::Value;
+use sqlx::Row;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(90);
+
+/// A plain HTTP/1.0 GET; returns (status, body).
+fn get(addr: &str, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).expect("connect metrics port");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("write");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("read");
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_readiness_and_metrics_over_http() {
+    let mut env = TestEnv::new().await;
+    let w = env.start_worker(&[]);
+    let line = env.worker(w).wait_log("serving /healthz", T);
+    let v: Value = serde_json::from_str(&line).expect("json log line");
+    let addr = v["addr"].as_str().expect("addr field").to_string();
+
+    let (status, body) = get(&addr, "/healthz");
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = get(&addr, "/readyz");
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("consuming") && body.contains("postgres: up"),
+        "{body}"
+    );
+
+    let out = env.drover(&[
+        "publish",
+        "--pipeline",
+        "noop",
+        "--key",
+        "m-1",
+        "--param",
+        "batches=2",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    env.wait_job("m-1", T, |r| r.get::<String, _>("state") == "succeeded")
+        .await;
+    let (status, metrics) = get(&addr, "/metrics");
+    assert_eq!(status, 200);
+    for needle in [
+        "drover_jobs_total{pipeline=\"noop\",outcome=\"succeeded\"} 1",
+        "drover_batches_total{pipeline=\"noop\"} 2",
+        "drover_job_duration_seconds_count{pipeline=\"noop\"} 1",
+        "drover_jobs_in_flight 0",
+        "drover_retry_relay_lag_milliseconds",
+    ] {
+        assert!(
+            metrics.contains(needle),
+            "metrics lack {needle:?}:\n{metrics}"
+        );
+    }
+    let (status, _) = get(&addr, "/nope");
+    assert_eq!(status, 404);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_producers_trace_id_reaches_the_worker_logs_and_the_ledger() {
+    let mut env = TestEnv::new().await;
+    let w = env.start_worker(&[]);
+    let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let mut cmd = env.command(&["publish", "--pipeline", "noop", "--key", "traced-1"]);
+    cmd.env("TRACEPARENT", format!("00-{trace_id}-00f067aa0ba902b7-01"));
+    let out = run_bounded(cmd, T);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let row = env
+        .wait_job("traced-1", T, |r| {
+            r.get::<String, _>("state") == "succeeded"
+        })
+        .await;
+    assert_eq!(
+        row.get::<Option<String>, _>("trace_id").as_deref(),
+        Some(trace_id)
+    );
+    let line = env.worker(w).wait_log("job succeeded", T);
+    assert!(
+        line.contains(trace_id),
+        "worker log line lacks the trace id: {line}"
+    );
+    assert!(
+        line.contains("traced-1"),
+        "worker log line lacks the key: {line}"
+    );
+}

@@ -250,6 +250,30 @@ fn print_show(j: &JobView, attempts: &[drover_ledger::AttemptView]) {
     }
 }
 
+/// A terminal progress bar for one job: `[#####-----] 5/10 batches, 50000 rows  running`.
+fn bar_line(p: &JobProgress) -> String {
+    const WIDTH: usize = 24;
+    let filled = match (p.batches_total, p.state.as_str()) {
+        (_, "succeeded") => WIDTH,
+        (Some(t), _) if t > 0 => (p.batches_done.max(0) as usize * WIDTH / t as usize).min(WIDTH),
+        _ => 0,
+    };
+    let mut line = format!(
+        "[{}{}] {}  {}",
+        "#".repeat(filled),
+        "-".repeat(WIDTH - filled),
+        p.idempotency_key,
+        progress_line(p)
+            .split_once(": ")
+            .map(|(_, rest)| rest.to_string())
+            .unwrap_or_default()
+    );
+    if line.chars().count() > 160 {
+        line = line.chars().take(159).collect::<String>() + "…";
+    }
+    line
+}
+
 fn progress_line(p: &JobProgress) -> String {
     let mut s = format!(
         "{}: {} ({}, attempt {})",
@@ -285,24 +309,36 @@ async fn wait(ledger: &Ledger, keys: &[String], timeout: Duration) -> anyhow::Re
     };
     let tty = std::io::stdout().is_terminal();
     let mut last: BTreeMap<String, String> = BTreeMap::new();
+    let mut drawn = false;
     loop {
         let rows = ledger.progress(keys).await?;
         let by_key: BTreeMap<&str, &JobProgress> = rows
             .iter()
             .map(|p| (p.idempotency_key.as_str(), p))
             .collect();
-        for k in keys {
-            let line = match by_key.get(k.as_str()) {
-                Some(p) => progress_line(p),
-                None => format!("{k}: unknown (not in the ledger yet)"),
-            };
-            if last.get(k) != Some(&line) {
-                if tty {
-                    println!("  {line}");
-                } else {
+        if tty {
+            // One bar per job, redrawn in place.
+            if drawn {
+                print!("\x1b[{}A", keys.len());
+            }
+            for k in keys {
+                let line = match by_key.get(k.as_str()) {
+                    Some(p) => bar_line(p),
+                    None => format!("{k}: unknown (not in the ledger yet)"),
+                };
+                println!("\x1b[2K{line}");
+            }
+            drawn = true;
+        } else {
+            for k in keys {
+                let line = match by_key.get(k.as_str()) {
+                    Some(p) => progress_line(p),
+                    None => format!("{k}: unknown (not in the ledger yet)"),
+                };
+                if last.get(k) != Some(&line) {
                     println!("{line}");
+                    last.insert(k.clone(), line);
                 }
-                last.insert(k.clone(), line);
             }
         }
         let all_terminal = keys.iter().all(|k| {

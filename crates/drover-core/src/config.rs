@@ -29,7 +29,10 @@ pub enum ConfigError {
     #[error("config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("{field}: {message}")]
-    Invalid { field: &'static str, message: String },
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
 }
 
 /// The TOML file's shape. Every field is optional; unknown fields are an error so a typo
@@ -112,10 +115,15 @@ impl Connections {
         if !(c.amqp_url.starts_with("amqp://") || c.amqp_url.starts_with("amqps://")) {
             return Err(ConfigError::Invalid {
                 field: "amqp url (--amqp-url / DROVER_AMQP_URL)",
-                message: format!("{:?} does not start with amqp:// or amqps://", redact(&c.amqp_url)),
+                message: format!(
+                    "{:?} does not start with amqp:// or amqps://",
+                    redact(&c.amqp_url)
+                ),
             });
         }
-        if !(c.database_url.starts_with("postgres://") || c.database_url.starts_with("postgresql://")) {
+        if !(c.database_url.starts_with("postgres://")
+            || c.database_url.starts_with("postgresql://"))
+        {
             return Err(ConfigError::Invalid {
                 field: "database url (--database-url / DATABASE_URL)",
                 message: format!(
@@ -197,6 +205,9 @@ mod tests {
             redact("amqp://guest:secret@h:5672/%2f"),
             "amqp://guest:***@h:5672/%2f"
         );
-        assert_eq!(redact("postgres://postgres@h/db"), "postgres://postgres@h/db");
+        assert_eq!(
+            redact("postgres://postgres@h/db"),
+            "postgres://postgres@h/db"
+        );
     }
 }

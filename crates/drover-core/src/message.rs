@@ -308,20 +308,52 @@ mod tests {
             (b"\xff\xfe\x00", "not UTF-8"),
             (b"{not json", "not JSON"),
             (b"[1,2]", "expected a JSON object"),
-            (br#"{"idempotency_key":"k","pipeline":"noop"}"#, "\"v\": missing"),
-            (br#"{"v":2,"idempotency_key":"k","pipeline":"noop"}"#, "unsupported contract version 2"),
-            (br#"{"v":1,"pipeline":"noop"}"#, "\"idempotency_key\": missing"),
-            (br#"{"v":1,"idempotency_key":"","pipeline":"noop"}"#, "must not be empty"),
+            (
+                br#"{"idempotency_key":"k","pipeline":"noop"}"#,
+                "\"v\": missing",
+            ),
+            (
+                br#"{"v":2,"idempotency_key":"k","pipeline":"noop"}"#,
+                "unsupported contract version 2",
+            ),
+            (
+                br#"{"v":1,"pipeline":"noop"}"#,
+                "\"idempotency_key\": missing",
+            ),
+            (
+                br#"{"v":1,"idempotency_key":"","pipeline":"noop"}"#,
+                "must not be empty",
+            ),
             (br#"{"v":1,"idempotency_key":"k"}"#, "\"pipeline\": missing"),
-            (br#"{"v":1,"idempotency_key":"k","pipeline":"no op"}"#, "not a pipeline name"),
-            (br#"{"v":1,"idempotency_key":"k","pipeline":"noop","params":[1]}"#, "\"params\": expected a JSON object"),
-            (br#"{"v":1,"idempotency_key":"k","pipeline":"noop","batch_size":0}"#, "\"batch_size\": expected an integer from 1"),
-            (br#"{"v":1,"idempotency_key":"k","pipeline":"noop","max_attempts":"5"}"#, "\"max_attempts\""),
-            (br#"{"v":1,"idempotency_key":"k","pipeline":"noop","colour":"red"}"#, "field \"colour\""),
+            (
+                br#"{"v":1,"idempotency_key":"k","pipeline":"no op"}"#,
+                "not a pipeline name",
+            ),
+            (
+                br#"{"v":1,"idempotency_key":"k","pipeline":"noop","params":[1]}"#,
+                "\"params\": expected a JSON object",
+            ),
+            (
+                br#"{"v":1,"idempotency_key":"k","pipeline":"noop","batch_size":0}"#,
+                "\"batch_size\": expected an integer from 1",
+            ),
+            (
+                br#"{"v":1,"idempotency_key":"k","pipeline":"noop","max_attempts":"5"}"#,
+                "\"max_attempts\"",
+            ),
+            (
+                br#"{"v":1,"idempotency_key":"k","pipeline":"noop","colour":"red"}"#,
+                "field \"colour\"",
+            ),
         ];
         for (body, want) in cases {
             let err = JobMessage::parse(body).unwrap_err();
-            assert!(err.reason.contains(want), "{:?}: {} lacks {want}", body, err.reason);
+            assert!(
+                err.reason.contains(want),
+                "{:?}: {} lacks {want}",
+                body,
+                err.reason
+            );
         }
     }
 
@@ -337,14 +369,25 @@ mod tests {
     #[test]
     fn refuses_huge_bodies_before_parsing() {
         let body = vec![b' '; MAX_BODY_BYTES + 1];
-        assert!(JobMessage::parse(&body).unwrap_err().reason.contains("limit"));
+        assert!(
+            JobMessage::parse(&body)
+                .unwrap_err()
+                .reason
+                .contains("limit")
+        );
     }
 
     #[test]
     fn params_parse_as_json_or_string() {
         assert_eq!(parse_param("n=5").unwrap(), ("n".into(), Value::from(5)));
-        assert_eq!(parse_param("p=2026-11").unwrap(), ("p".into(), Value::from("2026-11")));
-        assert_eq!(parse_param("s=\"5\"").unwrap(), ("s".into(), Value::from("5")));
+        assert_eq!(
+            parse_param("p=2026-11").unwrap(),
+            ("p".into(), Value::from("2026-11"))
+        );
+        assert_eq!(
+            parse_param("s=\"5\"").unwrap(),
+            ("s".into(), Value::from("5"))
+        );
         assert!(parse_param("novalue").is_err());
         assert!(parse_param("=x").is_err());
     }

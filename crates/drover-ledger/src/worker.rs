@@ -72,7 +72,10 @@ pub enum FailOutcome {
     /// `retrying`, due at `run_at`.
     Retrying {
         run_at: DateTime<Utc>,
+        /// The jittered delay drawn.
         delay: Duration,
+        /// The exponential envelope it was drawn from (grows with each failure, capped).
+        envelope: Duration,
     },
     /// `dead`: permanent error, attempts or time budget exhausted.
     Dead { reason: String },
@@ -413,7 +416,11 @@ impl Ledger {
                 .bind(kind.as_str())
                 .fetch_one(&mut *tx)
                 .await?;
-                FailOutcome::Retrying { run_at, delay }
+                FailOutcome::Retrying {
+                    run_at,
+                    delay,
+                    envelope: policy.envelope(failures as u32),
+                }
             }
             other => {
                 let reason = match other {

@@ -1018,9 +1018,13 @@ async fn failed(
         })
         .await;
     match outcome {
-        Ok(FailOutcome::Retrying { run_at, delay }) => {
+        Ok(FailOutcome::Retrying {
+            run_at,
+            delay,
+            envelope,
+        }) => {
             shared.metrics.job(&job.pipeline, "retried");
-            warn!(error_kind = %kind, error = %text, retry_in_ms = delay.as_millis() as u64, run_at = %run_at, "attempt failed; retry scheduled");
+            warn!(error_kind = %kind, error = %text, retry_in_ms = delay.as_millis() as u64, envelope_ms = envelope.as_millis() as u64, run_at = %run_at, "attempt failed; retry scheduled");
             Disposition::Ack
         }
         Ok(FailOutcome::Dead { reason }) => {

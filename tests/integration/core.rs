@@ -290,3 +290,42 @@ async fn payroll_runs_through_the_worker() {
     let local: Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(local, job["result"]);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn migrate_is_idempotent_and_safe_to_run_concurrently() {
+    // A database that does not exist yet, migrated by four replicas at once.
+    let env = TestEnv::new().await;
+    let fresh = format!("{}_m", env.name);
+    let url = env.db_url.replace(&env.name, &fresh);
+    let children: Vec<_> = (0..4)
+        .map(|_| {
+            let mut c = env.command(&["migrate"]);
+            c.env("DATABASE_URL", &url);
+            std::thread::spawn(move || run_bounded(c, Duration::from_secs(120)))
+        })
+        .collect();
+    for c in children {
+        let out = c.join().expect("thread");
+        assert!(out.status.success(), "concurrent migrate: {}", stderr(&out));
+    }
+    let mut again = env.command(&["migrate"]);
+    again.env("DATABASE_URL", &url);
+    let out = run_bounded(again, Duration::from_secs(60));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let pool = sqlx::PgPool::connect(&url).await.expect("connect");
+    let applied: i64 = sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations")
+        .fetch_one(&pool)
+        .await
+        .expect("migrations table");
+    let migrations = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../../migrations"))
+        .expect("migrations dir")
+        .count() as i64;
+    assert_eq!(applied, migrations, "each migration applied once");
+    pool.close().await;
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "DROP DATABASE {fresh} WITH (FORCE)"
+    )))
+    .execute(&env.pool)
+    .await
+    .expect("drop");
+}

@@ -105,3 +105,35 @@ async fn the_producers_trace_id_reaches_the_worker_logs_and_the_ledger() {
         "worker log line lacks the key: {line}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn spans_are_exported_over_otlp_when_an_endpoint_is_set() {
+    let env = TestEnv::new().await;
+    // A stand-in OTLP/HTTP collector: accepts one request and reports its request line.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        if let Ok((mut s, _)) = listener.accept() {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+            let mut buf = vec![0u8; 64 * 1024];
+            let n = s.read(&mut buf).unwrap_or(0);
+            let head = String::from_utf8_lossy(&buf[..n])
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_string();
+            let _ =
+                s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+            let _ = tx.send(head);
+        }
+    });
+    let mut cmd = env.command(&["publish", "--pipeline", "noop", "--key", "otlp-1"]);
+    cmd.env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint);
+    let out = run_bounded(cmd, T);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let head = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("no OTLP export arrived");
+    assert_eq!(head, "POST /v1/traces HTTP/1.1");
+}

@@ -1,0 +1,596 @@
+//! drover-pipeline: the [`Pipeline`] trait, batch sources and the Parquet sink, and the
+//! built-in `noop` and `payroll` pipelines.
+//!
+//! The worker (and `drover run`) drive every job the same way:
+//!
+//! 1. [`Registry::validate`] when a message arrives (bad params are a permanent rejection);
+//! 2. [`Registry::open`] with the number of batches already checkpointed in the ledger;
+//! 3. [`JobRun::next_batch`] until it returns `Ok(None)`, checkpointing each
+//!    [`BatchOutcome`];
+//! 4. [`JobRun::finish`] with every checkpointed batch, which writes `_manifest.json` and
+//!    returns the job's result JSON.
+//!
+//! Memory per job is bounded by the batch size: inputs are read in slices (see [`Input`]),
+//! each batch's output is written to its own part file and dropped.
+
+#![warn(missing_docs)]
+
+mod error;
+pub mod noop;
+mod params;
+pub mod payroll;
+mod sink;
+mod source;
+
+pub use drover_core::ErrorKind;
+pub use error::PipelineError;
+pub use params::ParamReader;
+pub use payroll::generate_payroll;
+pub use sink::{MANIFEST, key_path};
+pub use source::Input;
+
+use polars::prelude::DataFrame;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Rows per batch when neither the message nor the pipeline says otherwise.
+pub const DEFAULT_BATCH_SIZE: usize = 5000;
+
+/// Additive per-batch figures (`rows`, `total_net`, ...): summed over batches into the
+/// job's result, so they must be integers that add up.
+pub type Summary = BTreeMap<String, i64>;
+
+/// What the worker (or `drover run`) knows about a job when it opens it.
+#[derive(Debug, Clone)]
+pub struct JobSpec {
+    /// The idempotency key; names the output directory.
+    pub key: String,
+    /// Registered pipeline name.
+    pub pipeline: String,
+    /// The message's params (a JSON object).
+    pub params: Value,
+    /// Rows per batch from the message; `None` uses the pipeline's default.
+    pub batch_size: Option<usize>,
+    /// 1-based attempt number (lets pipelines such as `noop` inject failures per attempt).
+    pub attempt: u32,
+    /// Root under which `<pipeline>/<key path>/` output directories are created.
+    pub output_root: PathBuf,
+}
+
+/// One completed batch: exactly what the ledger checkpoints.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BatchOutcome {
+    /// 0-based batch index.
+    pub index: u32,
+    /// Input rows in the batch.
+    pub rows: u64,
+    /// Path of the part file (`None` for pipelines or batches without output).
+    pub output: Option<String>,
+    /// SHA-256 (hex) of the part file's bytes.
+    pub checksum: Option<String>,
+    /// Additive per-batch figures, e.g. `rows`, `total_net`.
+    pub summary: Summary,
+}
+
+/// Where a pipeline's output goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// The pipeline writes nothing (no part files, no manifest).
+    None,
+    /// One Parquet part per batch plus `_manifest.json`, under `dir` when given, else under
+    /// `<output_root>/<pipeline>/<key path>/` (see [`key_path`]).
+    Parquet {
+        /// Directory replacing the default location (typically an `output` param).
+        dir: Option<PathBuf>,
+    },
+}
+
+/// What a pipeline's [`Pipeline::transform`] knows about the batch at hand.
+#[derive(Debug, Clone)]
+pub struct BatchContext {
+    /// 0-based batch index within the job (stable across attempts).
+    pub index: u32,
+    /// 0-based input row of the batch's first row (for error messages).
+    pub first_row: u64,
+    /// 1-based attempt number.
+    pub attempt: u32,
+    /// True for the first batch this attempt runs (after any resumed batches).
+    pub first_in_attempt: bool,
+    /// The job's idempotency key.
+    pub key: String,
+}
+
+/// A pipeline: validate params, describe the input, load reference data once per job,
+/// transform one batch, summarise it.
+///
+/// Implement this trait and [`Registry::register`] the value to add a pipeline; the worker,
+/// the ledger and `drover run` need nothing else. The framework does the rest: it reads the
+/// input in batches of `batch_size` rows (bounded memory, resumable after the last
+/// checkpointed batch), writes each returned frame as an atomic Parquet part, records
+/// checksums, sums the summaries and writes the manifest.
+///
+/// Rules that keep a pipeline safe to retry:
+///
+/// * [`validate`](Pipeline::validate) must not touch the filesystem or network: it also
+///   runs where the job is published. Reject unknown params ([`ParamReader::finish`]).
+/// * [`transform`](Pipeline::transform) must be deterministic for a given batch: a batch
+///   replayed after a crash must produce the same part.
+/// * Return [`PipelineError::permanent`] for anything that would fail the same way again
+///   (invalid rows, bad params) and [`PipelineError::transient`] for anything that might not
+///   (a lookup service timing out). `?` on polars and I/O errors classifies them for you.
+/// * Summaries are additive integers: the job's result is their sum over all batches,
+///   including batches done by earlier attempts.
+///
+/// # Example: a third pipeline
+///
+/// A pipeline that keeps employees of one state and reports how many it kept:
+///
+/// ```
+/// use drover_pipeline::{
+///     BatchContext, Input, JobSpec, ParamReader, Pipeline, PipelineError, Registry, Summary,
+/// };
+/// use polars::prelude::*;
+/// use serde_json::{Value, json};
+///
+/// struct StateFilter;
+///
+/// struct Params {
+///     input: String,
+///     state: String,
+/// }
+///
+/// impl Pipeline for StateFilter {
+///     type Params = Params;
+///     type Reference = ();
+///
+///     fn name(&self) -> &'static str {
+///         "state_filter"
+///     }
+///
+///     fn validate(&self, params: &Value) -> Result<Params, PipelineError> {
+///         let mut r = ParamReader::new(self.name(), params)?;
+///         let p = Params {
+///             input: r.required_str("input")?.to_string(),
+///             state: r.required_str("state")?.to_string(),
+///         };
+///         r.finish()?; // unknown params are an error
+///         Ok(p)
+///     }
+///
+///     fn input(&self, p: &Params, _spec: &JobSpec) -> Result<Input, PipelineError> {
+///         Ok(Input::file(&p.input)
+///             .column("employee_id", DataType::Int64)
+///             .column("state", DataType::String)
+///             .id_column("employee_id"))
+///     }
+///
+///     fn load_reference(&self, _p: &Params) -> Result<(), PipelineError> {
+///         Ok(())
+///     }
+///
+///     fn transform(
+///         &self,
+///         p: &Params,
+///         _reference: &(),
+///         batch: DataFrame,
+///         _ctx: &BatchContext,
+///     ) -> Result<Option<DataFrame>, PipelineError> {
+///         if batch.column("state").is_err() {
+///             return Err(PipelineError::permanent("validation: column \"state\" is missing"));
+///         }
+///         let kept = batch
+///             .lazy()
+///             .filter(col("state").eq(lit(p.state.clone())))
+///             .collect()?;
+///         Ok(Some(kept))
+///     }
+///
+///     fn summarise(
+///         &self,
+///         rows: u64,
+///         output: Option<&DataFrame>,
+///     ) -> Result<Summary, PipelineError> {
+///         Ok(Summary::from([
+///             ("rows".to_string(), rows as i64),
+///             ("kept".to_string(), output.map_or(0, |df| df.height() as i64)),
+///         ]))
+///     }
+/// }
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let dir = tempfile::tempdir()?;
+/// # let input = dir.path().join("in.csv");
+/// # std::fs::write(&input, "employee_id,state\n1,CA\n2,NY\n3,CA\n")?;
+/// let mut registry = Registry::builtin();
+/// registry.register(StateFilter);
+/// let spec = JobSpec {
+///     key: "ca-only".into(),
+///     pipeline: "state_filter".into(),
+///     params: json!({"input": input, "state": "CA"}),
+///     batch_size: Some(2),
+///     attempt: 1,
+///     output_root: dir.path().join("out"),
+/// };
+/// registry.validate(&spec.pipeline, &spec.params)?;
+/// let mut run = registry.open(&spec, 0)?;
+/// let mut batches = Vec::new();
+/// while let Some(batch) = run.next_batch()? {
+///     batches.push(batch); // the worker checkpoints each one in the ledger here
+/// }
+/// let result = run.finish(&batches)?;
+/// assert_eq!(result, json!({"rows": 3, "kept": 2}));
+/// # Ok(())
+/// # }
+/// ```
+pub trait Pipeline: Send + Sync + 'static {
+    /// Validated, typed params (what [`validate`](Pipeline::validate) produces).
+    type Params: Send + 'static;
+    /// Reference data loaded once per job (tables, rates); `()` when there is none.
+    type Reference: Send + 'static;
+
+    /// The name producers put in a message's `pipeline` field.
+    fn name(&self) -> &'static str;
+
+    /// Rows per batch when the message does not say.
+    fn default_batch_size(&self) -> usize {
+        DEFAULT_BATCH_SIZE
+    }
+
+    /// Attempts before `dead` when the message does not say; `None` defers to the
+    /// worker's configuration.
+    fn default_max_attempts(&self) -> Option<u32> {
+        None
+    }
+
+    /// Parses and checks params; a permanent error naming the param and the value when they
+    /// are invalid. Pure: no filesystem or network access.
+    fn validate(&self, params: &Value) -> Result<Self::Params, PipelineError>;
+
+    /// Describes what to read (see [`Input`]).
+    fn input(&self, params: &Self::Params, spec: &JobSpec) -> Result<Input, PipelineError>;
+
+    /// Where output goes; the default is Parquet parts under the job's default directory.
+    fn output(&self, _params: &Self::Params) -> Output {
+        Output::Parquet { dir: None }
+    }
+
+    /// Loads reference data, once per job (per attempt), before the first batch.
+    fn load_reference(&self, params: &Self::Params) -> Result<Self::Reference, PipelineError>;
+
+    /// Validates and transforms one batch. `Some(frame)` is written as the batch's part;
+    /// `None` means no output for this batch.
+    fn transform(
+        &self,
+        params: &Self::Params,
+        reference: &Self::Reference,
+        batch: DataFrame,
+        ctx: &BatchContext,
+    ) -> Result<Option<DataFrame>, PipelineError>;
+
+    /// The batch's additive figures; `rows` is the number of input rows. The default
+    /// reports `{"rows": rows}`.
+    fn summarise(&self, rows: u64, _output: Option<&DataFrame>) -> Result<Summary, PipelineError> {
+        Ok(Summary::from([("rows".to_string(), rows as i64)]))
+    }
+
+    /// The job's result JSON from the summed summaries; the default is the sums themselves.
+    fn result(&self, totals: &Summary, _batches: u32) -> Value {
+        serde_json::to_value(totals).unwrap_or(Value::Null)
+    }
+}
+
+/// Object-safe view of a [`Pipeline`], so the registry can hold pipelines with different
+/// associated types.
+trait ErasedPipeline: Send + Sync {
+    fn name(&self) -> &'static str;
+    fn default_max_attempts(&self) -> Option<u32>;
+    fn validate(&self, params: &Value) -> Result<(), PipelineError>;
+    fn open(self: Arc<Self>, spec: &JobSpec, resume_after: u32) -> Result<JobRun, PipelineError>;
+}
+
+impl<P: Pipeline> ErasedPipeline for P {
+    fn name(&self) -> &'static str {
+        Pipeline::name(self)
+    }
+
+    fn default_max_attempts(&self) -> Option<u32> {
+        Pipeline::default_max_attempts(self)
+    }
+
+    fn validate(&self, params: &Value) -> Result<(), PipelineError> {
+        Pipeline::validate(self, params).map(|_| ())
+    }
+
+    fn open(self: Arc<Self>, spec: &JobSpec, resume_after: u32) -> Result<JobRun, PipelineError> {
+        let runner = Runner::open(self, spec, resume_after)?;
+        Ok(JobRun {
+            inner: Box::new(runner),
+        })
+    }
+}
+
+/// The pipelines this binary knows, by name.
+#[derive(Clone)]
+pub struct Registry {
+    pipelines: Vec<Arc<dyn ErasedPipeline>>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self::builtin()
+    }
+}
+
+impl Registry {
+    /// An empty registry (tests, or binaries that want none of the built-ins).
+    pub fn empty() -> Self {
+        Registry {
+            pipelines: Vec::new(),
+        }
+    }
+
+    /// The pipelines shipped with drover: `noop` and `payroll`.
+    pub fn builtin() -> Self {
+        let mut r = Self::empty();
+        r.register(noop::Noop);
+        r.register(payroll::Payroll);
+        r
+    }
+
+    /// Adds a pipeline, replacing any registered under the same name.
+    pub fn register<P: Pipeline>(&mut self, p: P) {
+        let name = Pipeline::name(&p);
+        self.pipelines.retain(|q| q.name() != name);
+        self.pipelines.push(Arc::new(p));
+    }
+
+    /// Registered names, in registration order (for `drover pipelines` and logs).
+    pub fn names(&self) -> Vec<&'static str> {
+        self.pipelines.iter().map(|p| p.name()).collect()
+    }
+
+    /// Whether `name` is registered.
+    pub fn contains(&self, name: &str) -> bool {
+        self.get(name).is_some()
+    }
+
+    fn get(&self, name: &str) -> Option<&Arc<dyn ErasedPipeline>> {
+        self.pipelines.iter().find(|p| p.name() == name)
+    }
+
+    fn require(&self, name: &str) -> Result<&Arc<dyn ErasedPipeline>, PipelineError> {
+        self.get(name).ok_or_else(|| {
+            PipelineError::permanent(format!(
+                "unknown pipeline \"{name}\" (known: {})",
+                self.names().join(", ")
+            ))
+        })
+    }
+
+    /// Permanent error naming the field and value when params are invalid, or the pipeline
+    /// unknown. Pure: safe to call where the job is published.
+    pub fn validate(&self, pipeline: &str, params: &Value) -> Result<(), PipelineError> {
+        self.require(pipeline)?.validate(params)
+    }
+
+    /// The pipeline's own attempt limit, if it has one (else the configuration's applies).
+    pub fn default_max_attempts(&self, pipeline: &str) -> Option<u32> {
+        self.get(pipeline).and_then(|p| p.default_max_attempts())
+    }
+
+    /// Opens a job for running; `resume_after` = number of batches already checkpointed
+    /// (indexes `0..resume_after` are skipped without being decoded).
+    pub fn open(&self, spec: &JobSpec, resume_after: u32) -> Result<JobRun, PipelineError> {
+        self.require(&spec.pipeline)?
+            .clone()
+            .open(spec, resume_after)
+    }
+}
+
+/// Object-safe view of a running job (hides the pipeline's associated types).
+trait BatchRunner: Send {
+    fn batch_size(&self) -> usize;
+    fn batches_total(&self) -> Option<u32>;
+    fn next_batch(&mut self) -> Result<Option<BatchOutcome>, PipelineError>;
+    fn finish(self: Box<Self>, batches: &[BatchOutcome]) -> Result<Value, PipelineError>;
+}
+
+/// A job being run batch by batch. `Send`: the worker moves it into `spawn_blocking` for
+/// each batch.
+pub struct JobRun {
+    inner: Box<dyn BatchRunner>,
+}
+
+impl std::fmt::Debug for JobRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobRun")
+            .field("batch_size", &self.batch_size())
+            .field("batches_total", &self.batches_total())
+            .finish()
+    }
+}
+
+impl JobRun {
+    /// Rows per batch for this job.
+    pub fn batch_size(&self) -> usize {
+        self.inner.batch_size()
+    }
+
+    /// Batches in the whole job (including resumed ones), when the source can tell: Parquet
+    /// from its footer, CSV by a scan of record boundaries at open, `noop` from its params.
+    pub fn batches_total(&self) -> Option<u32> {
+        self.inner.batches_total()
+    }
+
+    /// Reads, transforms and writes the next batch; `Ok(None)` when the input is exhausted.
+    pub fn next_batch(&mut self) -> Result<Option<BatchOutcome>, PipelineError> {
+        self.inner.next_batch()
+    }
+
+    /// Merges every batch's summary (from this and earlier attempts, as recorded in the
+    /// ledger) into the job's result JSON, and writes `_manifest.json` when the pipeline has
+    /// output. `batches` must be exactly the job's batches `0..n` (any order) after
+    /// [`next_batch`](JobRun::next_batch) returned `Ok(None)`.
+    pub fn finish(self, batches: &[BatchOutcome]) -> Result<Value, PipelineError> {
+        self.inner.finish(batches)
+    }
+}
+
+/// The generic runner behind [`JobRun`].
+struct Runner<P: Pipeline> {
+    pipeline: Arc<P>,
+    params: P::Params,
+    reference: P::Reference,
+    source: source::Source,
+    /// Output directory, created at open; `None` when the pipeline writes nothing.
+    out_dir: Option<PathBuf>,
+    key: String,
+    attempt: u32,
+    batch_size: usize,
+    resume_after: u32,
+    next_index: u32,
+    exhausted: bool,
+}
+
+impl<P: Pipeline> Runner<P> {
+    fn open(pipeline: Arc<P>, spec: &JobSpec, resume_after: u32) -> Result<Self, PipelineError> {
+        let name = pipeline.name();
+        let params = pipeline.validate(&spec.params)?;
+        let batch_size = spec
+            .batch_size
+            .unwrap_or_else(|| pipeline.default_batch_size());
+        if batch_size == 0 {
+            return Err(PipelineError::permanent(
+                "batch_size: must be at least 1, got 0",
+            ));
+        }
+        let input = pipeline.input(&params, spec)?;
+        // Input and reference first: a job that cannot read its input leaves no directory.
+        let source = source::Source::open(&input, batch_size, resume_after)?;
+        let reference = pipeline.load_reference(&params)?;
+        let out_dir = match pipeline.output(&params) {
+            Output::None => None,
+            Output::Parquet { dir } => {
+                let dir =
+                    dir.unwrap_or_else(|| spec.output_root.join(name).join(key_path(&spec.key)));
+                std::fs::create_dir_all(&dir).map_err(|e| {
+                    PipelineError::transient(format!("output {}: {e}", dir.display()))
+                })?;
+                Some(std::fs::canonicalize(&dir).unwrap_or(dir))
+            }
+        };
+        Ok(Runner {
+            pipeline,
+            params,
+            reference,
+            source,
+            out_dir,
+            key: spec.key.clone(),
+            attempt: spec.attempt,
+            batch_size,
+            resume_after,
+            next_index: resume_after,
+            exhausted: false,
+        })
+    }
+}
+
+impl<P: Pipeline> BatchRunner for Runner<P> {
+    fn batch_size(&self) -> usize {
+        self.batch_size
+    }
+
+    fn batches_total(&self) -> Option<u32> {
+        self.source.batches_total()
+    }
+
+    fn next_batch(&mut self) -> Result<Option<BatchOutcome>, PipelineError> {
+        if self.exhausted {
+            return Ok(None);
+        }
+        let Some((first_row, batch)) = self.source.next_batch()? else {
+            self.exhausted = true;
+            return Ok(None);
+        };
+        let index = self.next_index;
+        let ctx = BatchContext {
+            index,
+            first_row,
+            attempt: self.attempt,
+            first_in_attempt: index == self.resume_after,
+            key: self.key.clone(),
+        };
+        let rows = batch.height() as u64;
+        let out = self
+            .pipeline
+            .transform(&self.params, &self.reference, batch, &ctx)?;
+        let summary = self.pipeline.summarise(rows, out.as_ref())?;
+        let (output, checksum) = match (out, &self.out_dir) {
+            (Some(mut df), Some(dir)) => {
+                let (path, sum) = sink::write_part(dir, index, &mut df)?;
+                (Some(path.display().to_string()), Some(sum))
+            }
+            (Some(_), None) => {
+                return Err(PipelineError::permanent(format!(
+                    "pipeline {} returned output for batch {index} but declares Output::None",
+                    self.pipeline.name()
+                )));
+            }
+            (None, _) => (None, None),
+        };
+        self.next_index += 1;
+        Ok(Some(BatchOutcome {
+            index,
+            rows,
+            output,
+            checksum,
+            summary,
+        }))
+    }
+
+    fn finish(self: Box<Self>, batches: &[BatchOutcome]) -> Result<Value, PipelineError> {
+        if !self.exhausted {
+            return Err(PipelineError::permanent(
+                "finish called before the input was exhausted",
+            ));
+        }
+        let mut sorted: Vec<BatchOutcome> = batches.to_vec();
+        sorted.sort_by_key(|b| b.index);
+        for (i, b) in sorted.iter().enumerate() {
+            if b.index as usize != i {
+                return Err(PipelineError::permanent(format!(
+                    "recorded batches are not 0..{}: expected batch {i}, found {}",
+                    sorted.len(),
+                    b.index
+                )));
+            }
+        }
+        if sorted.len() != self.next_index as usize {
+            return Err(PipelineError::permanent(format!(
+                "{} batches recorded but the input has {} (did the input change between attempts?)",
+                sorted.len(),
+                self.next_index
+            )));
+        }
+        let mut totals = Summary::new();
+        for b in &sorted {
+            for (k, v) in &b.summary {
+                let t = totals.entry(k.clone()).or_insert(0);
+                *t = t.checked_add(*v).ok_or_else(|| {
+                    PipelineError::permanent(format!("summary \"{k}\" overflows i64"))
+                })?;
+            }
+        }
+        let result = self.pipeline.result(&totals, sorted.len() as u32);
+        if let Some(dir) = &self.out_dir {
+            sink::write_manifest(dir, &self.key, self.pipeline.name(), &sorted, &result)?;
+        }
+        Ok(result)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,605 @@
+//! Batch sources: what a pipeline reads, delivered `batch_size` rows at a time without ever
+//! holding the whole input in memory.
+//!
+//! * Parquet: the footer is read once; each batch is a `(offset, len)` slice read with
+//!   polars' `ParquetReader`, which only decodes the row groups overlapping the slice.
+//! * CSV: one forward pass over a buffered file handle. Each batch's records are cut out of
+//!   the stream (quote-aware, so a newline inside a quoted field does not split a record),
+//!   prefixed with the header and parsed by polars with every column as a string; declared
+//!   columns are then cast, so CSV and Parquet inputs yield the same dtypes.
+//! * Synthetic: a fixed number of one-row batches, for pipelines without input (`noop`).
+
+use crate::PipelineError;
+use polars::prelude::*;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Cursor};
+use std::path::{Path, PathBuf};
+
+/// What a pipeline reads: a Parquet or CSV file (chosen by extension) or a number of
+/// synthetic batches, plus the columns it needs and their dtypes.
+///
+/// Declaring columns does three things: only those columns are read (Parquet projection;
+/// extra columns in the file are ignored), every batch comes with exactly those dtypes
+/// whichever format the file is (CSV values are parsed, narrower integers widened), and a
+/// value that does not fit its dtype fails the job permanently with a message naming the
+/// column, the value and the row (by [`Input::id_column`] when set). Declared columns that
+/// are missing from the file are simply absent from the batch, so the pipeline can report
+/// them in its own words. Without declared columns the file's columns come as stored (CSV:
+/// all strings).
+#[derive(Debug, Clone)]
+pub struct Input {
+    kind: InputKind,
+    columns: Vec<(PlSmallStr, DataType)>,
+    id_column: Option<PlSmallStr>,
+}
+
+#[derive(Debug, Clone)]
+enum InputKind {
+    Synthetic { batches: u32 },
+    File(PathBuf),
+}
+
+impl Input {
+    /// `batches` one-row batches with a single column `batch` (the batch index, i64): for
+    /// pipelines that do their work without reading a file.
+    pub fn synthetic(batches: u32) -> Self {
+        Input {
+            kind: InputKind::Synthetic { batches },
+            columns: Vec::new(),
+            id_column: None,
+        }
+    }
+
+    /// A `.parquet` or `.csv` file (by extension, case-insensitive; CSV with a header row).
+    pub fn file(path: impl Into<PathBuf>) -> Self {
+        Input {
+            kind: InputKind::File(path.into()),
+            columns: Vec::new(),
+            id_column: None,
+        }
+    }
+
+    /// Declares a column to read and the dtype every batch must have for it. Supported
+    /// target dtypes: `Int64` (from any integer or from CSV text) and `String` (from text or
+    /// any integer).
+    pub fn column(mut self, name: &str, dtype: DataType) -> Self {
+        self.columns.push((name.into(), dtype));
+        self
+    }
+
+    /// Names the column that identifies a row in error messages (e.g. `employee_id`); it
+    /// must also be declared with [`Input::column`].
+    pub fn id_column(mut self, name: &str) -> Self {
+        self.id_column = Some(name.into());
+        self
+    }
+
+    /// The input file, if any.
+    pub fn path(&self) -> Option<&Path> {
+        match &self.kind {
+            InputKind::File(p) => Some(p),
+            InputKind::Synthetic { .. } => None,
+        }
+    }
+}
+
+/// Which reader a path needs, by extension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Format {
+    Parquet,
+    Csv,
+}
+
+/// `.parquet` or `.csv` (case-insensitive), else `None`.
+pub(crate) fn format_of(path: &Path) -> Option<Format> {
+    let ext = path.extension()?.to_str()?.to_ascii_lowercase();
+    match ext.as_str() {
+        "parquet" => Some(Format::Parquet),
+        "csv" => Some(Format::Csv),
+        _ => None,
+    }
+}
+
+/// An open input, positioned at the next batch.
+pub(crate) struct Source {
+    kind: SourceKind,
+    columns: Vec<(PlSmallStr, DataType)>,
+    id_column: Option<PlSmallStr>,
+    batch_size: usize,
+    /// Data rows consumed so far (including skipped batches): the next batch's first row.
+    position: u64,
+    label: String,
+}
+
+enum SourceKind {
+    Synthetic { next: u32, total: u32 },
+    Parquet(ParquetSource),
+    Csv(CsvSource),
+}
+
+struct ParquetSource {
+    file: File,
+    metadata: FileMetadataRef,
+    total_rows: u64,
+    /// Declared columns present in the file; `None` reads all.
+    projection: Option<Vec<String>>,
+}
+
+struct CsvSource {
+    reader: BufReader<File>,
+    header: Vec<u8>,
+    batches_total: u32,
+    done: bool,
+}
+
+/// Opening or reading the input file failed: NotFound / PermissionDenied are permanent,
+/// anything else transient, and the message says which file.
+fn input_io(label: &str, e: std::io::Error) -> PipelineError {
+    PipelineError::from(e).context(format!("input {label}"))
+}
+
+impl Source {
+    /// Opens `input`, skipping the first `skip_batches` batches (already checkpointed by an
+    /// earlier attempt) without materialising them.
+    pub(crate) fn open(
+        input: &Input,
+        batch_size: usize,
+        skip_batches: u32,
+    ) -> Result<Self, PipelineError> {
+        let skip_rows = skip_batches as u64 * batch_size as u64;
+        let (kind, label) = match &input.kind {
+            InputKind::Synthetic { batches } => (
+                SourceKind::Synthetic {
+                    next: skip_batches.min(*batches),
+                    total: *batches,
+                },
+                "synthetic".to_string(),
+            ),
+            InputKind::File(path) => {
+                let label = path.display().to_string();
+                let format = format_of(path).ok_or_else(|| {
+                    PipelineError::permanent(format!(
+                        "input {label}: expected a .parquet or .csv file"
+                    ))
+                })?;
+                let file = File::open(path).map_err(|e| input_io(&label, e))?;
+                let kind = match format {
+                    Format::Parquet => {
+                        SourceKind::Parquet(ParquetSource::open(file, &input.columns, &label)?)
+                    }
+                    Format::Csv => {
+                        SourceKind::Csv(CsvSource::open(file, path, batch_size, skip_rows, &label)?)
+                    }
+                };
+                (kind, label)
+            }
+        };
+        let position = match &kind {
+            SourceKind::Synthetic { next, .. } => *next as u64,
+            SourceKind::Parquet(p) => skip_rows.min(p.total_rows),
+            SourceKind::Csv(_) => skip_rows,
+        };
+        Ok(Source {
+            kind,
+            columns: input.columns.clone(),
+            id_column: input.id_column.clone(),
+            batch_size,
+            position,
+            label,
+        })
+    }
+
+    /// Number of batches in the whole input (including skipped ones), when known.
+    pub(crate) fn batches_total(&self) -> Option<u32> {
+        let per = self.batch_size as u64;
+        match &self.kind {
+            SourceKind::Synthetic { total, .. } => Some(*total),
+            SourceKind::Parquet(p) => u32::try_from(p.total_rows.div_ceil(per)).ok(),
+            SourceKind::Csv(c) => Some(c.batches_total),
+        }
+    }
+
+    /// The next batch and the 0-based input row of its first row, or `None` at the end.
+    pub(crate) fn next_batch(&mut self) -> Result<Option<(u64, DataFrame)>, PipelineError> {
+        let first_row = self.position;
+        let df = match &mut self.kind {
+            SourceKind::Synthetic { next, total } => {
+                if *next >= *total {
+                    return Ok(None);
+                }
+                let df = DataFrame::new(1, vec![Column::new("batch".into(), [*next as i64])])?;
+                *next += 1;
+                self.position += 1;
+                return Ok(Some((first_row, df)));
+            }
+            SourceKind::Parquet(p) => {
+                if first_row >= p.total_rows {
+                    return Ok(None);
+                }
+                let len = (p.total_rows - first_row).min(self.batch_size as u64) as usize;
+                p.read(first_row as usize, len)
+                    .map_err(|e| PipelineError::from(e).context(format!("input {}", self.label)))?
+            }
+            SourceKind::Csv(c) => match c.read(self.batch_size, &self.label)? {
+                Some(df) => df,
+                None => return Ok(None),
+            },
+        };
+        self.position += df.height() as u64;
+        let df = normalize(df, &self.columns, self.id_column.as_ref(), first_row)?;
+        Ok(Some((first_row, df)))
+    }
+}
+
+impl ParquetSource {
+    fn open(
+        mut file: File,
+        columns: &[(PlSmallStr, DataType)],
+        label: &str,
+    ) -> Result<Self, PipelineError> {
+        let mut reader = ParquetReader::new(&mut file);
+        let metadata = reader
+            .get_metadata()
+            .map_err(|e| PipelineError::from(e).context(format!("input {label}")))?
+            .clone();
+        let schema = reader
+            .schema()
+            .map_err(|e| PipelineError::from(e).context(format!("input {label}")))?;
+        let projection = if columns.is_empty() {
+            None
+        } else {
+            Some(
+                columns
+                    .iter()
+                    .filter(|(name, _)| schema.contains(name))
+                    .map(|(name, _)| name.to_string())
+                    .collect(),
+            )
+        };
+        Ok(ParquetSource {
+            total_rows: metadata.num_rows as u64,
+            file,
+            metadata,
+            projection,
+        })
+    }
+
+    /// Rows `offset..offset+len`. polars memory-maps the file and decodes only the row
+    /// groups (and within them the pages) that overlap the slice, so memory is bounded by
+    /// the slice plus a row group's pages, not by the file.
+    fn read(&mut self, offset: usize, len: usize) -> PolarsResult<DataFrame> {
+        let mut reader = ParquetReader::new(&mut self.file)
+            .with_slice(Some((offset, len)))
+            .with_columns(self.projection.clone());
+        reader.set_metadata(self.metadata.clone());
+        reader.finish()
+    }
+}
+
+/// Splits a CSV byte stream into records: a newline ends a record unless it is inside a
+/// quoted field; lines holding nothing but `\r` are skipped (polars would skip them too, and
+/// counting them would make batch boundaries depend on blank lines).
+#[derive(Default)]
+struct RecordScanner {
+    in_quotes: bool,
+    has_content: bool,
+}
+
+impl RecordScanner {
+    /// Consumes up to `want` records from `reader`, appending their bytes (each ending in
+    /// `\n`) to `out` when given. Returns how many records were consumed; fewer than `want`
+    /// means the end of the file.
+    fn take(
+        &mut self,
+        reader: &mut impl BufRead,
+        want: u64,
+        mut out: Option<&mut Vec<u8>>,
+    ) -> std::io::Result<u64> {
+        let mut count = 0u64;
+        let mut record_start = out.as_ref().map_or(0, |o| o.len());
+        while count < want {
+            let buf = reader.fill_buf()?;
+            if buf.is_empty() {
+                // End of file: a last record without a trailing newline still counts.
+                if self.has_content {
+                    count += 1;
+                    if let Some(o) = out.as_deref_mut() {
+                        o.push(b'\n');
+                    }
+                } else if let Some(o) = out.as_deref_mut() {
+                    o.truncate(record_start);
+                }
+                self.has_content = false;
+                self.in_quotes = false;
+                break;
+            }
+            let mut consumed = buf.len();
+            let mut seg_start = 0;
+            for (i, &b) in buf.iter().enumerate() {
+                match b {
+                    b'"' => {
+                        self.in_quotes = !self.in_quotes;
+                        self.has_content = true;
+                    }
+                    b'\n' if !self.in_quotes => {
+                        if let Some(o) = out.as_deref_mut() {
+                            o.extend_from_slice(&buf[seg_start..=i]);
+                            seg_start = i + 1;
+                            if !self.has_content {
+                                o.truncate(record_start);
+                            }
+                            record_start = o.len();
+                        }
+                        if self.has_content {
+                            count += 1;
+                        }
+                        self.has_content = false;
+                        if count == want {
+                            consumed = i + 1;
+                            break;
+                        }
+                    }
+                    b'\r' => {}
+                    _ => self.has_content = true,
+                }
+            }
+            if let Some(o) = out.as_deref_mut()
+                && seg_start < consumed
+            {
+                o.extend_from_slice(&buf[seg_start..consumed]);
+            }
+            reader.consume(consumed);
+        }
+        Ok(count)
+    }
+}
+
+/// Read buffer for CSV input: large enough for fast scanning, small enough to be noise.
+const CSV_BUFFER: usize = 256 * 1024;
+
+impl CsvSource {
+    fn open(
+        file: File,
+        path: &Path,
+        batch_size: usize,
+        skip_rows: u64,
+        label: &str,
+    ) -> Result<Self, PipelineError> {
+        let mut reader = BufReader::with_capacity(CSV_BUFFER, file);
+        let mut scanner = RecordScanner::default();
+        let mut header = Vec::new();
+        let got = scanner
+            .take(&mut reader, 1, Some(&mut header))
+            .map_err(|e| input_io(label, e))?;
+        if got == 0 {
+            return Err(PipelineError::permanent(format!(
+                "input {label}: empty CSV file (no header row)"
+            )));
+        }
+        // Spreadsheet exports often start with a UTF-8 byte order mark; it is not part of
+        // the first column's name.
+        if header.starts_with(b"\xEF\xBB\xBF") {
+            header.drain(..3);
+        }
+        // Count the data records once with a second handle (a sequential scan, no parsing),
+        // so progress can show batches done / total.
+        let total_rows = {
+            let f = File::open(path).map_err(|e| input_io(label, e))?;
+            let mut counter = BufReader::with_capacity(CSV_BUFFER, f);
+            let mut s = RecordScanner::default();
+            s.take(&mut counter, 1, None)
+                .and_then(|_| s.take(&mut counter, u64::MAX, None))
+                .map_err(|e| input_io(label, e))?
+        };
+        let batches_total =
+            u32::try_from(total_rows.div_ceil(batch_size as u64)).map_err(|_| {
+                PipelineError::permanent(format!(
+                    "input {label}: {total_rows} rows is more than 2^32 batches of {batch_size}"
+                ))
+            })?;
+        let skipped = scanner
+            .take(&mut reader, skip_rows, None)
+            .map_err(|e| input_io(label, e))?;
+        Ok(CsvSource {
+            reader,
+            header,
+            batches_total,
+            done: skipped < skip_rows,
+        })
+    }
+
+    fn read(&mut self, batch_size: usize, label: &str) -> Result<Option<DataFrame>, PipelineError> {
+        if self.done {
+            return Ok(None);
+        }
+        let mut bytes = self.header.clone();
+        let got = RecordScanner::default()
+            .take(&mut self.reader, batch_size as u64, Some(&mut bytes))
+            .map_err(|e| input_io(label, e))?;
+        if got < batch_size as u64 {
+            self.done = true;
+        }
+        if got == 0 {
+            return Ok(None);
+        }
+        let df = CsvReadOptions::default()
+            .with_has_header(true)
+            .with_infer_schema_length(Some(0))
+            .with_n_threads(Some(1))
+            .into_reader_with_file_handle(Cursor::new(bytes))
+            .finish()
+            .map_err(|e| PipelineError::from(e).context(format!("input {label}")))?;
+        Ok(Some(df))
+    }
+}
+
+/// Projects a raw batch onto the declared columns and casts each to its declared dtype.
+fn normalize(
+    df: DataFrame,
+    columns: &[(PlSmallStr, DataType)],
+    id_column: Option<&PlSmallStr>,
+    first_row: u64,
+) -> Result<DataFrame, PipelineError> {
+    if columns.is_empty() {
+        return Ok(df);
+    }
+    let height = df.height();
+    // The id column first, so cast errors in other columns can name the row by its id.
+    let ids: Option<Column> = match id_column.and_then(|id| {
+        columns
+            .iter()
+            .find(|(n, _)| n == id)
+            .and_then(|(n, t)| df.column(n).ok().map(|c| (c, t)))
+    }) {
+        Some((c, dtype)) => Some(cast_column(c, dtype, None, first_row)?),
+        None => None,
+    };
+    let row_id = ids
+        .as_ref()
+        .map(|c| (id_column.map_or("", |s| s.as_str()), c));
+    let mut out = Vec::with_capacity(columns.len());
+    for (name, dtype) in columns {
+        if Some(name) == id_column
+            && let Some(c) = &ids
+        {
+            out.push(c.clone());
+            continue;
+        }
+        if let Ok(c) = df.column(name) {
+            out.push(cast_column(c, dtype, row_id, first_row)?);
+        }
+    }
+    Ok(DataFrame::new(height, out)?)
+}
+
+/// Describes row `idx` of a batch for an error message: `employee_id 1042` when the id
+/// column has a value there, else `input row N` (1-based data row, header excluded).
+pub(crate) fn describe_row(ids: Option<(&str, &Column)>, idx: usize, first_row: u64) -> String {
+    if let Some((name, col)) = ids
+        && let Ok(v) = col.get(idx)
+        && !v.is_null()
+    {
+        let shown = match v.get_str() {
+            Some(s) => s.to_string(),
+            None => v.to_string(),
+        };
+        return format!("{name} {shown}");
+    }
+    format!("input row {}", first_row + idx as u64 + 1)
+}
+
+fn dtype_name(d: &DataType) -> String {
+    match d {
+        DataType::Int64 => "i64".into(),
+        DataType::String => "string".into(),
+        other => other.to_string(),
+    }
+}
+
+/// Casts one column to its declared dtype without losing information: text is parsed (a
+/// value that does not parse is an error naming it), integers are widened or turned into
+/// text, anything else (e.g. floats for an integer column) is refused.
+fn cast_column(
+    c: &Column,
+    dtype: &DataType,
+    ids: Option<(&str, &Column)>,
+    first_row: u64,
+) -> Result<Column, PipelineError> {
+    let from = c.dtype();
+    if from == dtype {
+        return Ok(c.clone());
+    }
+    let name = c.name().as_str();
+    let refuse = || {
+        PipelineError::permanent(format!(
+            "validation: column \"{name}\": expected {}, got a column of dtype {}",
+            dtype_name(dtype),
+            dtype_name(from)
+        ))
+    };
+    match (from, dtype) {
+        (DataType::Null, _) => Ok(c.cast(dtype)?),
+        (DataType::String, _) if dtype.is_integer() => {
+            let cast = c.cast(dtype)?;
+            if cast.null_count() != c.null_count() {
+                let lost = c.is_not_null() & cast.is_null();
+                if let Some(idx) = lost.iter().position(|v| v == Some(true)) {
+                    let raw = c.str()?.get(idx).unwrap_or_default();
+                    return Err(PipelineError::permanent(format!(
+                        "validation: column \"{name}\": expected {}, got \"{raw}\" for {}",
+                        dtype_name(dtype),
+                        describe_row(ids, idx, first_row)
+                    )));
+                }
+            }
+            Ok(cast)
+        }
+        (f, DataType::String) if f.is_integer() => Ok(c.cast(dtype)?),
+        (f, t) if f.is_integer() && t.is_integer() => c.strict_cast(dtype).map_err(|_| {
+            PipelineError::permanent(format!(
+                "validation: column \"{name}\": values do not fit {}",
+                dtype_name(dtype)
+            ))
+        }),
+        _ => Err(refuse()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn records(input: &str, want: u64) -> (u64, String, String) {
+        let mut r = BufReader::with_capacity(4, input.as_bytes());
+        let mut s = RecordScanner::default();
+        let mut out = Vec::new();
+        let n = s.take(&mut r, want, Some(&mut out)).unwrap();
+        let mut rest = Vec::new();
+        s.take(&mut r, u64::MAX, Some(&mut rest)).unwrap();
+        (
+            n,
+            String::from_utf8(out).unwrap(),
+            String::from_utf8(rest).unwrap(),
+        )
+    }
+
+    #[test]
+    fn scanner_quotes_blank_lines_and_eof() {
+        let (n, out, rest) = records("a,b\n\"x\ny\",2\n\n3,4\r\n5,6", 2);
+        assert_eq!(n, 2);
+        assert_eq!(out, "a,b\n\"x\ny\",2\n");
+        assert_eq!(rest, "3,4\r\n5,6\n");
+        let (n, out, _) = records("\n\n", 5);
+        assert_eq!((n, out.as_str()), (0, ""));
+    }
+
+    #[test]
+    fn cast_errors_name_value_and_row() {
+        let df = DataFrame::new(
+            2,
+            vec![
+                Column::new("id".into(), ["7", "8"]),
+                Column::new("amt".into(), ["12", "1.5"]),
+                Column::new("f".into(), [1.0f64, 2.0]),
+            ],
+        )
+        .unwrap();
+        let cols = vec![
+            ("id".into(), DataType::Int64),
+            ("amt".into(), DataType::Int64),
+        ];
+        let id = PlSmallStr::from("id");
+        let e = normalize(df.clone(), &cols, Some(&id), 10).unwrap_err();
+        assert_eq!(
+            e.message,
+            "validation: column \"amt\": expected i64, got \"1.5\" for id 8"
+        );
+        let e = normalize(df.clone(), &cols, None, 10).unwrap_err();
+        assert!(e.message.ends_with("for input row 12"), "{}", e.message);
+        let e = normalize(df, &[("f".into(), DataType::Int64)], None, 0).unwrap_err();
+        assert_eq!(
+            e.message,
+            "validation: column \"f\": expected i64, got a column of dtype f64"
+        );
+    }
+}

@@ -329,3 +329,82 @@ async fn migrate_is_idempotent_and_safe_to_run_concurrently() {
     .await
     .expect("drop");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn payroll_reads_a_clients_rows_from_a_postgres_table_by_keyset_pages() {
+    let env = TestEnv::new().await;
+    let csv = generate(&env, 12_345, "acme.csv");
+    // The same rows in a table, plus another client's rows that must not be read.
+    let cols = "employee_id bigint primary key, client_id text, period text, pay_type text, \
+        annual_salary_cents bigint, hourly_rate_cents bigint, regular_hours_x100 bigint, \
+        overtime_hours_x100 bigint, bonus_cents bigint, retirement_bp bigint, benefit_plan text, \
+        state text, filing_status text, ytd_gross_cents bigint, ytd_retirement_cents bigint";
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "CREATE TABLE payroll_input ({cols})"
+    )))
+    .execute(&env.pool)
+    .await
+    .expect("create");
+    let status = std::process::Command::new("psql")
+        .args([
+            &env.db_url,
+            "-qc",
+            &format!("\\copy payroll_input FROM '{}' CSV HEADER", csv.display()),
+        ])
+        .status()
+        .expect("psql");
+    assert!(status.success());
+    sqlx::query(
+        "INSERT INTO payroll_input SELECT employee_id + 1000000, 'globex', period, pay_type, \
+         annual_salary_cents, hourly_rate_cents, regular_hours_x100, overtime_hours_x100, \
+         bonus_cents, retirement_bp, benefit_plan, state, filing_status, ytd_gross_cents, \
+         ytd_retirement_cents FROM payroll_input",
+    )
+    .execute(&env.pool)
+    .await
+    .expect("other client");
+
+    let run = |input: &str, extra: &[&str]| -> Value {
+        let mut args = vec![
+            "run",
+            "payroll",
+            "--param",
+            "client_id=acme",
+            "--param",
+            "period=2026-11",
+            "--batch-size",
+            "5000",
+            "--output",
+            "out",
+            "--json",
+        ];
+        let input_param = format!("input={input}");
+        args.extend(["--param", input_param.as_str()]);
+        args.extend_from_slice(extra);
+        let out = env.drover(&args);
+        assert!(out.status.success(), "{}", stderr(&out));
+        serde_json::from_slice(&out.stdout).expect("json")
+    };
+    let from_csv = run(csv.to_str().expect("utf8"), &["--key", "from-csv"]);
+    let from_pg = run(
+        &env.db_url,
+        &["--param", "input_table=payroll_input", "--key", "from-pg"],
+    );
+    assert_eq!(from_pg["rows"], 12_345, "only acme's rows: {from_pg}");
+    assert_eq!(from_pg, from_csv, "same rows, same totals to the cent");
+
+    let bad = env.drover(&[
+        "run",
+        "payroll",
+        "--param",
+        "client_id=acme",
+        "--param",
+        "period=2026-11",
+        "--param",
+        &format!("input={}", env.db_url),
+        "--param",
+        "input_table=no_such_table",
+    ]);
+    assert!(!bad.status.success());
+    assert!(stderr(&bad).contains("no_such_table"), "{}", stderr(&bad));
+}

@@ -19,6 +19,7 @@ mod error;
 pub mod noop;
 mod params;
 pub mod payroll;
+mod pg_source;
 mod sink;
 mod source;
 

@@ -7,9 +7,11 @@
 //!   the stream (quote-aware, so a newline inside a quoted field does not split a record),
 //!   prefixed with the header and parsed by polars with every column as a string; declared
 //!   columns are then cast, so CSV and Parquet inputs yield the same dtypes.
+//! * Postgres: a table read in key order, one keyset page per batch (`pg_source`).
 //! * Synthetic: a fixed number of one-row batches, for pipelines without input (`noop`).
 
 use crate::PipelineError;
+use crate::pg_source::{PgInput, PgSource};
 use polars::prelude::*;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Cursor};
@@ -37,6 +39,7 @@ pub struct Input {
 enum InputKind {
     Synthetic { batches: u32 },
     File(PathBuf),
+    Postgres(PgInput),
 }
 
 impl Input {
@@ -59,6 +62,29 @@ impl Input {
         }
     }
 
+    /// Rows of a Postgres table selected by `filter_eq`, read in `key` order one page per
+    /// batch (keyset pagination). `key` must be an integer column, unique in the selection.
+    pub fn postgres(url: &str, table: &str, key: &str) -> Self {
+        Input {
+            kind: InputKind::Postgres(PgInput {
+                url: url.to_string(),
+                table: table.to_string(),
+                key: key.to_string(),
+                filters: Vec::new(),
+            }),
+            columns: Vec::new(),
+            id_column: None,
+        }
+    }
+
+    /// For a Postgres input: only rows whose `column` (compared as text) equals `value`.
+    pub fn filter_eq(mut self, column: &str, value: &str) -> Self {
+        if let InputKind::Postgres(pg) = &mut self.kind {
+            pg.filters.push((column.to_string(), value.to_string()));
+        }
+        self
+    }
+
     /// Declares a column to read and the dtype every batch must have for it. Supported
     /// target dtypes: `Int64` (from any integer or from CSV text) and `String` (from text or
     /// any integer).
@@ -78,7 +104,7 @@ impl Input {
     pub fn path(&self) -> Option<&Path> {
         match &self.kind {
             InputKind::File(p) => Some(p),
-            InputKind::Synthetic { .. } => None,
+            InputKind::Synthetic { .. } | InputKind::Postgres(_) => None,
         }
     }
 }
@@ -115,6 +141,7 @@ enum SourceKind {
     Synthetic { next: u32, total: u32 },
     Parquet(ParquetSource),
     Csv(CsvSource),
+    Postgres(PgSource),
 }
 
 struct ParquetSource {
@@ -173,11 +200,26 @@ impl Source {
                 };
                 (kind, label)
             }
+            InputKind::Postgres(pg) => {
+                let label = format!(
+                    "postgres table {} of {}",
+                    pg.table,
+                    drover_core::config::redact(&pg.url)
+                );
+                if input.columns.is_empty() {
+                    return Err(PipelineError::permanent(format!(
+                        "input {label}: a Postgres input needs declared columns"
+                    )));
+                }
+                let src = PgSource::open(pg, &input.columns, skip_rows, &label)?;
+                (SourceKind::Postgres(src), label)
+            }
         };
         let position = match &kind {
             SourceKind::Synthetic { next, .. } => *next as u64,
             SourceKind::Parquet(p) => skip_rows.min(p.total_rows),
             SourceKind::Csv(_) => skip_rows,
+            SourceKind::Postgres(p) => skip_rows.min(p.total_rows()),
         };
         Ok(Source {
             kind,
@@ -196,6 +238,7 @@ impl Source {
             SourceKind::Synthetic { total, .. } => Some(*total),
             SourceKind::Parquet(p) => u32::try_from(p.total_rows.div_ceil(per)).ok(),
             SourceKind::Csv(c) => Some(c.batches_total),
+            SourceKind::Postgres(p) => u32::try_from(p.total_rows().div_ceil(per)).ok(),
         }
     }
 
@@ -221,6 +264,10 @@ impl Source {
                     .map_err(|e| PipelineError::from(e).context(format!("input {}", self.label)))?
             }
             SourceKind::Csv(c) => match c.read(self.batch_size, &self.label)? {
+                Some(df) => df,
+                None => return Ok(None),
+            },
+            SourceKind::Postgres(p) => match p.read(self.batch_size, &self.label)? {
                 Some(df) => df,
                 None => return Ok(None),
             },

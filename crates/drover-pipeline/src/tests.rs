@@ -79,6 +79,7 @@ fn params() -> PayrollParams {
         client_id: "acme".into(),
         period: "2026-11".into(),
         input: "unused.parquet".into(),
+        input_table: None,
         output: None,
     }
 }
@@ -994,11 +995,11 @@ fn params_are_validated_strictly() {
         ),
         (
             json!({"client_id": "acme", "period": "2026-11", "input": "x.json"}),
-            "payroll: param \"input\": expected a .parquet or .csv path, got \"x.json\"",
+            "payroll: param \"input\": expected a .parquet or .csv path or a postgres:// URL, got \"x.json\"",
         ),
         (
             json!({"client_id": "acme", "period": "2026-11", "input": "x.csv", "inptu": 1}),
-            "payroll: unknown param \"inptu\" (accepted: client_id, input, output, period)",
+            "payroll: unknown param \"inptu\" (accepted: client_id, input, input_table, output, period)",
         ),
     ];
     for (p, want) in cases {

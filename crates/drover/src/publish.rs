@@ -283,7 +283,10 @@ pub async fn run(ctx: &Context, args: PublishArgs) -> anyhow::Result<ExitCode> {
     if args.file.is_some() || args.quiet {
         println!("published {published}, already present {existing}");
     }
-    broker.close().await?;
+    // Every message is confirmed by now; a failed goodbye does not undo that.
+    if let Err(e) = broker.close().await {
+        tracing::warn!(error = %e, "closing the RabbitMQ connection");
+    }
     ledger.close().await;
     Ok(ExitCode::SUCCESS)
 }

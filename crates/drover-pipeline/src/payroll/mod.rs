@@ -1,7 +1,9 @@
 //! The `payroll` pipeline: a monthly gross-to-net run for one client and period, exactly as
 //! `specs/payroll.md` (v1) says, to the cent.
 //!
-//! Params: `client_id` (string), `period` (`YYYY-MM`), `input` (`.parquet` or `.csv`), all
+//! Params: `client_id` (string), `period` (`YYYY-MM`), `input` (`.parquet` or `.csv` path,
+//! or a `postgres://` URL together with `input_table`: the client's rows of the period are
+//! then read from that table in `employee_id` order, one keyset page per batch), all
 //! required, and optional `output` (a directory replacing the default output location).
 //!
 //! Every batch is validated first (missing columns, nulls, negative amounts, out-of-range
@@ -35,6 +37,8 @@ pub struct PayrollParams {
     pub period: String,
     /// Input file (`.parquet` or `.csv`).
     pub input: PathBuf,
+    /// The table to read when `input` is a `postgres://` URL.
+    pub input_table: Option<String>,
     /// Output directory override.
     pub output: Option<PathBuf>,
 }
@@ -119,10 +123,27 @@ impl Pipeline for Payroll {
                 "payroll: param \"period\": expected YYYY-MM, got \"{period}\""
             )));
         }
-        let input = PathBuf::from(r.required_str("input")?);
-        if format_of(&input).is_none() {
+        let input_text = r.required_str("input")?;
+        let input = PathBuf::from(input_text);
+        let is_postgres =
+            input_text.starts_with("postgres://") || input_text.starts_with("postgresql://");
+        let input_table = r.optional_str("input_table")?.map(str::to_string);
+        if is_postgres {
+            let table = input_table.as_deref().ok_or_else(|| {
+                PipelineError::permanent(
+                    "payroll: param \"input_table\" is required when \"input\" is a postgres:// URL",
+                )
+            })?;
+            crate::pg_source::quote_ident(table).map_err(|e| {
+                PipelineError::permanent(format!("payroll: param \"input_table\": {e}"))
+            })?;
+        } else if input_table.is_some() {
+            return Err(PipelineError::permanent(
+                "payroll: param \"input_table\" only applies when \"input\" is a postgres:// URL",
+            ));
+        } else if format_of(&input).is_none() {
             return Err(PipelineError::permanent(format!(
-                "payroll: param \"input\": expected a .parquet or .csv path, got \"{}\"",
+                "payroll: param \"input\": expected a .parquet or .csv path or a postgres:// URL, got \"{}\"",
                 input.display()
             )));
         }
@@ -132,12 +153,21 @@ impl Pipeline for Payroll {
             client_id,
             period,
             input,
+            input_table,
             output,
         })
     }
 
     fn input(&self, params: &PayrollParams, _spec: &JobSpec) -> Result<Input, PipelineError> {
-        let mut input = Input::file(&params.input).id_column("employee_id");
+        let mut input = match &params.input_table {
+            // "Load the records for this client": the client's rows of the period, paged by
+            // employee_id.
+            Some(table) => Input::postgres(&params.input.to_string_lossy(), table, "employee_id")
+                .filter_eq("client_id", &params.client_id)
+                .filter_eq("period", &params.period),
+            None => Input::file(&params.input),
+        }
+        .id_column("employee_id");
         for (name, int) in INPUT_COLUMNS {
             let dtype = if int {
                 DataType::Int64

@@ -191,18 +191,15 @@ async fn two_workers_share_the_queue_and_each_job_runs_once() {
 async fn wait_reports_failures_and_timeouts_by_exit_status() {
     let mut env = TestEnv::new().await;
     env.start_worker(&[]);
-    let out = env.drover(&[
-        "publish",
-        "--pipeline",
-        "noop",
-        "--key",
+    env.publish_noop(
         "perm-1",
-        "--param",
-        "fail_attempts=1",
-        "--param",
-        "fail_kind=permanent",
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
+        &[
+            "--param",
+            "fail_attempts=1",
+            "--param",
+            "fail_kind=permanent",
+        ],
+    );
     let out = env.drover(&["jobs", "wait", "perm-1", "--timeout", "60"]);
     assert_eq!(
         out.status.code(),

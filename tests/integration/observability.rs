@@ -47,16 +47,7 @@ async fn health_readiness_and_metrics_over_http() {
         "{body}"
     );
 
-    let out = env.drover(&[
-        "publish",
-        "--pipeline",
-        "noop",
-        "--key",
-        "m-1",
-        "--param",
-        "batches=2",
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
+    env.publish_noop("m-1", &["--param", "batches=2"]);
     env.wait_job("m-1", T, |r| r.get::<String, _>("state") == "succeeded")
         .await;
     let (status, metrics) = get(&addr, "/metrics");

@@ -29,18 +29,10 @@ async fn transient_failures_are_retried_on_a_schedule_in_the_ledger() {
         ]);
         assert!(out.status.success(), "{}", stderr(&out));
     }
-    let out = env.drover(&[
-        "publish",
-        "--pipeline",
-        "noop",
-        "--key",
+    env.publish_noop(
         "retry-x",
-        "--param",
-        "fail_attempts=9",
-        "--max-attempts",
-        "3",
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
+        &["--param", "fail_attempts=9", "--max-attempts", "3"],
+    );
     let out = env.drover(&["jobs", "wait", "retry-a", "retry-b", "--timeout", "60"]);
     assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
     for key in ["retry-a", "retry-b"] {
@@ -106,18 +98,10 @@ async fn operators_cancel_a_running_job_and_retry_a_dead_one() {
     let mut env = TestEnv::new().await;
     env.write_config(FAST_RETRY);
     env.start_worker(&["--heartbeat-secs", "1"]);
-    let out = env.drover(&[
-        "publish",
-        "--pipeline",
-        "noop",
-        "--key",
+    env.publish_noop(
         "cancel-1",
-        "--param",
-        "batches=200",
-        "--param",
-        "sleep_ms=50",
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
+        &["--param", "batches=200", "--param", "sleep_ms=50"],
+    );
     env.wait_job("cancel-1", T, |r| r.get::<i32, _>("batches_done") >= 2)
         .await;
     let out = env.drover(&["jobs", "cancel", "cancel-1"]);
@@ -137,18 +121,10 @@ async fn operators_cancel_a_running_job_and_retry_a_dead_one() {
     assert!(!again.status.success());
     assert!(stderr(&again).contains("cancelled"), "{}", stderr(&again));
 
-    let out = env.drover(&[
-        "publish",
-        "--pipeline",
-        "noop",
-        "--key",
+    env.publish_noop(
         "redrive-1",
-        "--param",
-        "fail_attempts=1",
-        "--max-attempts",
-        "1",
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
+        &["--param", "fail_attempts=1", "--max-attempts", "1"],
+    );
     env.wait_job("redrive-1", T, |r| r.get::<String, _>("state") == "dead")
         .await;
     let out = env.drover(&["jobs", "retry", "redrive-1"]);
@@ -226,18 +202,10 @@ async fn garbage_is_dead_lettered_and_valid_jobs_still_succeed() {
 async fn sigterm_drains_at_a_batch_boundary_and_the_job_resumes() {
     let mut env = TestEnv::new().await;
     let w = env.start_worker(&["--shutdown-grace-secs", "20"]);
-    let out = env.drover(&[
-        "publish",
-        "--pipeline",
-        "noop",
-        "--key",
+    env.publish_noop(
         "drain-1",
-        "--param",
-        "batches=40",
-        "--param",
-        "sleep_ms=100",
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
+        &["--param", "batches=40", "--param", "sleep_ms=100"],
+    );
     env.wait_job("drain-1", T, |r| r.get::<i32, _>("batches_done") >= 3)
         .await;
     env.worker(w).signal("-TERM");
@@ -282,18 +250,10 @@ async fn sigterm_drains_at_a_batch_boundary_and_the_job_resumes() {
 async fn kill_9_mid_job_and_another_worker_takes_over_once() {
     let mut env = TestEnv::new().await;
     let a = env.start_worker(&["--heartbeat-secs", "1", "--worker-id", "victim"]);
-    let out = env.drover(&[
-        "publish",
-        "--pipeline",
-        "noop",
-        "--key",
+    env.publish_noop(
         "kill-1",
-        "--param",
-        "batches=30",
-        "--param",
-        "sleep_ms=100",
-    ]);
-    assert!(out.status.success(), "{}", stderr(&out));
+        &["--param", "batches=30", "--param", "sleep_ms=100"],
+    );
     env.wait_job("kill-1", T, |r| r.get::<i32, _>("batches_done") >= 3)
         .await;
     env.worker(a).signal("-KILL");

@@ -85,6 +85,14 @@ impl TestEnv {
         run_bounded(self.command(args), Duration::from_secs(120))
     }
 
+    /// `drover publish --pipeline noop --key KEY ARGS...`, which must succeed.
+    pub fn publish_noop(&self, key: &str, args: &[&str]) {
+        let mut full = vec!["publish", "--pipeline", "noop", "--key", key];
+        full.extend_from_slice(args);
+        let out = self.drover(&full);
+        assert!(out.status.success(), "publish {key}: {}", stderr(&out));
+    }
+
     pub fn path(&self, rel: &str) -> PathBuf {
         self.dir.path().join(rel)
     }

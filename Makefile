@@ -25,7 +25,7 @@ export DROVER_TEST_AMQP_URL DROVER_TEST_DATABASE_URL
 # Test runner: cargo-nextest when installed (NEXTEST=auto), or force it with NEXTEST=1 / 0.
 NEXTEST ?= auto
 
-.PHONY: help services build build-dev lint fmt check-deploy test test-outage migrate demo clean-demo
+.PHONY: help services build build-dev lint fmt check-deploy test test-outage migrate demo clean-demo bench
 
 help: ## list the targets
 	@echo 'usage: make <target>   (builds in $(CARGO_TARGET_DIR))'
@@ -75,3 +75,7 @@ demo: services build-dev ## start the services, run a worker and real jobs, show
 
 clean-demo: ## remove the demo's data and output (./demo-data)
 	rm -rf demo-data
+
+bench: services ## build the release binary and run the benchmarks (bench/run.sh; rewrites docs/benchmarks.md)
+	$(CARGO) build --release -p drover
+	bench/run.sh $(CARGO_TARGET_DIR)/release/drover

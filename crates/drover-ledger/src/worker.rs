@@ -279,12 +279,14 @@ impl Ledger {
     /// statement), renewing the lease. Returns whether cancellation was requested.
     ///
     /// Replaying a batch index overwrites its checkpoint and corrects `rows_done`, so
-    /// progress never double counts.
+    /// progress never double counts. `batches_total` fills the job's total if it is unset
+    /// (the worker records it up front only for multi-batch jobs).
     pub async fn checkpoint(
         &self,
         job: &ClaimedJob,
         worker: &str,
         batch: &BatchRecord,
+        batches_total: Option<i32>,
     ) -> Result<Result<bool, LeaseLost>, LedgerError> {
         let cancel: Option<bool> = sqlx::query_scalar(
             r#"
@@ -306,6 +308,7 @@ impl Ledger {
             )
             UPDATE drover.jobs j
             SET batches_done = GREATEST(j.batches_done, $4 + 1),
+                batches_total = COALESCE(j.batches_total, $9),
                 rows_done = j.rows_done + $5 - COALESCE((SELECT rows FROM old), 0),
                 heartbeat_at = now(),
                 updated_at = now()
@@ -322,6 +325,7 @@ impl Ledger {
         .bind(&batch.output)
         .bind(&batch.checksum)
         .bind(&batch.summary)
+        .bind(batches_total)
         .fetch_optional(&self.pool)
         .await?;
         Ok(cancel.ok_or(LeaseLost))

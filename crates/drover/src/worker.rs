@@ -849,7 +849,8 @@ async fn run_attempt(
         Ok(((), r)) => r,
         Err(e) => return failed(shared, job, e, delivery).await,
     };
-    if let Some(total) = run.batches_total()
+    // One round trip fewer for single-batch jobs: progress of 0/1 tells nobody anything.
+    if let Some(total) = run.batches_total().filter(|t| *t > 1 && resume == 0)
         && let Err(stop) = shared
             .db("batches_total", || {
                 shared.ledger.set_batches_total(job, worker, total as i32)
@@ -858,7 +859,10 @@ async fn run_attempt(
     {
         return stopped(shared, job, stop).await;
     }
+    let total = run.batches_total().map(|t| t as i32);
     let mut next_index = resume;
+    // This attempt's batches; earlier attempts' are read back from the ledger at the end.
+    let mut done_here: Vec<BatchOutcome> = Vec::new();
     loop {
         if cancel.load(Ordering::SeqCst) {
             info!("cancelled by operator at a batch boundary");
@@ -904,12 +908,13 @@ async fn run_attempt(
         batch_span.in_scope(|| debug!(batch = batch.index, rows = batch.rows, "batch done"));
         match shared
             .db("checkpoint", || {
-                shared.ledger.checkpoint(job, worker, &record)
+                shared.ledger.checkpoint(job, worker, &record, total)
             })
             .await
         {
             Ok(Ok(cancel_requested)) => {
                 shared.metrics.batch(&job.pipeline, batch.rows);
+                done_here.push(batch);
                 if cancel_requested {
                     cancel.store(true, Ordering::SeqCst);
                 }
@@ -921,23 +926,28 @@ async fn run_attempt(
             Err(stop) => return stopped(shared, job, stop).await,
         }
     }
-    let records = match shared
-        .db("checkpoints", || shared.ledger.checkpoints(job.id))
-        .await
-    {
-        Ok(r) => r,
-        Err(stop) => return stopped(shared, job, stop).await,
+    let batches: Vec<BatchOutcome> = if resume == 0 {
+        // Every batch ran in this attempt: what was checkpointed is what we hold.
+        done_here
+    } else {
+        let records = match shared
+            .db("checkpoints", || shared.ledger.checkpoints(job.id))
+            .await
+        {
+            Ok(r) => r,
+            Err(stop) => return stopped(shared, job, stop).await,
+        };
+        records
+            .into_iter()
+            .map(|r| BatchOutcome {
+                index: r.batch_index as u32,
+                rows: r.rows as u64,
+                output: r.output,
+                checksum: r.checksum,
+                summary: serde_json::from_value(r.summary.0).unwrap_or_default(),
+            })
+            .collect()
     };
-    let batches: Vec<BatchOutcome> = records
-        .into_iter()
-        .map(|r| BatchOutcome {
-            index: r.batch_index as u32,
-            rows: r.rows as u64,
-            output: r.output,
-            checksum: r.checksum,
-            summary: serde_json::from_value(r.summary.0).unwrap_or_default(),
-        })
-        .collect();
     let finished = blocking(Some(run), move |r| match r.take() {
         Some(run) => run.finish(&batches),
         None => Err(PipelineError::transient("job run already finished")),

@@ -38,12 +38,7 @@ async fn transient_failures_are_retried_on_a_schedule_in_the_ledger() {
     for key in ["retry-a", "retry-b"] {
         let job = env.show(key);
         assert_eq!(job["attempts"], 3);
-        let outcomes: Vec<&str> = job["attempt_history"]
-            .as_array()
-            .expect("history")
-            .iter()
-            .map(|a| a["outcome"].as_str().unwrap_or(""))
-            .collect();
+        let outcomes = outcomes(&job);
         assert_eq!(outcomes, ["failed", "failed", "succeeded"], "{job}");
         assert_eq!(job["error_kind"], "transient");
     }
@@ -134,12 +129,7 @@ async fn operators_cancel_a_running_job_and_retry_a_dead_one() {
     })
     .await;
     let job = env.show("redrive-1");
-    let outcomes: Vec<&str> = job["attempt_history"]
-        .as_array()
-        .expect("h")
-        .iter()
-        .map(|a| a["outcome"].as_str().unwrap_or(""))
-        .collect();
+    let outcomes = outcomes(&job);
     assert_eq!(
         outcomes,
         ["dead", "succeeded"],
@@ -228,12 +218,7 @@ async fn sigterm_drains_at_a_batch_boundary_and_the_job_resumes() {
     env.wait_job("drain-1", T, |r| r.get::<String, _>("state") == "succeeded")
         .await;
     let job = env.show("drain-1");
-    let outcomes: Vec<&str> = job["attempt_history"]
-        .as_array()
-        .expect("h")
-        .iter()
-        .map(|a| a["outcome"].as_str().unwrap_or(""))
-        .collect();
+    let outcomes = outcomes(&job);
     assert_eq!(outcomes, ["interrupted", "succeeded"]);
     // Each batch checkpointed once; the second attempt resumed after the first one's batches.
     let resumed: i64 =

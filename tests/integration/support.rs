@@ -430,6 +430,16 @@ impl Worker {
     }
 }
 
+/// The `outcome` of each attempt in a `jobs show --json` document, oldest first.
+pub fn outcomes(job: &Value) -> Vec<String> {
+    job["attempt_history"]
+        .as_array()
+        .expect("attempt_history is an array")
+        .iter()
+        .map(|a| a["outcome"].as_str().unwrap_or("").to_string())
+        .collect()
+}
+
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }

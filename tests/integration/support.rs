@@ -33,7 +33,9 @@ fn db_url_for(name: &str) -> String {
     format!("{base}/{name}")
 }
 
-/// One test's private world.
+/// One test's private world. Use it from `#[tokio::test(flavor = "multi_thread")]`: its
+/// `Drop` closes the pool from another thread, which a current-thread runtime (blocked in
+/// that `Drop`) could not drive, so the test would hang.
 pub struct TestEnv {
     pub name: String,
     pub db_url: String,

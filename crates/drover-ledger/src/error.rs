@@ -30,6 +30,10 @@ pub enum LedgerError {
     },
     #[error("ledger query failed")]
     Db(#[from] sqlx::Error),
+    /// A grouped write (see `Group`) failed for every job in its group; `message` is the
+    /// underlying error with its causes.
+    #[error("grouped ledger write failed: {message}")]
+    Grouped { message: String, connection: bool },
 }
 
 impl LedgerError {
@@ -40,6 +44,7 @@ impl LedgerError {
             LedgerError::Connect { source, .. } => is_connection_error(source),
             LedgerError::Timeout { .. } => true,
             LedgerError::Db(e) => is_connection_error(e),
+            LedgerError::Grouped { connection, .. } => *connection,
             _ => false,
         }
     }

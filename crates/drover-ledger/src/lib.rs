@@ -19,16 +19,20 @@
 //! worker that lost its lease cannot overwrite the new owner's progress.
 
 mod error;
+mod group;
 mod publish;
 mod read;
 mod relay;
 mod worker;
 
 pub use error::LedgerError;
+pub use group::Group;
 pub use publish::{InsertOutcome, NewJob};
 pub use read::{AttemptView, DurationStats, JobFilter, JobProgress, JobView, StateCount};
 pub use relay::{DueJob, RelaySweep};
-pub use worker::{BatchRecord, Claim, ClaimedJob, FailOutcome, HeldEnd, LeaseLost, LeaseSeen};
+pub use worker::{
+    BatchRecord, Claim, ClaimedJob, Completion, FailOutcome, HeldEnd, LeaseLost, LeaseSeen,
+};
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, PgPool};

@@ -599,3 +599,219 @@ async fn start_attempt(
         trace_id: r.trace_id,
     })
 }
+
+/// A job's successful end, for [`Ledger::complete_many`]: its result and, folded into the
+/// same statement, the checkpoint of its last batch when that was not committed yet.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Completion {
+    pub id: Uuid,
+    pub attempt: i32,
+    pub result: Value,
+    /// The last batch, checkpointed together with the success (saves a commit per job).
+    pub final_batch: Option<BatchRecord>,
+    /// Fills `batches_total` when it is still unset.
+    pub batches_total: Option<i32>,
+}
+
+impl Completion {
+    /// The completion of `job`'s current attempt.
+    pub fn of(job: &ClaimedJob, result: Value) -> Self {
+        Completion {
+            id: job.id,
+            attempt: job.attempt,
+            result,
+            final_batch: None,
+            batches_total: None,
+        }
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct ClaimedRow {
+    id: Uuid,
+    idempotency_key: String,
+    pipeline: String,
+    params: sqlx::types::Json<Value>,
+    batch_size: Option<i32>,
+    attempts: i32,
+    max_attempts: i32,
+    batches_done: i32,
+    trace_id: Option<String>,
+}
+
+impl From<ClaimedRow> for ClaimedJob {
+    fn from(r: ClaimedRow) -> Self {
+        ClaimedJob {
+            id: r.id,
+            key: r.idempotency_key,
+            pipeline: r.pipeline,
+            params: r.params.0,
+            batch_size: r.batch_size,
+            attempt: r.attempts,
+            max_attempts: r.max_attempts,
+            batches_done: r.batches_done,
+            trace_id: r.trace_id,
+        }
+    }
+}
+
+impl Ledger {
+    /// The fast path of [`Ledger::claim`] for many deliveries at once, in one statement (one
+    /// commit): every key whose job is plainly claimable (`queued`, or `retrying` and due, and
+    /// no cancellation requested) gets a new attempt owned by `worker`. Returns, per key in
+    /// order, the claimed job or `None`: the job is unknown, terminal, not due, cancelled,
+    /// held by another worker or locked right now, and the caller must decide with
+    /// [`Ledger::claim`]. A key given twice is claimed once (for its first occurrence).
+    ///
+    /// Rows are locked in id order with `SKIP LOCKED`, so concurrent workers never wait on
+    /// or deadlock with each other here.
+    pub async fn claim_ready(
+        &self,
+        worker: &str,
+        keys: &[String],
+    ) -> Result<Vec<Option<ClaimedJob>>, LedgerError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows: Vec<ClaimedRow> = sqlx::query_as(
+            r#"
+            WITH c AS (
+                SELECT id FROM drover.jobs
+                WHERE idempotency_key = ANY($1)
+                  AND (state = 'queued'
+                       OR (state = 'retrying' AND (run_at IS NULL OR run_at <= now())))
+                  AND NOT cancel_requested
+                ORDER BY id
+                FOR UPDATE SKIP LOCKED
+            ), u AS (
+                UPDATE drover.jobs j
+                SET state = 'running', attempts = j.attempts + 1, lease_owner = $2,
+                    heartbeat_at = now(), run_at = NULL,
+                    started_at = COALESCE(j.started_at, now()), updated_at = now()
+                FROM c WHERE j.id = c.id
+                RETURNING j.id, j.idempotency_key, j.pipeline, j.params, j.batch_size,
+                          j.attempts, j.max_attempts, j.batches_done, j.trace_id
+            ), a AS (
+                INSERT INTO drover.attempts (job_id, attempt, worker)
+                SELECT id, attempts, $2 FROM u
+            )
+            SELECT * FROM u
+            "#,
+        )
+        .bind(keys)
+        .bind(worker)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut by_key: std::collections::HashMap<String, ClaimedJob> = rows
+            .into_iter()
+            .map(|r| (r.idempotency_key.clone(), ClaimedJob::from(r)))
+            .collect();
+        Ok(keys.iter().map(|k| by_key.remove(k)).collect())
+    }
+
+    /// `running → succeeded` for many jobs in one statement (one commit), each conditioned
+    /// on `worker` still holding its lease, each optionally with its last batch's checkpoint
+    /// (replaying a batch index overwrites it and corrects `rows_done`, as
+    /// [`Ledger::checkpoint`] does). Returns, per completion in order, `Ok` or [`LeaseLost`].
+    pub async fn complete_many(
+        &self,
+        worker: &str,
+        items: &[Completion],
+    ) -> Result<Vec<Result<(), LeaseLost>>, LedgerError> {
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        let n = items.len();
+        let mut ids = Vec::with_capacity(n);
+        let mut attempts = Vec::with_capacity(n);
+        let mut results = Vec::with_capacity(n);
+        let mut indexes: Vec<Option<i32>> = Vec::with_capacity(n);
+        let mut rows: Vec<Option<i64>> = Vec::with_capacity(n);
+        let mut outputs: Vec<Option<String>> = Vec::with_capacity(n);
+        let mut checksums: Vec<Option<String>> = Vec::with_capacity(n);
+        let mut summaries = Vec::with_capacity(n);
+        let mut totals: Vec<Option<i32>> = Vec::with_capacity(n);
+        for c in items {
+            ids.push(c.id);
+            attempts.push(c.attempt);
+            results.push(sqlx::types::Json(c.result.clone()));
+            let b = c.final_batch.as_ref();
+            indexes.push(b.map(|b| b.batch_index));
+            rows.push(b.map(|b| b.rows));
+            outputs.push(b.and_then(|b| b.output.clone()));
+            checksums.push(b.and_then(|b| b.checksum.clone()));
+            summaries.push(
+                b.map(|b| b.summary.clone())
+                    .unwrap_or_else(|| sqlx::types::Json(Value::Object(Default::default()))),
+            );
+            totals.push(c.batches_total);
+        }
+        let done: Vec<Uuid> = sqlx::query_scalar(
+            r#"
+            WITH input AS (
+                SELECT * FROM unnest($2::uuid[], $3::int4[], $4::jsonb[], $5::int4[],
+                                     $6::int8[], $7::text[], $8::text[], $9::jsonb[],
+                                     $10::int4[])
+                    AS t(job_id, attempt, result, batch_index, batch_rows, output, checksum,
+                         summary, total)
+            ), lease AS (
+                SELECT i.* FROM input i JOIN drover.jobs j ON j.id = i.job_id
+                WHERE j.lease_owner = $1 AND j.attempts = i.attempt AND j.state = 'running'
+                ORDER BY j.id
+                FOR UPDATE OF j
+            ), old AS (
+                SELECT c.job_id, c.rows FROM drover.checkpoints c
+                JOIN lease l ON c.job_id = l.job_id AND c.batch_index = l.batch_index
+            ), cp AS (
+                INSERT INTO drover.checkpoints (job_id, batch_index, rows, output, checksum,
+                                                summary, attempt)
+                SELECT job_id, batch_index, batch_rows, output, checksum, summary, attempt
+                FROM lease WHERE batch_index IS NOT NULL
+                ON CONFLICT (job_id, batch_index) DO UPDATE
+                    SET rows = EXCLUDED.rows, output = EXCLUDED.output,
+                        checksum = EXCLUDED.checksum, summary = EXCLUDED.summary,
+                        attempt = EXCLUDED.attempt, committed_at = now()
+            ), j AS (
+                UPDATE drover.jobs j
+                SET state = 'succeeded', result = l.result, lease_owner = NULL,
+                    batches_done = CASE WHEN l.batch_index IS NULL THEN j.batches_done
+                                        ELSE GREATEST(j.batches_done, l.batch_index + 1) END,
+                    batches_total = COALESCE(j.batches_total, l.total),
+                    rows_done = j.rows_done + COALESCE(l.batch_rows, 0)
+                        - COALESCE((SELECT o.rows FROM old o WHERE o.job_id = l.job_id), 0),
+                    finished_at = now(), updated_at = now()
+                FROM lease l
+                WHERE j.id = l.job_id
+                RETURNING j.id, l.attempt
+            ), a AS (
+                UPDATE drover.attempts a SET outcome = 'succeeded', finished_at = now()
+                FROM j WHERE a.job_id = j.id AND a.attempt = j.attempt
+            )
+            SELECT id FROM j
+            "#,
+        )
+        .bind(worker)
+        .bind(&ids)
+        .bind(&attempts)
+        .bind(&results)
+        .bind(&indexes)
+        .bind(&rows)
+        .bind(&outputs)
+        .bind(&checksums)
+        .bind(&summaries)
+        .bind(&totals)
+        .fetch_all(&self.pool)
+        .await?;
+        let done: std::collections::HashSet<Uuid> = done.into_iter().collect();
+        Ok(ids
+            .iter()
+            .map(|id| {
+                if done.contains(id) {
+                    Ok(())
+                } else {
+                    Err(LeaseLost)
+                }
+            })
+            .collect())
+    }
+}

@@ -17,7 +17,8 @@ use clap::Args;
 use drover_broker::{Broker, Incoming, OutgoingJob, Publisher, Topology};
 use drover_core::{JobMessage, RetryPolicy};
 use drover_ledger::{
-    BatchRecord, Claim, ClaimedJob, FailOutcome, HeldEnd, LeaseSeen, Ledger, LedgerError,
+    BatchRecord, Claim, ClaimedJob, Completion, FailOutcome, Group, HeldEnd, LeaseSeen, Ledger,
+    LedgerError,
 };
 use drover_pipeline::{BatchOutcome, JobRun, JobSpec, PipelineError, Registry};
 use serde_json::Value;
@@ -167,6 +168,8 @@ struct Inflight {
 struct Shared {
     amqp_url: String,
     ledger: Ledger,
+    /// Claims and completions of concurrent jobs, grouped into shared commits.
+    group: Group,
     registry: Registry,
     settings: Settings,
     topo: Topology,
@@ -266,9 +269,15 @@ pub async fn run(ctx: &Context, args: WorkerArgs) -> anyhow::Result<ExitCode> {
     first.declare(&topo).await?;
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let group = Group::new(
+        ledger.clone(),
+        settings.worker_id.clone(),
+        usize::from(settings.prefetch),
+    );
     let shared = Arc::new(Shared {
         amqp_url: ctx.conns.amqp_url.clone(),
         ledger,
+        group,
         registry: Registry::builtin(),
         settings,
         topo,
@@ -616,6 +625,20 @@ async fn process(shared: &Arc<Shared>, delivery: &Incoming) -> Disposition {
         }
         let max_attempts = crate::publish::max_attempts_for(&shared.registry, &msg, shared.settings.max_attempts);
         let worker = shared.settings.worker_id.clone();
+        // Fast path: a plainly claimable job is claimed in a statement shared with the
+        // other deliveries arriving now. Anything else is decided one by one below.
+        match shared
+            .db("claim", || shared.group.claim_ready(msg.idempotency_key.clone()))
+            .await
+        {
+            Ok(Some(job)) => return run_job(shared, job, delivery).await,
+            Ok(None) => {}
+            Err(DbStop::Shutdown) => return Disposition::Requeue,
+            Err(DbStop::Failed(e)) => {
+                error!(error = %e, "claim failed; requeueing");
+                return Disposition::Requeue;
+            }
+        }
         let mut takeover: Option<LeaseSeen> = None;
         loop {
             let claim = shared
@@ -861,8 +884,13 @@ async fn run_attempt(
     }
     let total = run.batches_total().map(|t| t as i32);
     let mut next_index = resume;
-    // This attempt's batches; earlier attempts' are read back from the ledger at the end.
+    let is_last = |b: &BatchOutcome| total.is_some_and(|t| b.index as i32 + 1 >= t);
+    // This attempt's checkpointed batches; earlier attempts' are read back at the end.
     let mut done_here: Vec<BatchOutcome> = Vec::new();
+    // The batch computed last and not checkpointed yet. Its checkpoint commits while the
+    // next batch computes (so a checkpoint costs no wall time), except the job's last
+    // batch, which is checkpointed in the same statement as the job's success.
+    let mut pending: Option<BatchOutcome> = None;
     loop {
         if cancel.load(Ordering::SeqCst) {
             info!("cancelled by operator at a batch boundary");
@@ -877,56 +905,68 @@ async fn run_attempt(
             .await;
         }
         if shared.is_draining() {
+            if let Some(b) = pending.take() {
+                // Keep the work done: the next attempt resumes after it.
+                match checkpoint(shared, job, &b, total).await {
+                    Ok(_) => done_here.push(b),
+                    Err(CheckpointStop::Lost) => return Disposition::Ack,
+                    Err(CheckpointStop::Db(stop)) => return stopped(shared, job, stop).await,
+                }
+            }
             info!("shutting down: releasing the job at a batch boundary");
             shared.metrics.job(&job.pipeline, "released");
             return end_held(shared, job, HeldEnd::Released, "", Disposition::Requeue).await;
         }
+        let to_commit = match &pending {
+            Some(b) if !is_last(b) => pending.take(),
+            _ => None,
+        };
         let batch_span = info_span!("batch", index = next_index, rows = tracing::field::Empty);
         next_index += 1;
-        let batch = match blocking(run, |r| r.next_batch())
-            .instrument(batch_span.clone())
-            .await
-        {
+        let compute = blocking(run, |r| r.next_batch()).instrument(batch_span.clone());
+        let commit = async {
+            match to_commit {
+                Some(b) => checkpoint(shared, job, &b, total)
+                    .await
+                    .map(|c| Some((b, c))),
+                None => Ok(None),
+            }
+        };
+        let (committed, computed) = tokio::join!(commit, compute);
+        match committed {
+            Ok(Some((b, cancel_requested))) => {
+                done_here.push(b);
+                if cancel_requested {
+                    cancel.store(true, Ordering::SeqCst);
+                }
+            }
+            Ok(None) => {}
+            Err(CheckpointStop::Lost) => return Disposition::Ack,
+            Err(CheckpointStop::Db(stop)) => return stopped(shared, job, stop).await,
+        }
+        match computed {
             Ok((r, Some(b))) => {
                 run = r;
-                b
+                batch_span.record("rows", b.rows);
+                batch_span.in_scope(|| debug!(batch = b.index, rows = b.rows, "batch done"));
+                if let Some(early) = pending.replace(b) {
+                    // The input had more batches than it announced: checkpoint the one
+                    // held back as the last.
+                    match checkpoint(shared, job, &early, total).await {
+                        Ok(_) => done_here.push(early),
+                        Err(CheckpointStop::Lost) => return Disposition::Ack,
+                        Err(CheckpointStop::Db(stop)) => return stopped(shared, job, stop).await,
+                    }
+                }
             }
             Ok((r, None)) => {
                 run = r;
                 break;
             }
             Err(e) => return failed(shared, job, e, delivery).await,
-        };
-        let record = BatchRecord {
-            batch_index: batch.index as i32,
-            rows: batch.rows as i64,
-            output: batch.output.clone(),
-            checksum: batch.checksum.clone(),
-            summary: sqlx::types::Json(serde_json::to_value(&batch.summary).unwrap_or_default()),
-        };
-        batch_span.record("rows", batch.rows);
-        batch_span.in_scope(|| debug!(batch = batch.index, rows = batch.rows, "batch done"));
-        match shared
-            .db("checkpoint", || {
-                shared.ledger.checkpoint(job, worker, &record, total)
-            })
-            .await
-        {
-            Ok(Ok(cancel_requested)) => {
-                shared.metrics.batch(&job.pipeline, batch.rows);
-                done_here.push(batch);
-                if cancel_requested {
-                    cancel.store(true, Ordering::SeqCst);
-                }
-            }
-            Ok(Err(lost)) => {
-                warn!(error = %lost, "stopping: lease lost");
-                return Disposition::Ack;
-            }
-            Err(stop) => return stopped(shared, job, stop).await,
         }
     }
-    let batches: Vec<BatchOutcome> = if resume == 0 {
+    let mut batches: Vec<BatchOutcome> = if resume == 0 {
         // Every batch ran in this attempt: what was checkpointed is what we hold.
         done_here
     } else {
@@ -937,17 +977,27 @@ async fn run_attempt(
             Ok(r) => r,
             Err(stop) => return stopped(shared, job, stop).await,
         };
-        records
+        let mut by_index: std::collections::BTreeMap<u32, BatchOutcome> = records
             .into_iter()
-            .map(|r| BatchOutcome {
-                index: r.batch_index as u32,
-                rows: r.rows as u64,
-                output: r.output,
-                checksum: r.checksum,
-                summary: serde_json::from_value(r.summary.0).unwrap_or_default(),
+            .map(|r| {
+                let b = BatchOutcome {
+                    index: r.batch_index as u32,
+                    rows: r.rows as u64,
+                    output: r.output,
+                    checksum: r.checksum,
+                    summary: serde_json::from_value(r.summary.0).unwrap_or_default(),
+                };
+                (b.index, b)
             })
-            .collect()
+            .collect();
+        by_index.extend(done_here.into_iter().map(|b| (b.index, b)));
+        by_index.into_values().collect()
     };
+    let final_batch = pending.take();
+    if let Some(b) = &final_batch {
+        batches.retain(|x| x.index != b.index);
+        batches.push(b.clone());
+    }
     let finished = blocking(Some(run), move |r| match r.take() {
         Some(run) => run.finish(&batches),
         None => Err(PipelineError::transient("job run already finished")),
@@ -957,11 +1007,19 @@ async fn run_attempt(
         Ok((_, v)) => v,
         Err(e) => return failed(shared, job, e, delivery).await,
     };
+    let completion = Completion {
+        final_batch: final_batch.as_ref().map(record_of),
+        batches_total: total,
+        ..Completion::of(job, result.clone())
+    };
     match shared
-        .db("succeed", || shared.ledger.succeed(job, worker, &result))
+        .db("complete", || shared.group.complete(completion.clone()))
         .await
     {
         Ok(Ok(())) => {
+            if let Some(b) = &final_batch {
+                shared.metrics.batch(&job.pipeline, b.rows);
+            }
             shared.metrics.job(&job.pipeline, "succeeded");
             info!(result = %result, "job succeeded");
             Disposition::Ack
@@ -971,6 +1029,51 @@ async fn run_attempt(
             Disposition::Ack
         }
         Err(stop) => stopped(shared, job, stop).await,
+    }
+}
+
+/// What a batch's checkpoint records in the ledger.
+fn record_of(b: &BatchOutcome) -> BatchRecord {
+    BatchRecord {
+        batch_index: b.index as i32,
+        rows: b.rows as i64,
+        output: b.output.clone(),
+        checksum: b.checksum.clone(),
+        summary: sqlx::types::Json(serde_json::to_value(&b.summary).unwrap_or_default()),
+    }
+}
+
+/// Why a job stopped at a checkpoint.
+enum CheckpointStop {
+    /// Another worker or an operator took the job: stop and ack (already logged).
+    Lost,
+    Db(DbStop),
+}
+
+/// Checkpoints one batch (renewing the lease); returns whether cancellation was requested.
+async fn checkpoint(
+    shared: &Shared,
+    job: &ClaimedJob,
+    b: &BatchOutcome,
+    total: Option<i32>,
+) -> Result<bool, CheckpointStop> {
+    let record = record_of(b);
+    let worker = shared.settings.worker_id.as_str();
+    match shared
+        .db("checkpoint", || {
+            shared.ledger.checkpoint(job, worker, &record, total)
+        })
+        .await
+    {
+        Ok(Ok(cancel_requested)) => {
+            shared.metrics.batch(&job.pipeline, b.rows);
+            Ok(cancel_requested)
+        }
+        Ok(Err(lost)) => {
+            warn!(error = %lost, batch = b.index, "stopping: lease lost");
+            Err(CheckpointStop::Lost)
+        }
+        Err(stop) => Err(CheckpointStop::Db(stop)),
     }
 }
 

@@ -1,0 +1,239 @@
+//! The worker's grouped ledger writes (`Group`, `claim_ready`, `complete_many`) against a
+//! real Postgres: each job claimed once however many workers race, leases respected, the
+//! last batch's checkpoint folded into the success.
+
+use crate::support::TestEnv;
+use drover_ledger::{BatchRecord, Completion, Group, LeaseLost, Ledger, NewJob};
+use serde_json::json;
+use std::collections::HashSet;
+use std::time::Duration;
+
+async fn ledger(env: &TestEnv) -> Ledger {
+    Ledger::connect(&env.db_url, false, 8, Duration::from_secs(10))
+        .await
+        .expect("connect ledger")
+}
+
+async fn queue(l: &Ledger, keys: &[String]) {
+    let jobs: Vec<NewJob> = keys
+        .iter()
+        .map(|k| NewJob {
+            id: uuid::Uuid::new_v4(),
+            key: k.clone(),
+            pipeline: "noop".into(),
+            params: json!({}),
+            batch_size: None,
+            max_attempts: 3,
+            trace_id: None,
+        })
+        .collect();
+    l.insert_queued(&jobs).await.expect("insert queued");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn racing_workers_claim_each_job_exactly_once() {
+    let env = TestEnv::new().await;
+    let l = ledger(&env).await;
+    let keys: Vec<String> = (0..200).map(|i| format!("race-{i}")).collect();
+    queue(&l, &keys).await;
+    let a = Group::new(l.clone(), "worker-a".into(), 32);
+    let b = Group::new(l.clone(), "worker-b".into(), 32);
+    // Every key is asked for by both workers at once.
+    let mut tasks = tokio::task::JoinSet::new();
+    for k in &keys {
+        for (g, name) in [(a.clone(), "worker-a"), (b.clone(), "worker-b")] {
+            let k = k.clone();
+            tasks.spawn(async move { (name, k.clone(), g.claim_ready(k).await) });
+        }
+    }
+    let mut claimed = Vec::new();
+    while let Some(r) = tokio::time::timeout(Duration::from_secs(60), tasks.join_next())
+        .await
+        .expect("claims finish within 60 s")
+    {
+        let (name, key, res) = r.expect("task");
+        if let Some(job) = res.expect("claim_ready") {
+            assert_eq!(job.key, key);
+            assert_eq!(job.attempt, 1);
+            claimed.push((name, key));
+        }
+    }
+    let distinct: HashSet<&String> = claimed.iter().map(|(_, k)| k).collect();
+    assert_eq!(claimed.len(), 200, "each of 200 jobs claimed exactly once");
+    assert_eq!(distinct.len(), 200);
+    // The ledger agrees: one running attempt per job, owned by whoever got the claim.
+    let rows: Vec<(String, String, i32, i64)> = sqlx::query_as(
+        "SELECT j.idempotency_key, j.lease_owner, j.attempts, \
+         (SELECT count(*) FROM drover.attempts a WHERE a.job_id = j.id AND a.outcome = 'running') \
+         FROM drover.jobs j WHERE j.state = 'running'",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .expect("query");
+    assert_eq!(rows.len(), 200);
+    for (key, owner, attempts, running) in rows {
+        let want = claimed.iter().find(|(_, k)| *k == key).map(|(n, _)| *n);
+        assert_eq!(Some(owner.as_str()), want, "owner of {key}");
+        assert_eq!((attempts, running), (1, 1), "attempts of {key}");
+    }
+    l.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn claim_ready_leaves_unclaimable_jobs_to_the_slow_path() {
+    let env = TestEnv::new().await;
+    let l = ledger(&env).await;
+    let keys: Vec<String> = ["ok", "later", "due", "cancel", "done"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    queue(&l, &keys).await;
+    for sql in [
+        "UPDATE drover.jobs SET state = 'retrying', run_at = now() + interval '1 hour' \
+         WHERE idempotency_key = 'later'",
+        "UPDATE drover.jobs SET state = 'retrying', run_at = now() - interval '1 second' \
+         WHERE idempotency_key = 'due'",
+        "UPDATE drover.jobs SET cancel_requested = true WHERE idempotency_key = 'cancel'",
+        "UPDATE drover.jobs SET state = 'succeeded' WHERE idempotency_key = 'done'",
+    ] {
+        sqlx::query(sql)
+            .execute(&env.pool)
+            .await
+            .expect("set states");
+    }
+    let mut asked = keys.clone();
+    asked.push("ok".into()); // a duplicate delivery in the same group
+    asked.push("unknown".into());
+    let got = l.claim_ready("w", &asked).await.expect("claim_ready");
+    let claimed: Vec<Option<&str>> = got
+        .iter()
+        .map(|j| j.as_ref().map(|j| j.key.as_str()))
+        .collect();
+    assert_eq!(
+        claimed,
+        vec![
+            Some("ok"),
+            None,
+            Some("due"),
+            None,
+            None,
+            None, // the duplicate: claimed once, for its first occurrence
+            None
+        ]
+    );
+    l.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn complete_many_respects_leases_and_folds_the_last_checkpoint() {
+    let env = TestEnv::new().await;
+    let l = ledger(&env).await;
+    let keys: Vec<String> = vec!["mine".into(), "stolen".into(), "nobatch".into()];
+    queue(&l, &keys).await;
+    let jobs = l.claim_ready("w1", &keys).await.expect("claim");
+    let jobs: Vec<_> = jobs.into_iter().map(|j| j.expect("claimed")).collect();
+    // "mine" already checkpointed batch 0 in this attempt; batch 1 comes with the success.
+    let b0 = BatchRecord {
+        batch_index: 0,
+        rows: 10,
+        output: Some("part-00000.parquet".into()),
+        checksum: Some("aa".into()),
+        summary: sqlx::types::Json(json!({"rows": 10})),
+    };
+    l.checkpoint(&jobs[0], "w1", &b0, Some(2))
+        .await
+        .expect("checkpoint")
+        .expect("lease held");
+    // "stolen" was taken over meanwhile.
+    sqlx::query(
+        "UPDATE drover.jobs SET lease_owner = 'w2', attempts = 2 WHERE idempotency_key = 'stolen'",
+    )
+    .execute(&env.pool)
+    .await
+    .expect("steal");
+    let last = BatchRecord {
+        batch_index: 1,
+        rows: 7,
+        output: Some("part-00001.parquet".into()),
+        checksum: Some("bb".into()),
+        summary: sqlx::types::Json(json!({"rows": 7})),
+    };
+    let group = Group::new(l.clone(), "w1".into(), 8);
+    let (r0, r1, r2) = tokio::join!(
+        group.complete(Completion {
+            final_batch: Some(last.clone()),
+            batches_total: Some(2),
+            ..Completion::of(&jobs[0], json!({"rows": 17}))
+        }),
+        group.complete(Completion {
+            final_batch: Some(last.clone()),
+            ..Completion::of(&jobs[1], json!({"rows": 7}))
+        }),
+        group.complete(Completion::of(&jobs[2], json!({"rows": 0}))),
+    );
+    assert_eq!(r0.expect("complete"), Ok(()));
+    assert_eq!(r1.expect("complete"), Err(LeaseLost));
+    assert_eq!(r2.expect("complete"), Ok(()));
+    let row: (
+        String,
+        i32,
+        Option<i32>,
+        i64,
+        serde_json::Value,
+        Option<String>,
+    ) = sqlx::query_as(
+        "SELECT state, batches_done, batches_total, rows_done, result, lease_owner \
+         FROM drover.jobs WHERE idempotency_key = 'mine'",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .expect("job");
+    assert_eq!(
+        row,
+        (
+            "succeeded".into(),
+            2,
+            Some(2),
+            17,
+            json!({"rows": 17}),
+            None
+        )
+    );
+    let parts: Vec<(i32, i64, Option<String>)> = sqlx::query_as(
+        "SELECT c.batch_index, c.rows, c.checksum FROM drover.checkpoints c \
+         JOIN drover.jobs j ON j.id = c.job_id WHERE j.idempotency_key = 'mine' \
+         ORDER BY c.batch_index",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .expect("checkpoints");
+    assert_eq!(
+        parts,
+        vec![(0, 10, Some("aa".into())), (1, 7, Some("bb".into()))]
+    );
+    let states: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT j.idempotency_key, j.state, a.outcome FROM drover.jobs j \
+         JOIN drover.attempts a ON a.job_id = j.id AND a.attempt = 1 ORDER BY 1",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .expect("attempts");
+    assert_eq!(
+        states,
+        vec![
+            ("mine".into(), "succeeded".into(), "succeeded".into()),
+            ("nobatch".into(), "succeeded".into(), "succeeded".into()),
+            // Untouched: the new owner records the outcome.
+            ("stolen".into(), "running".into(), "running".into()),
+        ]
+    );
+    let stolen_cps: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM drover.checkpoints c JOIN drover.jobs j ON j.id = c.job_id \
+         WHERE j.idempotency_key = 'stolen'",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .expect("count");
+    assert_eq!(stolen_cps, 0, "no checkpoint written without the lease");
+    l.close().await;
+}

@@ -855,7 +855,6 @@ async fn run_attempt(
     cancel: &AtomicBool,
     delivery: &Incoming,
 ) -> Disposition {
-    let worker = shared.settings.worker_id.as_str();
     info!(max_attempts = job.max_attempts, "attempt started");
     let spec = JobSpec {
         key: job.key.clone(),
@@ -866,32 +865,21 @@ async fn run_attempt(
         output_root: shared.settings.output_root.clone(),
     };
     let resume = job.batches_done.max(0) as u32;
-    let sh = shared.clone();
-    let opened = blocking((), move |_| sh.registry.open(&spec, resume)).await;
-    let mut run: JobRun = match opened {
-        Ok(((), r)) => r,
-        Err(e) => return failed(shared, job, e, delivery).await,
+    // Opened by the first hop to the blocking pool, taken by the one that finishes.
+    let mut slot = Slot {
+        spec: Some(spec),
+        run: None,
     };
-    // One round trip fewer for single-batch jobs: progress of 0/1 tells nobody anything.
-    if let Some(total) = run.batches_total().filter(|t| *t > 1 && resume == 0)
-        && let Err(stop) = shared
-            .db("batches_total", || {
-                shared.ledger.set_batches_total(job, worker, total as i32)
-            })
-            .await
-    {
-        return stopped(shared, job, stop).await;
-    }
-    let total = run.batches_total().map(|t| t as i32);
+    // The input's batch count, known once the first hop opened it.
+    let mut total: Option<i32> = None;
     let mut next_index = resume;
-    let is_last = |b: &BatchOutcome| total.is_some_and(|t| b.index as i32 + 1 >= t);
     // This attempt's checkpointed batches; earlier attempts' are read back at the end.
     let mut done_here: Vec<BatchOutcome> = Vec::new();
     // The batch computed last and not checkpointed yet. Its checkpoint commits while the
     // next batch computes (so a checkpoint costs no wall time), except the job's last
     // batch, which is checkpointed in the same statement as the job's success.
     let mut pending: Option<BatchOutcome> = None;
-    loop {
+    let result: Option<Value> = loop {
         if cancel.load(Ordering::SeqCst) {
             info!("cancelled by operator at a batch boundary");
             shared.metrics.job(&job.pipeline, "cancelled");
@@ -917,13 +905,27 @@ async fn run_attempt(
             shared.metrics.job(&job.pipeline, "released");
             return end_held(shared, job, HeldEnd::Released, "", Disposition::Requeue).await;
         }
+        let is_last = |b: &BatchOutcome| total.is_some_and(|t| b.index as i32 + 1 >= t);
         let to_commit = match &pending {
             Some(b) if !is_last(b) => pending.take(),
             _ => None,
         };
+        // When this hop may reach the end of the input, it also finishes the job (one hop
+        // fewer), given every batch's outcome: all are in memory unless earlier attempts
+        // did some.
+        let may_end = resume == 0 && total.is_none_or(|t| next_index as i32 + 1 >= t);
+        let finish_with: Option<Vec<BatchOutcome>> = may_end.then(|| {
+            done_here
+                .iter()
+                .chain(to_commit.iter())
+                .chain(pending.iter())
+                .cloned()
+                .collect()
+        });
         let batch_span = info_span!("batch", index = next_index, rows = tracing::field::Empty);
-        next_index += 1;
-        let compute = blocking(run, |r| r.next_batch()).instrument(batch_span.clone());
+        let sh = shared.clone();
+        let compute = blocking(slot, move |s| s.hop(&sh.registry, resume, finish_with))
+            .instrument(batch_span.clone());
         let commit = async {
             match to_commit {
                 Some(b) => checkpoint(shared, job, &b, total)
@@ -944,68 +946,55 @@ async fn run_attempt(
             Err(CheckpointStop::Lost) => return Disposition::Ack,
             Err(CheckpointStop::Db(stop)) => return stopped(shared, job, stop).await,
         }
-        match computed {
-            Ok((r, Some(b))) => {
-                run = r;
-                batch_span.record("rows", b.rows);
-                batch_span.in_scope(|| debug!(batch = b.index, rows = b.rows, "batch done"));
-                if let Some(early) = pending.replace(b) {
-                    // The input had more batches than it announced: checkpoint the one
-                    // held back as the last.
-                    match checkpoint(shared, job, &early, total).await {
-                        Ok(_) => done_here.push(early),
-                        Err(CheckpointStop::Lost) => return Disposition::Ack,
-                        Err(CheckpointStop::Db(stop)) => return stopped(shared, job, stop).await,
-                    }
-                }
-            }
-            Ok((r, None)) => {
-                run = r;
-                break;
+        let hop = match computed {
+            Ok((s, hop)) => {
+                slot = s;
+                total = hop.total;
+                hop
             }
             Err(e) => return failed(shared, job, e, delivery).await,
-        }
-    }
-    let mut batches: Vec<BatchOutcome> = if resume == 0 {
-        // Every batch ran in this attempt: what was checkpointed is what we hold.
-        done_here
-    } else {
-        let records = match shared
-            .db("checkpoints", || shared.ledger.checkpoints(job.id))
-            .await
-        {
-            Ok(r) => r,
-            Err(stop) => return stopped(shared, job, stop).await,
         };
-        let mut by_index: std::collections::BTreeMap<u32, BatchOutcome> = records
-            .into_iter()
-            .map(|r| {
-                let b = BatchOutcome {
-                    index: r.batch_index as u32,
-                    rows: r.rows as u64,
-                    output: r.output,
-                    checksum: r.checksum,
-                    summary: serde_json::from_value(r.summary.0).unwrap_or_default(),
-                };
-                (b.index, b)
-            })
-            .collect();
-        by_index.extend(done_here.into_iter().map(|b| (b.index, b)));
-        by_index.into_values().collect()
+        for b in hop.batches {
+            next_index = b.index + 1;
+            batch_span.record("rows", b.rows);
+            batch_span.in_scope(|| debug!(batch = b.index, rows = b.rows, "batch done"));
+            if let Some(early) = pending.replace(b) {
+                // The input had more batches than it announced: checkpoint the one held
+                // back as the last.
+                match checkpoint(shared, job, &early, total).await {
+                    Ok(_) => done_here.push(early),
+                    Err(CheckpointStop::Lost) => return Disposition::Ack,
+                    Err(CheckpointStop::Db(stop)) => return stopped(shared, job, stop).await,
+                }
+            }
+        }
+        if hop.exhausted {
+            break hop.result;
+        }
     };
     let final_batch = pending.take();
-    if let Some(b) = &final_batch {
-        batches.retain(|x| x.index != b.index);
-        batches.push(b.clone());
-    }
-    let finished = blocking(Some(run), move |r| match r.take() {
-        Some(run) => run.finish(&batches),
-        None => Err(PipelineError::transient("job run already finished")),
-    })
-    .await;
-    let result = match finished {
-        Ok((_, v)) => v,
-        Err(e) => return failed(shared, job, e, delivery).await,
+    let result = match result {
+        Some(r) => r,
+        None => {
+            // Earlier attempts did some batches: their outcomes come from the ledger.
+            let mut batches = match gather_batches(shared, job, resume, done_here).await {
+                Ok(b) => b,
+                Err(stop) => return stopped(shared, job, stop).await,
+            };
+            if let Some(b) = &final_batch {
+                batches.retain(|x| x.index != b.index);
+                batches.push(b.clone());
+            }
+            let finished = blocking(slot, move |s| match s.run.take() {
+                Some(run) => run.finish(&batches),
+                None => Err(PipelineError::transient("job run already finished")),
+            })
+            .await;
+            match finished {
+                Ok((_, v)) => v,
+                Err(e) => return failed(shared, job, e, delivery).await,
+            }
+        }
     };
     let completion = Completion {
         final_batch: final_batch.as_ref().map(record_of),
@@ -1030,6 +1019,109 @@ async fn run_attempt(
         }
         Err(stop) => stopped(shared, job, stop).await,
     }
+}
+
+/// A job's run as it moves to the blocking pool and back: opened by the first hop, consumed
+/// by the hop that finishes it.
+struct Slot {
+    spec: Option<JobSpec>,
+    run: Option<JobRun>,
+}
+
+/// What one hop to the blocking pool did.
+#[derive(Default)]
+struct Hop {
+    /// Usually one batch; none at the end of the input.
+    batches: Vec<BatchOutcome>,
+    /// The input is exhausted.
+    exhausted: bool,
+    /// The job's result, when the hop also finished the job.
+    result: Option<Value>,
+    /// The input's batch count, when known.
+    total: Option<i32>,
+}
+
+impl Slot {
+    /// Opens the job if not yet open, runs its next batch and, when that was the last
+    /// batch the input announced, confirms the input is exhausted and (given every batch's
+    /// outcome in `finish_with`) finishes the job: a single-batch job takes one hop, not
+    /// three, which matters when thousands of tiny jobs run per second.
+    fn hop(
+        &mut self,
+        registry: &Registry,
+        resume: u32,
+        finish_with: Option<Vec<BatchOutcome>>,
+    ) -> Result<Hop, PipelineError> {
+        if self.run.is_none() {
+            let spec = self
+                .spec
+                .take()
+                .ok_or_else(|| PipelineError::transient("job run already finished"))?;
+            self.run = Some(registry.open(&spec, resume)?);
+        }
+        let Some(run) = self.run.as_mut() else {
+            return Err(PipelineError::transient("job run already finished"));
+        };
+        let total = run.batches_total().map(|t| t as i32);
+        let mut hop = Hop {
+            total,
+            ..Hop::default()
+        };
+        loop {
+            match run.next_batch()? {
+                None => {
+                    hop.exhausted = true;
+                    break;
+                }
+                Some(b) => {
+                    let last = total.is_some_and(|t| b.index as i32 + 1 >= t);
+                    hop.batches.push(b);
+                    if !last {
+                        break;
+                    }
+                }
+            }
+        }
+        if hop.exhausted
+            && let Some(mut all) = finish_with
+            && let Some(run) = self.run.take()
+        {
+            all.extend(hop.batches.iter().cloned());
+            hop.result = Some(run.finish(&all)?);
+        }
+        Ok(hop)
+    }
+}
+
+/// Every batch outcome of the job: this attempt's, plus earlier attempts' from the ledger
+/// when it resumed.
+async fn gather_batches(
+    shared: &Shared,
+    job: &ClaimedJob,
+    resume: u32,
+    done_here: Vec<BatchOutcome>,
+) -> Result<Vec<BatchOutcome>, DbStop> {
+    if resume == 0 {
+        return Ok(done_here);
+    }
+    let records = shared
+        .db("checkpoints", || shared.ledger.checkpoints(job.id))
+        .await?;
+    let mut by_index: std::collections::BTreeMap<u32, BatchOutcome> = records
+        .into_iter()
+        .map(|r| {
+            let b = BatchOutcome {
+                index: r.batch_index as u32,
+                rows: r.rows as u64,
+                output: r.output,
+                checksum: r.checksum,
+                summary: serde_json::from_value(r.summary.0).unwrap_or_default(),
+            };
+            (b.index, b)
+        })
+        .collect();
+    by_index.extend(done_here.into_iter().map(|b| (b.index, b)));
+    Ok(by_index.into_values().collect())
 }
 
 /// What a batch's checkpoint records in the ledger.

@@ -257,8 +257,11 @@ fn reconnect_backoff() -> ExponentialBackoff {
 /// `drover worker`.
 pub async fn run(ctx: &Context, args: WorkerArgs) -> anyhow::Result<ExitCode> {
     let settings = Settings::resolve(args, ctx)?;
+    // Claims and completions are grouped (2 connections); the rest is per job: checkpoints
+    // of multi-batch jobs, slow-path claims, failures. Capped at 36 so several workers fit
+    // in a default Postgres (max_connections 100); jobs beyond it wait for a connection.
     let ledger = ctx
-        .migrated_ledger(u32::from(settings.prefetch).clamp(4, 64) + 4)
+        .migrated_ledger(u32::from(settings.prefetch).clamp(4, 32) + 4)
         .await?;
     let mut topo = Topology::new(&ctx.conns.namespace);
     topo.delivery_limit = settings.delivery_limit;

@@ -454,6 +454,19 @@ struct Runner<P: Pipeline> {
     resume_after: u32,
     next_index: u32,
     exhausted: bool,
+    /// The batch after the one last returned, read and transformed while that one's part
+    /// was being written (see `Runner::advance`); `Some(Ok(None))` = end of input.
+    prefetched: Option<Result<Option<Prepared>, PipelineError>>,
+    /// Set by the first error: the source may already be past the failed batch, so every
+    /// later call returns the same error instead of a batch under the wrong index.
+    failed: Option<PipelineError>,
+}
+
+/// One batch read, transformed and summarised, its part not yet written.
+struct Prepared {
+    rows: u64,
+    out: Option<DataFrame>,
+    summary: Summary,
 }
 
 impl<P: Pipeline> Runner<P> {
@@ -495,7 +508,79 @@ impl<P: Pipeline> Runner<P> {
             resume_after,
             next_index: resume_after,
             exhausted: false,
+            prefetched: None,
+            failed: None,
         })
+    }
+
+    /// Reads, transforms and summarises the batch that will get index `index`.
+    fn prepare(&mut self, index: u32) -> Result<Option<Prepared>, PipelineError> {
+        let Some((first_row, batch)) = self.source.next_batch()? else {
+            return Ok(None);
+        };
+        let ctx = BatchContext {
+            index,
+            first_row,
+            attempt: self.attempt,
+            first_in_attempt: index == self.resume_after,
+            key: self.key.clone(),
+        };
+        let rows = batch.height() as u64;
+        let out = self
+            .pipeline
+            .transform(&self.params, &self.reference, batch, &ctx)?;
+        let summary = self.pipeline.summarise(rows, out.as_ref())?;
+        if out.is_some() && self.out_dir.is_none() {
+            return Err(PipelineError::permanent(format!(
+                "pipeline {} returned output for batch {index} but declares Output::None",
+                self.pipeline.name()
+            )));
+        }
+        Ok(Some(Prepared { rows, out, summary }))
+    }
+
+    /// The next batch, its part written, or `None` at the end of the input.
+    fn advance(&mut self) -> Result<Option<BatchOutcome>, PipelineError> {
+        let index = self.next_index;
+        let prepared = match self.prefetched.take() {
+            Some(p) => p?,
+            None => self.prepare(index)?,
+        };
+        let Some(Prepared { rows, out, summary }) = prepared else {
+            self.exhausted = true;
+            return Ok(None);
+        };
+        let (output, checksum) = match (out, self.out_dir.clone()) {
+            (Some(mut df), Some(dir)) => {
+                // The part is written on a helper thread while this one reads and transforms
+                // the next batch, so its encode, hash and fsyncs overlap the next batch's
+                // decode and compute. It is durable before this returns (the caller
+                // checkpoints it next); the next batch is only held in memory, and its
+                // errors surface when it is asked for.
+                let (written, next) = std::thread::scope(|scope| {
+                    let writer = scope.spawn(move || sink::write_part(&dir, index, &mut df));
+                    let next = self.prepare(index + 1);
+                    let written = writer.join().unwrap_or_else(|_| {
+                        Err(PipelineError::permanent(format!(
+                            "output: writing the part of batch {index} panicked"
+                        )))
+                    });
+                    (written, next)
+                });
+                self.prefetched = Some(next);
+                let (path, sum) = written?;
+                (Some(path.display().to_string()), Some(sum))
+            }
+            _ => (None, None),
+        };
+        self.next_index += 1;
+        Ok(Some(BatchOutcome {
+            index,
+            rows,
+            output,
+            checksum,
+            summary,
+        }))
     }
 }
 
@@ -509,47 +594,21 @@ impl<P: Pipeline> BatchRunner for Runner<P> {
     }
 
     fn next_batch(&mut self) -> Result<Option<BatchOutcome>, PipelineError> {
+        if let Some(e) = &self.failed {
+            return Err(PipelineError {
+                kind: e.kind,
+                message: e.message.clone(),
+            });
+        }
         if self.exhausted {
             return Ok(None);
         }
-        let Some((first_row, batch)) = self.source.next_batch()? else {
-            self.exhausted = true;
-            return Ok(None);
-        };
-        let index = self.next_index;
-        let ctx = BatchContext {
-            index,
-            first_row,
-            attempt: self.attempt,
-            first_in_attempt: index == self.resume_after,
-            key: self.key.clone(),
-        };
-        let rows = batch.height() as u64;
-        let out = self
-            .pipeline
-            .transform(&self.params, &self.reference, batch, &ctx)?;
-        let summary = self.pipeline.summarise(rows, out.as_ref())?;
-        let (output, checksum) = match (out, &self.out_dir) {
-            (Some(mut df), Some(dir)) => {
-                let (path, sum) = sink::write_part(dir, index, &mut df)?;
-                (Some(path.display().to_string()), Some(sum))
-            }
-            (Some(_), None) => {
-                return Err(PipelineError::permanent(format!(
-                    "pipeline {} returned output for batch {index} but declares Output::None",
-                    self.pipeline.name()
-                )));
-            }
-            (None, _) => (None, None),
-        };
-        self.next_index += 1;
-        Ok(Some(BatchOutcome {
-            index,
-            rows,
-            output,
-            checksum,
-            summary,
-        }))
+        self.advance().inspect_err(|e| {
+            self.failed = Some(PipelineError {
+                kind: e.kind,
+                message: e.message.clone(),
+            });
+        })
     }
 
     fn finish(self: Box<Self>, batches: &[BatchOutcome]) -> Result<Value, PipelineError> {

@@ -1,8 +1,13 @@
 //! Batch sources: what a pipeline reads, delivered `batch_size` rows at a time without ever
 //! holding the whole input in memory.
 //!
-//! * Parquet: the footer is read once; each batch is a `(offset, len)` slice read with
-//!   polars' `ParquetReader`, which only decodes the row groups overlapping the slice.
+//! * Parquet: the footer is read once. Row groups are decoded one at a time (declared
+//!   columns only), each exactly once, and kept while batches are copied out of them; a
+//!   batch that straddles a row-group boundary is the tail of one group followed by the
+//!   head of the next. Memory is therefore bounded by one decoded row group plus a couple
+//!   of batches (`max(batch, row group)` rows in order of magnitude), not by the file.
+//!   Batches skipped on resume never cause a decode: the first read starts at the row group
+//!   holding the resume position.
 //! * CSV: one forward pass over a buffered file handle. Each batch's records are cut out of
 //!   the stream (quote-aware, so a newline inside a quoted field does not split a record),
 //!   prefixed with the header and parsed by polars with every column as a string; declared
@@ -150,6 +155,14 @@ struct ParquetSource {
     total_rows: u64,
     /// Declared columns present in the file; `None` reads all.
     projection: Option<Vec<String>>,
+    /// First input row of every row group, then the total: row group `i` holds rows
+    /// `rg_starts[i]..rg_starts[i + 1]`.
+    rg_starts: Vec<u64>,
+    /// The most recently decoded row group (its index and its rows), which the next batch
+    /// most likely continues.
+    current: Option<(usize, DataFrame)>,
+    /// Row groups decoded so far (each decode is the expensive part of a read).
+    decoded: u32,
 }
 
 struct CsvSource {
@@ -260,7 +273,7 @@ impl Source {
                     return Ok(None);
                 }
                 let len = (p.total_rows - first_row).min(self.batch_size as u64) as usize;
-                p.read(first_row as usize, len)
+                p.read(first_row, len)
                     .map_err(|e| PipelineError::from(e).context(format!("input {}", self.label)))?
             }
             SourceKind::Csv(c) => match c.read(self.batch_size, &self.label)? {
@@ -303,24 +316,116 @@ impl ParquetSource {
                     .collect(),
             )
         };
+        let rg_starts = row_group_starts(metadata.row_groups.iter().map(|rg| rg.num_rows()));
+        let total_rows = rg_starts.last().copied().unwrap_or(0);
+        if total_rows != metadata.num_rows as u64 {
+            return Err(PipelineError::permanent(format!(
+                "input {label}: corrupt Parquet footer: row groups hold {total_rows} rows, \
+                 the file says {}",
+                metadata.num_rows
+            )));
+        }
         Ok(ParquetSource {
-            total_rows: metadata.num_rows as u64,
+            total_rows,
             file,
             metadata,
             projection,
+            rg_starts,
+            current: None,
+            decoded: 0,
         })
     }
 
-    /// Rows `offset..offset+len`. polars memory-maps the file and decodes only the row
-    /// groups (and within them the pages) that overlap the slice, so memory is bounded by
-    /// the slice plus a row group's pages, not by the file.
-    fn read(&mut self, offset: usize, len: usize) -> PolarsResult<DataFrame> {
-        let mut reader = ParquetReader::new(&mut self.file)
-            .with_slice(Some((offset, len)))
-            .with_columns(self.projection.clone());
-        reader.set_metadata(self.metadata.clone());
-        reader.finish()
+    /// Rows `offset..offset+len` (within the file): slices of the decoded row groups that
+    /// overlap them, decoding each row group only when the read first reaches it.
+    fn read(&mut self, offset: u64, len: usize) -> PolarsResult<DataFrame> {
+        let end = offset + len as u64;
+        let mut out: Option<DataFrame> = None;
+        for (rg, from, to) in row_group_spans(&self.rg_starts, offset, end) {
+            let rg_start = self.rg_starts[rg];
+            let frame = self.row_group(rg)?;
+            let (from, to) = ((from - rg_start) as IdxSize, (to - rg_start) as IdxSize);
+            // Copied out rather than sliced: a zero-copy slice would keep the whole decoded
+            // group alive for as long as any frame derived from the batch (its output
+            // passes input columns through), so two groups would be held at a boundary.
+            let part = frame.take(&IdxCa::from_vec(PlSmallStr::EMPTY, (from..to).collect()))?;
+            match &mut out {
+                None => out = Some(part),
+                Some(df) => {
+                    df.vstack_mut_owned(part)?;
+                }
+            }
+        }
+        match out {
+            Some(df) => Ok(df),
+            None => polars_bail!(OutOfBounds: "rows {offset}..{end} are past the end of the file"),
+        }
     }
+
+    /// Row group `rg`, decoded (projected columns only) unless it is the current one.
+    fn row_group(&mut self, rg: usize) -> PolarsResult<&DataFrame> {
+        if self.current.as_ref().is_none_or(|(i, _)| *i != rg) {
+            // Drop the previous group before decoding the next, so two are never held here.
+            self.current = None;
+            // A footer with only this row group: polars reads it whole, without visiting the
+            // others. One thread: decoding is a small share of a batch once it happens once
+            // per group, and a second decoding thread only adds memory.
+            let mut single = (*self.metadata).clone();
+            single.row_groups = self
+                .metadata
+                .row_groups
+                .get(rg)
+                .cloned()
+                .into_iter()
+                .collect();
+            single.num_rows = (self.rg_starts[rg + 1] - self.rg_starts[rg]) as usize;
+            single.max_row_group_height = single.num_rows;
+            let mut reader = ParquetReader::new(&mut self.file)
+                .with_columns(self.projection.clone())
+                .read_parallel(ParallelStrategy::None);
+            reader.set_metadata(Arc::new(single));
+            let df = reader.finish()?;
+            if df.height() as u64 != self.rg_starts[rg + 1] - self.rg_starts[rg] {
+                polars_bail!(ComputeError: "row group {rg} decoded to {} rows, its footer says {}",
+                    df.height(), self.rg_starts[rg + 1] - self.rg_starts[rg]);
+            }
+            self.decoded += 1;
+            self.current = Some((rg, df));
+        }
+        match &self.current {
+            Some((_, df)) => Ok(df),
+            None => polars_bail!(ComputeError: "row group {rg} was not decoded"),
+        }
+    }
+}
+
+/// Prefix sums of row-group heights: the first row of each group, then the total.
+fn row_group_starts(heights: impl Iterator<Item = usize>) -> Vec<u64> {
+    let mut starts = vec![0u64];
+    let mut total = 0u64;
+    for h in heights {
+        total += h as u64;
+        starts.push(total);
+    }
+    starts
+}
+
+/// The pieces of rows `offset..end` by row group: `(row group, from, to)` with input row
+/// numbers, in order, skipping empty row groups. `starts` is [`row_group_starts`]'s output.
+fn row_group_spans(starts: &[u64], offset: u64, end: u64) -> Vec<(usize, u64, u64)> {
+    let total = starts.last().copied().unwrap_or(0);
+    let end = end.min(total);
+    let mut spans = Vec::new();
+    let mut pos = offset;
+    while pos < end {
+        // The last group starting at or before `pos` (empty groups share their start with
+        // the next one, so they are never chosen).
+        let rg = starts.partition_point(|&s| s <= pos) - 1;
+        let to = end.min(starts[rg + 1]);
+        spans.push((rg, pos, to));
+        pos = to;
+    }
+    spans
 }
 
 /// Splits a CSV byte stream into records: a newline ends a record unless it is inside a
@@ -618,6 +723,140 @@ mod tests {
         assert_eq!(rest, "3,4\r\n5,6\n");
         let (n, out, _) = records("\n\n", 5);
         assert_eq!((n, out.as_str()), (0, ""));
+    }
+
+    #[test]
+    fn row_group_spans_cut_at_boundaries() {
+        // Groups of 4, 0 (empty), 3 and 5 rows.
+        let starts = row_group_starts([4usize, 0, 3, 5].into_iter());
+        assert_eq!(starts, vec![0, 4, 4, 7, 12]);
+        assert_eq!(row_group_spans(&starts, 0, 3), vec![(0, 0, 3)]);
+        // Straddles group 0 and (skipping the empty group 1) group 2.
+        assert_eq!(row_group_spans(&starts, 3, 6), vec![(0, 3, 4), (2, 4, 6)]);
+        // Spans three groups.
+        assert_eq!(
+            row_group_spans(&starts, 2, 10),
+            vec![(0, 2, 4), (2, 4, 7), (3, 7, 10)]
+        );
+        // A last short batch stops at the end of the file.
+        assert_eq!(row_group_spans(&starts, 10, 15), vec![(3, 10, 12)]);
+        assert!(row_group_spans(&starts, 12, 20).is_empty());
+        assert!(row_group_spans(&[0], 0, 5).is_empty());
+    }
+
+    /// A Parquet file of `rows` rows (`id` = row number, `name` = its text, plus a column
+    /// nobody declares) in row groups of `group` rows.
+    fn grouped_parquet(dir: &Path, rows: i64, group: usize) -> PathBuf {
+        let path = dir.join(format!("g{rows}-{group}.parquet"));
+        let ids: Vec<i64> = (0..rows).collect();
+        let names: Vec<String> = ids.iter().map(|i| format!("n{i}")).collect();
+        let mut df = DataFrame::new(
+            rows as usize,
+            vec![
+                Column::new("id".into(), ids.clone()),
+                Column::new("extra".into(), ids),
+                Column::new("name".into(), names),
+            ],
+        )
+        .unwrap();
+        ParquetWriter::new(File::create(&path).unwrap())
+            .with_row_group_size(Some(group))
+            .finish(&mut df)
+            .unwrap();
+        path
+    }
+
+    fn declared(path: &Path) -> Input {
+        Input::file(path)
+            .column("id", DataType::Int64)
+            .column("name", DataType::String)
+    }
+
+    /// Every batch of `src` as (first row, ids, names).
+    fn drain(src: &mut Source) -> Vec<(u64, Vec<i64>, Vec<String>)> {
+        let mut out = Vec::new();
+        while let Some((first, df)) = src.next_batch().unwrap() {
+            assert_eq!(df.get_column_names(), ["id", "name"]);
+            let ids = df.column("id").unwrap().i64().unwrap();
+            let names = df.column("name").unwrap().str().unwrap();
+            out.push((
+                first,
+                ids.into_no_null_iter().collect(),
+                names
+                    .iter()
+                    .map(|v| v.unwrap_or_default().to_string())
+                    .collect(),
+            ));
+        }
+        out
+    }
+
+    fn decoded(src: &Source) -> u32 {
+        match &src.kind {
+            SourceKind::Parquet(p) => p.decoded,
+            _ => panic!("not a parquet source"),
+        }
+    }
+
+    #[test]
+    fn parquet_batches_straddle_row_groups_and_decode_each_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = grouped_parquet(dir.path(), 28, 7);
+        let md = ParquetReader::new(File::open(&path).unwrap())
+            .get_metadata()
+            .unwrap()
+            .clone();
+        let heights: Vec<usize> = md.row_groups.iter().map(|rg| rg.num_rows()).collect();
+        assert_eq!(heights, [7, 7, 7, 7]);
+        for batch in [1, 3, 5, 7, 10, 28, 50] {
+            let mut src = Source::open(&declared(&path), batch, 0).unwrap();
+            assert_eq!(src.batches_total(), Some(28usize.div_ceil(batch) as u32));
+            let got = drain(&mut src);
+            assert_eq!(got.len(), 28usize.div_ceil(batch), "batch {batch}");
+            for (k, (first, ids, names)) in got.iter().enumerate() {
+                let start = (k * batch) as i64;
+                let end = (start + batch as i64).min(28);
+                assert_eq!(*first, start as u64, "batch {batch}");
+                assert_eq!(*ids, (start..end).collect::<Vec<_>>(), "batch {batch}");
+                let want: Vec<String> = (start..end).map(|i| format!("n{i}")).collect();
+                assert_eq!(*names, want, "batch {batch}");
+            }
+            assert_eq!(
+                decoded(&src),
+                4,
+                "each row group decoded once (batch {batch})"
+            );
+            assert!(src.next_batch().unwrap().is_none());
+        }
+    }
+
+    #[test]
+    fn parquet_resume_skips_without_decoding() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = grouped_parquet(dir.path(), 28, 7);
+        // Batches of 5, 3 already done: resume at row 15, inside the third row group
+        // (rows 14..21); the first two groups are never decoded.
+        let mut src = Source::open(&declared(&path), 5, 3).unwrap();
+        assert_eq!(decoded(&src), 0);
+        let got = drain(&mut src);
+        assert_eq!(
+            got.iter()
+                .map(|(f, ids, _)| (*f, ids.len()))
+                .collect::<Vec<_>>(),
+            [(15, 5), (20, 5), (25, 3)]
+        );
+        assert_eq!(got[0].1, (15..20).collect::<Vec<_>>());
+        assert_eq!(
+            got[1].1,
+            (20..25).collect::<Vec<_>>(),
+            "straddles groups 3 and 4"
+        );
+        assert_eq!(got[2].1, [25, 26, 27], "last short batch");
+        assert_eq!(decoded(&src), 2);
+        // Resuming past the end reads nothing and decodes nothing.
+        let mut src = Source::open(&declared(&path), 5, 9).unwrap();
+        assert!(src.next_batch().unwrap().is_none());
+        assert_eq!(decoded(&src), 0);
     }
 
     #[test]

@@ -736,6 +736,81 @@ fn resume_writes_every_row_exactly_once() {
 }
 
 #[test]
+fn batches_straddling_row_groups_agree_with_csv_and_replay_identically() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pq = tmp.path().join("in.parquet");
+    let csv = tmp.path().join("in.csv");
+    // Two row groups (65 536 + 4 464 rows); with batches of 6 000, batch 10 (rows
+    // 60 000..66 000) straddles them and batch 11 is a short last batch.
+    let rows = payroll::GENERATOR_CHUNK_ROWS as u64 + 4_464;
+    generate_payroll(rows, "acme", "2026-11", 5, &pq).unwrap();
+    generate_payroll(rows, "acme", "2026-11", 5, &csv).unwrap();
+    let p = |input: &Path| json!({"client_id": "acme", "period": "2026-11", "input": input});
+    let pq_job = spec("straddle-pq", p(&pq), 6_000, tmp.path());
+    let (pq_batches, pq_result) = run_all(&pq_job);
+    let (csv_batches, csv_result) = run_all(&spec("straddle-csv", p(&csv), 6_000, tmp.path()));
+    assert_eq!(pq_batches.len(), 12);
+    assert_eq!(pq_batches[10].rows, 6_000);
+    assert_eq!(pq_batches[11].rows, 4_000);
+    assert_eq!(pq_result, csv_result);
+    assert_eq!(pq_result["rows"], json!(rows));
+    for (a, b) in pq_batches.iter().zip(&csv_batches) {
+        assert_eq!((a.index, a.rows, &a.summary), (b.index, b.rows, &b.summary));
+    }
+    let a = read_parts(&job_dir(tmp.path(), "straddle-pq"));
+    let b = read_parts(&job_dir(tmp.path(), "straddle-csv"));
+    assert_eq!(a.height(), rows as usize);
+    assert!(a.equals_missing(&b), "parquet and csv outputs differ");
+
+    // Resuming at the straddling batch rewrites the same parts, byte for byte.
+    let mut run = Registry::builtin()
+        .open(
+            &JobSpec {
+                attempt: 2,
+                ..pq_job
+            },
+            10,
+        )
+        .unwrap();
+    let mut replayed = Vec::new();
+    while let Some(b) = run.next_batch().unwrap() {
+        replayed.push(b);
+    }
+    assert_eq!(replayed, pq_batches[10..]);
+}
+
+#[test]
+fn an_error_in_a_later_batch_surfaces_in_order_and_sticks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("in.csv");
+    // Batches of 2: batch 0 good, batch 1 holds an unknown state, batch 2 good.
+    let mut lines = with(4, |l| field(l, 11, "ZZ"));
+    lines.push(good_line(6));
+    std::fs::write(&input, format!("{HEADER}\n{}\n", lines.join("\n"))).unwrap();
+    let p = json!({"client_id": "acme", "period": "2026-11", "input": input});
+    let mut run = Registry::builtin()
+        .open(&spec("later", p, 2, tmp.path()), 0)
+        .unwrap();
+    let first = run.next_batch().unwrap().unwrap();
+    assert_eq!((first.index, first.rows), (0, 2));
+    let part = first.output.unwrap();
+    assert!(
+        Path::new(&part).is_file(),
+        "batch 0's part is written when it is returned"
+    );
+    let want = "validation: column \"state\": unknown code \"ZZ\" for employee_id 4";
+    for _ in 0..2 {
+        let e = run.next_batch().unwrap_err();
+        assert!(e.is_permanent());
+        assert_eq!(e.message, want);
+    }
+    let parts = std::fs::read_dir(job_dir(tmp.path(), "later"))
+        .unwrap()
+        .count();
+    assert_eq!(parts, 1, "no part for the failed batch or the one after it");
+}
+
+#[test]
 fn output_param_replaces_the_default_directory() {
     let tmp = tempfile::tempdir().unwrap();
     let input = tmp.path().join("in.parquet");

@@ -9,7 +9,7 @@
 //! Every batch is validated first (missing columns, nulls, negative amounts, out-of-range
 //! rates, unknown codes, rows of another client or period: a permanent error naming the
 //! column and the first offending `employee_id`), then computed with polars expressions in
-//! i64 arithmetic only: joins against the state-rate, benefit-plan and filing-status tables,
+//! i64 arithmetic only: lookups in the state-rate, benefit-plan and filing-status tables,
 //! and conditional expressions for caps, thresholds and the progressive federal brackets.
 
 mod generate;
@@ -368,20 +368,40 @@ fn bracket_sum(reference: &Reference) -> Expr {
     }
 }
 
-fn left_join(lf: LazyFrame, table: &DataFrame, key: &str) -> LazyFrame {
-    let mut args = JoinArgs::new(JoinType::Left);
-    args.maintain_order = MaintainOrderJoin::Left;
-    lf.join(table.clone().lazy(), [col(key)], [col(key)], args)
+/// The reference value of each row's `key` code as an i64 column `name` (null for a code
+/// the table lacks, which validation has already ruled out): the left join of the spec's
+/// reference tables, done as a lookup since the tables hold a handful of codes.
+fn lookup(
+    batch: &DataFrame,
+    key: &str,
+    table: &std::collections::BTreeMap<String, i64>,
+    name: &str,
+) -> PolarsResult<Column> {
+    let codes = batch.column(key)?.str()?;
+    let mut values: Int64Chunked = codes
+        .iter()
+        .map(|code| code.and_then(|c| table.get(c).copied()))
+        .collect();
+    values.rename(name.into());
+    Ok(values.into_column())
 }
 
 /// The spec's computation, steps 1 to 12, on a validated batch.
 pub(crate) fn compute(batch: DataFrame, reference: &Reference) -> Result<DataFrame, PipelineError> {
     let salaried = col("pay_type").eq(lit("salaried"));
-    let mut lf = batch.lazy();
-    lf = left_join(lf, &reference.state_frame, "state");
-    lf = left_join(lf, &reference.plan_frame, "benefit_plan");
-    lf = left_join(lf, &reference.filing_frame, "filing_status");
-    let out = lf
+    let mut batch = batch;
+    batch.hstack_mut(&[
+        lookup(&batch, "state", &reference.states, "state_rate_bp")?,
+        lookup(&batch, "benefit_plan", &reference.plans, "premium_cents")?,
+        lookup(
+            &batch,
+            "filing_status",
+            &reference.deductions,
+            "std_deduction_cents",
+        )?,
+    ])?;
+    let out = batch
+        .lazy()
         // 1-2. regular and overtime pay.
         .with_columns([
             when(salaried.clone())

@@ -2,7 +2,6 @@
 //! binary and parsed once per job; constants as Rust consts.
 
 use crate::PipelineError;
-use polars::prelude::*;
 use std::collections::BTreeMap;
 
 /// Annual limit on pre-tax retirement contributions (cents).
@@ -25,7 +24,7 @@ const STANDARD_DEDUCTION: &str = include_str!("../../data/standard_deduction.csv
 const STATE_RATES: &str = include_str!("../../data/state_rates.csv");
 const BENEFIT_PLANS: &str = include_str!("../../data/benefit_plans.csv");
 
-/// The payroll reference tables, parsed and ready to join.
+/// The payroll reference tables, parsed and ready to look codes up in.
 #[derive(Debug, Clone)]
 pub struct Reference {
     /// Federal brackets per filing status: `(lower bound, rate_bp)` ascending from 0.
@@ -36,12 +35,6 @@ pub struct Reference {
     pub states: BTreeMap<String, i64>,
     /// Employee premium per month (cents) per benefit plan code.
     pub plans: BTreeMap<String, i64>,
-    /// `state, state_rate_bp` for the join.
-    pub(crate) state_frame: DataFrame,
-    /// `benefit_plan, premium_cents` for the join.
-    pub(crate) plan_frame: DataFrame,
-    /// `filing_status, std_deduction_cents` for the join.
-    pub(crate) filing_frame: DataFrame,
 }
 
 /// Rows of a small embedded CSV (header checked, fields trimmed).
@@ -100,18 +93,6 @@ fn code_table(
     Ok(m)
 }
 
-fn frame(key: &str, value: &str, m: &BTreeMap<String, i64>) -> Result<DataFrame, PipelineError> {
-    let keys: Vec<&str> = m.keys().map(String::as_str).collect();
-    let values: Vec<i64> = m.values().copied().collect();
-    Ok(DataFrame::new(
-        m.len(),
-        vec![
-            Column::new(key.into(), keys),
-            Column::new(value.into(), values),
-        ],
-    )?)
-}
-
 impl Reference {
     /// Parses the embedded tables; an error here means a broken build, reported as permanent.
     pub fn load() -> Result<Self, PipelineError> {
@@ -151,9 +132,6 @@ impl Reference {
             &["benefit_plan", "premium_cents"],
         )?;
         Ok(Reference {
-            state_frame: frame("state", "state_rate_bp", &states)?,
-            plan_frame: frame("benefit_plan", "premium_cents", &plans)?,
-            filing_frame: frame("filing_status", "std_deduction_cents", &deductions)?,
             brackets,
             deductions,
             states,
@@ -175,6 +153,5 @@ mod tests {
         assert_eq!(r.states.len(), 10);
         assert_eq!(r.states["CA"], 725);
         assert_eq!(r.plans["FAMILY"], 46_000);
-        assert_eq!(r.state_frame.height(), 10);
     }
 }

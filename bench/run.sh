@@ -90,6 +90,7 @@ wall_s() { # seconds, from "Elapsed (wall clock) time (h:mm:ss or m:ss): 1:02.03
     awk -F': ' '/Elapsed \(wall clock\)/ { n = split($2, p, ":"); s = 0;
         for (i = 1; i <= n; i++) s = s * 60 + p[i]; printf "%.2f", s }' "$WORK/$1.time"
 }
+cpu_s() { awk -F': ' '/User time|System time/ { s += $2 } END { printf "%.2f", s }' "$WORK/$1.time"; }
 rss_mib() { awk -F': ' '/Maximum resident set size/ { printf "%.0f", $2 / 1024 }' "$WORK/$1.time"; }
 calc() { "$PY" -c "print($1)"; }
 fmt_int() { "$PY" -c "print(f'{round($1):,}')"; }
@@ -165,7 +166,7 @@ then
     } | tee -a "$DOC" >&2
     die "drover and pandas disagree on the payroll summary (see above)"
 fi
-D_S=$(wall_s d-pay) P_S=$(wall_s p-pay) D_RSS=$(rss_mib d-pay) P_RSS=$(rss_mib p-pay)
+D_S=$(wall_s d-pay) P_S=$(wall_s p-pay) D_RSS=$(rss_mib d-pay) P_RSS=$(rss_mib p-pay) D_CPU=$(cpu_s d-pay)
 TOTAL_NET=$("$PY" -c "import json;print(json.load(open('$WORK/d-pay.out'))['total_net'])")
 emit "## 1. Payroll: drover vs pandas ($(fmt_int "$ROWS") rows, batch 5000)"
 emit ""
@@ -222,6 +223,16 @@ start_worker() {
     die "worker did not start consuming within 30 s ($log)"
 }
 new_ns() { NS="$NS_PREFIX-$1"; NS_USED+=("$NS"); }
+HZ=$(getconf CLK_TCK)
+# cpu_ticks: user+system clock ticks so far of the running workers, RabbitMQ and Postgres.
+cpu_ticks() {
+    local w=0 b=0 p=0 pid
+    ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null || echo 0; }
+    for pid in "${WORKERS[@]}"; do w=$((w + $(ticks "$pid"))); done
+    for pid in $(pgrep -f beam.smp); do b=$((b + $(ticks "$pid"))); done
+    for pid in $(pgrep -x postgres); do p=$((p + $(ticks "$pid"))); done
+    echo "$w $b $p"
+}
 now_s() { date +%s.%N; }
 xacts() { psql_admin "SELECT xact_commit FROM pg_stat_database WHERE datname = '$BENCH_DB'"; }
 
@@ -231,6 +242,7 @@ reset_ledger
 new_ns pay
 start_worker "$NS" 8
 KEY="bench-$$-payroll"
+C0=$(cpu_ticks)
 T0=$(now_s)
 DROVER_NAMESPACE=$NS "$DROVER" publish -q --pipeline payroll --key "$KEY" --param client_id=acme \
     --param period=2026-11 --param input="$IN" --batch-size 5000 >/dev/null 2>"$WORK/pub-pay.err" \
@@ -241,6 +253,7 @@ T_WAIT=$(now_s)
 T1=$(psql_bench "SELECT extract(epoch FROM finished_at) FROM drover.jobs WHERE idempotency_key = '$KEY'")
 STARTED=$(psql_bench "SELECT extract(epoch FROM started_at) FROM drover.jobs WHERE idempotency_key = '$KEY'")
 WORKER_RESULT=$(psql_bench "SELECT result FROM drover.jobs WHERE idempotency_key = '$KEY'")
+C1=$(cpu_ticks)
 stop_workers
 delete_queues "$NS"
 SAME=$("$PY" -c "import json,sys; r=json.loads(sys.argv[1]); d=json.load(open('$WORK/d-pay.out')); print('identical' if all(r.get(k)==v for k,v in d.items()) else 'DIFFERENT')" "$WORKER_RESULT")
@@ -257,6 +270,11 @@ emit "- overhead: **$OVERHEAD %** (target < 5 %). Measured from just before \`dr
 emit "  \`finished_at\`; of that, publish → \`started_at\` took $(calc "round($STARTED - $T0, 2)") s (publish process start-up, ledger insert, confirm, delivery, claim)."
 emit "  \`drover jobs wait\` returned after $(calc "round($T_WAIT - $T0, 2)") s (it polls)."
 emit "- the worker's stored result is $SAME to the \`drover run\` summary."
+read -r CW0 CB0 CP0 <<<"$C0"
+read -r CW1 CB1 CP1 <<<"$C1"
+emit "- CPU seconds used during the job (from /proc, publish to \`jobs wait\` return): worker"
+emit "  $(calc "round(($CW1 - $CW0) / $HZ, 2)") s vs $D_CPU s for \`drover run\`; RabbitMQ (beam.smp) $(calc "round(($CB1 - $CB0) / $HZ, 2)") s;"
+emit "  Postgres (backends alive at both ends) $(calc "round(($CP1 - $CP0) / $HZ, 2)") s; all on the same $(nproc) cores."
 emit ""
 
 # ---- 4. end-to-end noop throughput -----------------------------------------------------------

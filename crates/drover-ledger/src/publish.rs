@@ -113,13 +113,18 @@ impl Ledger {
     }
 
     /// Notes that the broker confirmed the messages of these jobs.
+    ///
+    /// Rows a worker is claiming at this instant are skipped rather than waited for (and
+    /// the worker not made to wait for this update either): a claim records `enqueued_at`
+    /// itself, since a worker holding the message proves it was enqueued.
     pub async fn mark_enqueued(&self, ids: &[Uuid]) -> Result<(), LedgerError> {
         if ids.is_empty() {
             return Ok(());
         }
         sqlx::query(
-            "UPDATE drover.jobs SET enqueued_at = now() \
-             WHERE id = ANY($1) AND enqueued_at IS NULL",
+            "UPDATE drover.jobs SET enqueued_at = now() WHERE id IN \
+             (SELECT id FROM drover.jobs WHERE id = ANY($1) AND enqueued_at IS NULL \
+              ORDER BY id FOR UPDATE SKIP LOCKED)",
         )
         .bind(ids)
         .execute(&self.pool)

@@ -573,6 +573,7 @@ async fn start_attempt(
     let r: Row = sqlx::query_as(
         "UPDATE drover.jobs SET state = 'running', attempts = attempts + 1, lease_owner = $2, \
          heartbeat_at = now(), run_at = NULL, started_at = COALESCE(started_at, now()), \
+         enqueued_at = COALESCE(enqueued_at, now()), \
          updated_at = now() WHERE id = $1 \
          RETURNING idempotency_key, pipeline, params, batch_size, attempts, max_attempts, \
          batches_done, trace_id",
@@ -687,6 +688,7 @@ impl Ledger {
                 UPDATE drover.jobs j
                 SET state = 'running', attempts = j.attempts + 1, lease_owner = $2,
                     heartbeat_at = now(), run_at = NULL,
+                    enqueued_at = COALESCE(j.enqueued_at, now()),
                     started_at = COALESCE(j.started_at, now()), updated_at = now()
                 FROM c WHERE j.id = c.id
                 RETURNING j.id, j.idempotency_key, j.pipeline, j.params, j.batch_size,

@@ -255,32 +255,12 @@ impl Ledger {
         Ok(cancelled.into_iter().flatten().collect())
     }
 
-    /// Records the number of batches the job's input has, once known.
-    pub async fn set_batches_total(
-        &self,
-        job: &ClaimedJob,
-        worker: &str,
-        total: i32,
-    ) -> Result<(), LedgerError> {
-        sqlx::query(
-            "UPDATE drover.jobs SET batches_total = $4, updated_at = now() \
-             WHERE id = $1 AND lease_owner = $2 AND attempts = $3 AND state = 'running'",
-        )
-        .bind(job.id)
-        .bind(worker)
-        .bind(job.attempt)
-        .bind(total)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
     /// Checkpoints one completed batch and the job's progress in one transaction (one
     /// statement), renewing the lease. Returns whether cancellation was requested.
     ///
     /// Replaying a batch index overwrites its checkpoint and corrects `rows_done`, so
     /// progress never double counts. `batches_total` fills the job's total if it is unset
-    /// (the worker records it up front only for multi-batch jobs).
+    /// (the worker's first checkpoint records it).
     pub async fn checkpoint(
         &self,
         job: &ClaimedJob,
@@ -559,23 +539,12 @@ async fn start_attempt(
     id: Uuid,
     worker: &str,
 ) -> Result<ClaimedJob, LedgerError> {
-    #[derive(sqlx::FromRow)]
-    struct Row {
-        idempotency_key: String,
-        pipeline: String,
-        params: sqlx::types::Json<Value>,
-        batch_size: Option<i32>,
-        attempts: i32,
-        max_attempts: i32,
-        batches_done: i32,
-        trace_id: Option<String>,
-    }
-    let r: Row = sqlx::query_as(
+    let r: ClaimedRow = sqlx::query_as(
         "UPDATE drover.jobs SET state = 'running', attempts = attempts + 1, lease_owner = $2, \
          heartbeat_at = now(), run_at = NULL, started_at = COALESCE(started_at, now()), \
          enqueued_at = COALESCE(enqueued_at, now()), \
          updated_at = now() WHERE id = $1 \
-         RETURNING idempotency_key, pipeline, params, batch_size, attempts, max_attempts, \
+         RETURNING id, idempotency_key, pipeline, params, batch_size, attempts, max_attempts, \
          batches_done, trace_id",
     )
     .bind(id)
@@ -588,17 +557,7 @@ async fn start_attempt(
         .bind(worker)
         .execute(&mut **tx)
         .await?;
-    Ok(ClaimedJob {
-        id,
-        key: r.idempotency_key,
-        pipeline: r.pipeline,
-        params: r.params.0,
-        batch_size: r.batch_size,
-        attempt: r.attempts,
-        max_attempts: r.max_attempts,
-        batches_done: r.batches_done,
-        trace_id: r.trace_id,
-    })
+    Ok(ClaimedJob::from(r))
 }
 
 /// A job's successful end, for [`Ledger::complete_many`]: its result and, folded into the

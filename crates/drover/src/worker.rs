@@ -902,17 +902,15 @@ async fn run_attempt(
                 // Keep the work done: the next attempt resumes after it.
                 match checkpoint(shared, job, &b, total).await {
                     Ok(_) => done_here.push(b),
-                    Err(CheckpointStop::Lost) => return Disposition::Ack,
-                    Err(CheckpointStop::Db(stop)) => return stopped(shared, job, stop).await,
+                    Err(stop) => return stopped_at_checkpoint(shared, job, stop).await,
                 }
             }
             info!("shutting down: releasing the job at a batch boundary");
             shared.metrics.job(&job.pipeline, "released");
             return end_held(shared, job, HeldEnd::Released, "", Disposition::Requeue).await;
         }
-        let is_last = |b: &BatchOutcome| total.is_some_and(|t| b.index as i32 + 1 >= t);
         let to_commit = match &pending {
-            Some(b) if !is_last(b) => pending.take(),
+            Some(b) if !is_last(b, total) => pending.take(),
             _ => None,
         };
         // When this hop may reach the end of the input, it also finishes the job (one hop
@@ -948,8 +946,7 @@ async fn run_attempt(
                 }
             }
             Ok(None) => {}
-            Err(CheckpointStop::Lost) => return Disposition::Ack,
-            Err(CheckpointStop::Db(stop)) => return stopped(shared, job, stop).await,
+            Err(stop) => return stopped_at_checkpoint(shared, job, stop).await,
         }
         let hop = match computed {
             Ok((s, hop)) => {
@@ -968,8 +965,7 @@ async fn run_attempt(
                 // back as the last.
                 match checkpoint(shared, job, &early, total).await {
                     Ok(_) => done_here.push(early),
-                    Err(CheckpointStop::Lost) => return Disposition::Ack,
-                    Err(CheckpointStop::Db(stop)) => return stopped(shared, job, stop).await,
+                    Err(stop) => return stopped_at_checkpoint(shared, job, stop).await,
                 }
             }
         }
@@ -1079,7 +1075,7 @@ impl Slot {
                     break;
                 }
                 Some(b) => {
-                    let last = total.is_some_and(|t| b.index as i32 + 1 >= t);
+                    let last = is_last(&b, total);
                     hop.batches.push(b);
                     if !last {
                         break;
@@ -1140,11 +1136,29 @@ fn record_of(b: &BatchOutcome) -> BatchRecord {
     }
 }
 
+/// Whether `b` is the last batch the input announced (`total` batches).
+fn is_last(b: &BatchOutcome, total: Option<i32>) -> bool {
+    total.is_some_and(|t| b.index as i32 + 1 >= t)
+}
+
 /// Why a job stopped at a checkpoint.
 enum CheckpointStop {
     /// Another worker or an operator took the job: stop and ack (already logged).
     Lost,
     Db(DbStop),
+}
+
+/// The delivery's fate when a checkpoint stopped the job: ack after a lost lease (the new
+/// owner records the outcome), else give the job back.
+async fn stopped_at_checkpoint(
+    shared: &Shared,
+    job: &ClaimedJob,
+    stop: CheckpointStop,
+) -> Disposition {
+    match stop {
+        CheckpointStop::Lost => Disposition::Ack,
+        CheckpointStop::Db(stop) => stopped(shared, job, stop).await,
+    }
 }
 
 /// Checkpoints one batch (renewing the lease); returns whether cancellation was requested.

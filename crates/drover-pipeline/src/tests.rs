@@ -123,8 +123,8 @@ fn out_rows(df: &DataFrame) -> Vec<Out> {
 fn pay(rows: &[Emp]) -> Vec<Out> {
     let reference = Reference::load().unwrap();
     let df = frame(rows);
-    payroll::validate_batch(&df, &params(), &reference, 0).unwrap();
-    let out = payroll::compute(df, &reference).unwrap();
+    let codes = payroll::validate_batch(&df, &params(), &reference, 0).unwrap();
+    let out = payroll::compute(df, &codes, &reference).unwrap();
     assert_eq!(
         out.get_column_names_owned(),
         [
@@ -1004,7 +1004,9 @@ fn bad_parquet_inputs() {
             ..emp(11)
         },
     ]);
-    let e = payroll::validate_batch(&neg, &params(), &reference, 0).unwrap_err();
+    let Err(e) = payroll::validate_batch(&neg, &params(), &reference, 0) else {
+        panic!("a negative amount must fail validation");
+    };
     assert_eq!(
         e.message,
         "validation: column \"annual_salary_cents\": negative amount -1 for employee_id 11"

@@ -8,9 +8,10 @@
 //!
 //! Every batch is validated first (missing columns, nulls, negative amounts, out-of-range
 //! rates, unknown codes, rows of another client or period: a permanent error naming the
-//! column and the first offending `employee_id`), then computed with polars expressions in
-//! i64 arithmetic only: lookups in the state-rate, benefit-plan and filing-status tables,
-//! and conditional expressions for caps, thresholds and the progressive federal brackets.
+//! column and the first offending `employee_id`); validation also maps each row's codes to
+//! its state rate, benefit premium and filing status (the spec's reference joins). Then the
+//! spec's twelve steps run as one pass over the batch's polars columns, in i64 arithmetic
+//! only, producing the output frame (see [`compute`] for why not a lazy query).
 
 mod generate;
 mod reference;
@@ -196,8 +197,8 @@ impl Pipeline for Payroll {
         batch: DataFrame,
         ctx: &BatchContext,
     ) -> Result<Option<DataFrame>, PipelineError> {
-        validate_batch(&batch, params, reference, ctx.first_row)?;
-        Ok(Some(compute(batch, reference)?))
+        let codes = validate_batch(&batch, params, reference, ctx.first_row)?;
+        Ok(Some(compute(batch, &codes, reference)?))
     }
 
     fn summarise(&self, rows: u64, output: Option<&DataFrame>) -> Result<Summary, PipelineError> {
@@ -233,14 +234,110 @@ impl Pipeline for Payroll {
     }
 }
 
+/// What validation learns about a batch's code columns, one entry per row: the reference
+/// lookups (the spec's joins) the computation needs.
+pub(crate) struct Codes {
+    salaried: Vec<bool>,
+    /// Index into [`Tables::statuses`].
+    status: Vec<u8>,
+    state_bp: Vec<i64>,
+    premium: Vec<i64>,
+}
+
+/// The reference tables in the shape the computation reads them.
+struct Tables<'a> {
+    /// Per filing status, in [`Reference::deductions`] order.
+    statuses: Vec<FilingStatus<'a>>,
+}
+
+/// A filing status's standard deduction and federal brackets.
+struct FilingStatus<'a> {
+    name: &'a str,
+    deduction: i64,
+    /// (lower bound, rate_bp), ascending from 0.
+    brackets: &'a [(i64, i64)],
+}
+
+impl<'a> Tables<'a> {
+    fn new(reference: &'a Reference) -> Result<Self, PipelineError> {
+        let statuses = reference
+            .deductions
+            .iter()
+            .map(|(status, deduction)| {
+                let brackets = reference.brackets.get(status).ok_or_else(|| {
+                    PipelineError::permanent(format!(
+                        "payroll: reference tables: no federal brackets for filing status \"{status}\""
+                    ))
+                })?;
+                Ok(FilingStatus {
+                    name: status,
+                    deduction: *deduction,
+                    brackets,
+                })
+            })
+            .collect::<Result<Vec<_>, PipelineError>>()?;
+        if statuses.len() > usize::from(u8::MAX) {
+            return Err(PipelineError::permanent(
+                "payroll: reference tables: more than 255 filing statuses",
+            ));
+        }
+        Ok(Tables { statuses })
+    }
+}
+
+/// Maps every value of a string column through `find`, in one pass; `Err(row)` names the
+/// first value `find` rejects. The column must hold no nulls (validation checks them first).
+///
+/// A column of a few distinct codes is the common case, so each distinct short value (up to
+/// 12 bytes, which polars stores inline in its 16-byte string view) is looked up once and
+/// then recognised by its view alone: one integer compare per row instead of a string
+/// lookup. Equal views mean equal strings, so a miss only costs the ordinary lookup.
+fn map_codes<T: Copy>(
+    column: &StringChunked,
+    find: impl Fn(&str) -> Option<T>,
+    out: &mut Vec<T>,
+) -> Result<(), usize> {
+    const INLINE: u32 = 12;
+    const MEMO: usize = 16;
+    let mut memo: Vec<(u128, T)> = Vec::with_capacity(MEMO);
+    out.clear();
+    out.reserve(column.len());
+    let mut row = 0;
+    for arr in column.downcast_iter() {
+        for (i, view) in arr.views().iter().enumerate() {
+            let key = view.as_u128();
+            let inline = view.length <= INLINE;
+            let hit = if inline {
+                memo.iter().find(|(k, _)| *k == key).map(|(_, v)| *v)
+            } else {
+                None
+            };
+            let value = match hit {
+                Some(v) => v,
+                None => {
+                    let v = find(arr.value(i)).ok_or(row + i)?;
+                    if inline && memo.len() < MEMO {
+                        memo.push((key, v));
+                    }
+                    v
+                }
+            };
+            out.push(value);
+        }
+        row += arr.len();
+    }
+    Ok(())
+}
+
 /// The spec's validation rules, checked column by column in spec order; the error names the
-/// column and the batch's first offending row by `employee_id`.
+/// column and the batch's first offending row by `employee_id`. Returns the reference
+/// lookups of every row.
 pub(crate) fn validate_batch(
     df: &DataFrame,
     params: &PayrollParams,
     reference: &Reference,
     first_row: u64,
-) -> Result<(), PipelineError> {
+) -> Result<Codes, PipelineError> {
     for (name, _) in INPUT_COLUMNS {
         if df.column(name).is_err() {
             return Err(PipelineError::permanent(format!(
@@ -288,218 +385,224 @@ pub(crate) fn validate_batch(
             }
         }
     }
-    let check = |name: &str, ok: &dyn Fn(&str) -> bool, what: &dyn Fn(&str) -> String| {
-        let values = df.column(name)?.str()?;
-        match values.iter().position(|v| v.is_some_and(|v| !ok(v))) {
-            Some(idx) => Err(fail(name, what(values.get(idx).unwrap_or_default()), idx)),
-            None => Ok(()),
+    let tables = Tables::new(reference)?;
+    let mut codes = Codes {
+        salaried: Vec::new(),
+        status: Vec::new(),
+        state_bp: Vec::new(),
+        premium: Vec::new(),
+    };
+    // Each code column in one pass, mapped to what the computation needs; the message says
+    // what was expected, with the offending value.
+    let code_column = |name: &str| df.column(name).and_then(|c| c.str());
+    let bad = |name: &str, idx: usize, what: &dyn Fn(&str) -> String| -> PipelineError {
+        match code_column(name) {
+            Ok(values) => fail(name, what(values.get(idx).unwrap_or_default()), idx),
+            Err(e) => e.into(),
         }
     };
-    check("pay_type", &|v| v == "salaried" || v == "hourly", &|v| {
-        format!("expected salaried or hourly, got \"{v}\"")
+    map_codes(
+        code_column("pay_type")?,
+        |v| match v {
+            "salaried" => Some(true),
+            "hourly" => Some(false),
+            _ => None,
+        },
+        &mut codes.salaried,
+    )
+    .map_err(|idx| {
+        bad("pay_type", idx, &|v| {
+            format!("expected salaried or hourly, got \"{v}\"")
+        })
     })?;
-    check(
-        "filing_status",
-        &|v| reference.deductions.contains_key(v),
-        &|v| format!("expected single or married, got \"{v}\""),
-    )?;
-    check("state", &|v| reference.states.contains_key(v), &|v| {
-        format!("unknown code \"{v}\"")
+    map_codes(
+        code_column("filing_status")?,
+        |v| {
+            tables
+                .statuses
+                .iter()
+                .position(|s| s.name == v)
+                .and_then(|i| u8::try_from(i).ok())
+        },
+        &mut codes.status,
+    )
+    .map_err(|idx| {
+        bad("filing_status", idx, &|v| {
+            format!("expected single or married, got \"{v}\"")
+        })
     })?;
-    check("benefit_plan", &|v| reference.plans.contains_key(v), &|v| {
-        format!("unknown code \"{v}\"")
+    map_codes(
+        code_column("state")?,
+        |v| reference.states.get(v).copied(),
+        &mut codes.state_bp,
+    )
+    .map_err(|idx| bad("state", idx, &|v| format!("unknown code \"{v}\"")))?;
+    map_codes(
+        code_column("benefit_plan")?,
+        |v| reference.plans.get(v).copied(),
+        &mut codes.premium,
+    )
+    .map_err(|idx| bad("benefit_plan", idx, &|v| format!("unknown code \"{v}\"")))?;
+    let mut unit = Vec::new();
+    map_codes(
+        code_column("client_id")?,
+        |v| (v == params.client_id).then_some(()),
+        &mut unit,
+    )
+    .map_err(|idx| {
+        bad("client_id", idx, &|v| {
+            format!(
+                "row of client \"{v}\" in a run for client \"{}\"",
+                params.client_id
+            )
+        })
     })?;
-    check("client_id", &|v| v == params.client_id, &|v| {
-        format!(
-            "row of client \"{v}\" in a run for client \"{}\"",
-            params.client_id
-        )
+    map_codes(
+        code_column("period")?,
+        |v| (v == params.period).then_some(()),
+        &mut unit,
+    )
+    .map_err(|idx| {
+        bad("period", idx, &|v| {
+            format!(
+                "row of period \"{v}\" in a run for period \"{}\"",
+                params.period
+            )
+        })
     })?;
-    check("period", &|v| v == params.period, &|v| {
-        format!(
-            "row of period \"{v}\" in a run for period \"{}\"",
-            params.period
-        )
-    })?;
-    Ok(())
+    Ok(codes)
 }
 
-/// `rhu(a, b) = (a + b/2) / b`: round-half-up integer division (`a >= 0`, even `b > 0`).
-/// `Expr / Expr` is polars' `rust_div`: truncating integer division on i64, as the spec's `/`.
-fn rhu(a: Expr, b: i64) -> Expr {
-    (a + lit(b / 2)) / lit(b)
+/// `rhu(a, b) = (a + b/2) / b`: round-half-up integer division (`a >= 0`, even `b > 0`), with
+/// Rust's truncating `/`, as the spec's.
+fn rhu(a: i64, b: i64) -> i64 {
+    (a + b / 2) / b
 }
 
-fn min2(a: Expr, b: Expr) -> Expr {
-    when(a.clone().lt_eq(b.clone())).then(a).otherwise(b)
-}
-
-fn max2(a: Expr, b: Expr) -> Expr {
-    when(a.clone().gt_eq(b.clone())).then(a).otherwise(b)
-}
-
-/// The spec's annual federal tax before rounding, as a sum of bracket portions times rates,
-/// chosen per filing status: `Σ max(0, min(annual_taxable, next lower) − lower) * rate_bp`.
-fn bracket_sum(reference: &Reference) -> Expr {
-    let at = col("annual_taxable");
-    let mut chain: Option<ChainedThen> = None;
-    let mut first: Option<Then> = None;
-    for (status, brackets) in &reference.brackets {
-        let mut sum = lit(0i64);
-        for (i, (lower, rate)) in brackets.iter().enumerate() {
-            let upper = match brackets.get(i + 1) {
-                Some((next, _)) => min2(at.clone(), lit(*next)),
-                None => at.clone(),
-            };
-            sum = sum + max2(upper - lit(*lower), lit(0i64)) * lit(*rate);
-        }
-        let cond = col("filing_status").eq(lit(status.clone()));
-        match (first.take(), chain.take()) {
-            (None, None) => first = Some(when(cond).then(sum)),
-            (Some(t), _) => chain = Some(t.when(cond).then(sum)),
-            (None, Some(c)) => chain = Some(c.when(cond).then(sum)),
-        }
+/// The spec's annual federal tax before rounding: `Σ max(0, min(annual_taxable, next lower)
+/// − lower) * rate_bp` over the filing status's brackets (ascending, the first at 0).
+fn bracket_sum(annual_taxable: i64, brackets: &[(i64, i64)]) -> i64 {
+    let mut sum = 0;
+    for (i, (lower, rate)) in brackets.iter().enumerate() {
+        let upper = match brackets.get(i + 1) {
+            Some((next, _)) => annual_taxable.min(*next),
+            None => annual_taxable,
+        };
+        sum += (upper - lower).max(0) * rate;
     }
-    let null = lit(NULL).cast(DataType::Int64);
-    match (first, chain) {
-        (_, Some(c)) => c.otherwise(null),
-        (Some(t), None) => t.otherwise(null),
-        (None, None) => null,
-    }
+    sum
 }
 
-/// The reference value of each row's `key` code as an i64 column `name` (null for a code
-/// the table lacks, which validation has already ruled out): the left join of the spec's
-/// reference tables, done as a lookup since the tables hold a handful of codes.
-fn lookup(
-    batch: &DataFrame,
-    key: &str,
-    table: &std::collections::BTreeMap<String, i64>,
-    name: &str,
-) -> PolarsResult<Column> {
-    let codes = batch.column(key)?.str()?;
-    let mut values: Int64Chunked = codes
+/// One employee's results, in [`MONEY_COLUMNS`] order.
+fn employee(
+    i: usize,
+    input: &[&[i64]; 9],
+    codes: &Codes,
+    tables: &Tables,
+) -> [i64; MONEY_COLUMNS.len()] {
+    let [
+        _,
+        annual_salary,
+        hourly_rate,
+        regular_hours,
+        overtime_hours,
+        bonus,
+        retirement_bp,
+        ytd_gross,
+        ytd_retirement,
+    ] = input;
+    let rate = hourly_rate[i];
+    // 1-3.
+    let (regular, overtime) = if codes.salaried[i] {
+        (rhu(annual_salary[i], 12), 0)
+    } else {
+        (
+            rhu(rate * regular_hours[i], 100),
+            rhu(rate * overtime_hours[i] * 3, 200),
+        )
+    };
+    let gross = regular + overtime + bonus[i];
+    // 4. retirement, capped by what is left of the annual limit.
+    let retirement = rhu(gross * retirement_bp[i], 10_000)
+        .min((RETIREMENT_ANNUAL_LIMIT - ytd_retirement[i]).max(0));
+    // 5. benefits never exceed what is left of gross.
+    let benefits = codes.premium[i].min(gross - retirement);
+    // 6-8.
+    let taxable = gross - retirement - benefits;
+    let status = &tables.statuses[usize::from(codes.status[i])];
+    let annual_taxable = (taxable * 12 - status.deduction).max(0);
+    let federal_tax = rhu(
+        rhu(bracket_sum(annual_taxable, status.brackets), 10_000),
+        12,
+    );
+    // 9-10.
+    let ytd = ytd_gross[i];
+    let social_security = rhu(
+        gross.min(SOCIAL_SECURITY_WAGE_BASE - ytd).max(0) * SOCIAL_SECURITY_BP,
+        10_000,
+    );
+    let extra = (ytd + gross - ADDITIONAL_MEDICARE_THRESHOLD).max(0)
+        - (ytd - ADDITIONAL_MEDICARE_THRESHOLD).max(0);
+    let medicare = rhu(gross * MEDICARE_BP, 10_000) + rhu(extra * ADDITIONAL_MEDICARE_BP, 10_000);
+    // 11-12.
+    let state_tax = rhu(taxable * codes.state_bp[i], 10_000);
+    let net = gross - retirement - benefits - federal_tax - social_security - medicare - state_tax;
+    [
+        gross,
+        retirement,
+        benefits,
+        taxable,
+        federal_tax,
+        social_security,
+        medicare,
+        state_tax,
+        net,
+    ]
+}
+
+/// The spec's computation, steps 1 to 12, on a batch [`validate_batch`] accepted (its
+/// `codes`): one pass over the rows in i64 arithmetic, producing the output frame.
+///
+/// A hand-written pass rather than a lazy polars query: at a few thousand rows per batch,
+/// planning a query of some forty expressions cost more than evaluating it, and every
+/// expression materialised a column of its own.
+pub(crate) fn compute(
+    batch: DataFrame,
+    codes: &Codes,
+    reference: &Reference,
+) -> Result<DataFrame, PipelineError> {
+    let tables = Tables::new(reference)?;
+    let height = batch.height();
+    // Contiguous, null-free i64 columns (validation ruled nulls out; a batch that spans two
+    // row groups arrives in two chunks and is joined here).
+    let chunked = INT_COLUMNS
         .iter()
-        .map(|code| code.and_then(|c| table.get(c).copied()))
+        .map(|name| Ok(batch.column(name)?.i64()?.rechunk()))
+        .collect::<PolarsResult<Vec<_>>>()?;
+    let mut slices: [&[i64]; 9] = [&[]; 9];
+    for (slot, ca) in slices.iter_mut().zip(&chunked) {
+        *slot = ca.cont_slice()?;
+    }
+    if codes.salaried.len() != height || codes.status.len() != height {
+        return Err(PipelineError::permanent(format!(
+            "payroll: internal error: {} rows validated, {height} to compute",
+            codes.salaried.len()
+        )));
+    }
+    let mut money: Vec<Vec<i64>> = (0..MONEY_COLUMNS.len())
+        .map(|_| Vec::with_capacity(height))
         .collect();
-    values.rename(name.into());
-    Ok(values.into_column())
-}
-
-/// The spec's computation, steps 1 to 12, on a validated batch.
-pub(crate) fn compute(batch: DataFrame, reference: &Reference) -> Result<DataFrame, PipelineError> {
-    let salaried = col("pay_type").eq(lit("salaried"));
-    let mut batch = batch;
-    batch.hstack_mut(&[
-        lookup(&batch, "state", &reference.states, "state_rate_bp")?,
-        lookup(&batch, "benefit_plan", &reference.plans, "premium_cents")?,
-        lookup(
-            &batch,
-            "filing_status",
-            &reference.deductions,
-            "std_deduction_cents",
-        )?,
-    ])?;
-    let out = batch
-        .lazy()
-        // 1-2. regular and overtime pay.
-        .with_columns([
-            when(salaried.clone())
-                .then(rhu(col("annual_salary_cents"), 12))
-                .otherwise(rhu(
-                    col("hourly_rate_cents") * col("regular_hours_x100"),
-                    100,
-                ))
-                .alias("regular"),
-            when(salaried)
-                .then(lit(0i64))
-                .otherwise(rhu(
-                    col("hourly_rate_cents") * col("overtime_hours_x100") * lit(3i64),
-                    200,
-                ))
-                .alias("overtime"),
-        ])
-        // 3.
-        .with_column((col("regular") + col("overtime") + col("bonus_cents")).alias("gross"))
-        // 4. retirement, capped by what is left of the annual limit.
-        .with_column(
-            min2(
-                rhu(col("gross") * col("retirement_bp"), 10_000),
-                max2(
-                    lit(RETIREMENT_ANNUAL_LIMIT) - col("ytd_retirement_cents"),
-                    lit(0i64),
-                ),
-            )
-            .alias("retirement"),
-        )
-        // 5. benefits never exceed what is left of gross.
-        .with_column(min2(col("premium_cents"), col("gross") - col("retirement")).alias("benefits"))
-        // 6.
-        .with_column((col("gross") - col("retirement") - col("benefits")).alias("taxable"))
-        // 7.
-        .with_column(
-            max2(
-                col("taxable") * lit(12i64) - col("std_deduction_cents"),
-                lit(0i64),
-            )
-            .alias("annual_taxable"),
-        )
-        // 8-11.
-        .with_columns([
-            rhu(rhu(bracket_sum(reference), 10_000), 12).alias("federal_tax"),
-            rhu(
-                max2(
-                    min2(
-                        col("gross"),
-                        lit(SOCIAL_SECURITY_WAGE_BASE) - col("ytd_gross_cents"),
-                    ),
-                    lit(0i64),
-                ) * lit(SOCIAL_SECURITY_BP),
-                10_000,
-            )
-            .alias("social_security"),
-            (rhu(col("gross") * lit(MEDICARE_BP), 10_000)
-                + rhu(
-                    (max2(
-                        col("ytd_gross_cents") + col("gross") - lit(ADDITIONAL_MEDICARE_THRESHOLD),
-                        lit(0i64),
-                    ) - max2(
-                        col("ytd_gross_cents") - lit(ADDITIONAL_MEDICARE_THRESHOLD),
-                        lit(0i64),
-                    )) * lit(ADDITIONAL_MEDICARE_BP),
-                    10_000,
-                ))
-            .alias("medicare"),
-            rhu(col("taxable") * col("state_rate_bp"), 10_000).alias("state_tax"),
-        ])
-        // 12.
-        .with_column(
-            (col("gross")
-                - col("retirement")
-                - col("benefits")
-                - col("federal_tax")
-                - col("social_security")
-                - col("medicare")
-                - col("state_tax"))
-            .alias("net"),
-        )
-        .select(
-            ["employee_id", "client_id", "period"]
-                .into_iter()
-                .chain(MONEY_COLUMNS)
-                .map(col)
-                .collect::<Vec<_>>(),
-        )
-        .collect()?;
-    for name in MONEY_COLUMNS {
-        let c = out.column(name)?;
-        if c.dtype() != &DataType::Int64 || c.null_count() > 0 {
-            return Err(PipelineError::permanent(format!(
-                "payroll: internal error: column \"{name}\" is {} with {} nulls",
-                c.dtype(),
-                c.null_count()
-            )));
+    for i in 0..height {
+        for (column, value) in money.iter_mut().zip(employee(i, &slices, codes, &tables)) {
+            column.push(value);
         }
     }
-    Ok(out)
+    let mut columns = Vec::with_capacity(3 + MONEY_COLUMNS.len());
+    for name in ["employee_id", "client_id", "period"] {
+        columns.push(batch.column(name)?.clone());
+    }
+    for (name, values) in MONEY_COLUMNS.iter().zip(money) {
+        columns.push(Int64Chunked::from_vec((*name).into(), values).into_column());
+    }
+    Ok(DataFrame::new(height, columns)?)
 }

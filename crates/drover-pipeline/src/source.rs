@@ -1,13 +1,16 @@
 //! Batch sources: what a pipeline reads, delivered `batch_size` rows at a time without ever
 //! holding the whole input in memory.
 //!
-//! * Parquet: the footer is read once. Row groups are decoded one at a time (declared
-//!   columns only), each exactly once, and kept while batches are copied out of them; a
-//!   batch that straddles a row-group boundary is the tail of one group followed by the
-//!   head of the next. Memory is therefore bounded by one decoded row group plus a couple
-//!   of batches (`max(batch, row group)` rows in order of magnitude), not by the file.
-//!   Batches skipped on resume never cause a decode: the first read starts at the row group
-//!   holding the resume position.
+//! * Parquet: the footer is read once. Rows are decoded a window at a time (declared
+//!   columns only; a window is [`DECODE_WINDOW_ROWS`] rows, or the batch size if larger,
+//!   and never crosses a row group), each row exactly once, and the window is kept while
+//!   batches are copied out of it; a batch that straddles a window is the tail of one
+//!   followed by the head of the next. Decoding a window decompresses only the Parquet
+//!   pages that hold its rows, so a file written as one huge row group (pyarrow's default
+//!   is a million rows per group) costs no more memory than one of small groups: memory is
+//!   bounded by one window plus a couple of batches, not by the file or its row groups.
+//!   Batches skipped on resume never cause a decode: the first read starts at the resume
+//!   position.
 //! * CSV: one forward pass over a buffered file handle. Each batch's records are cut out of
 //!   the stream (quote-aware, so a newline inside a quoted field does not split a record),
 //!   prefixed with the header and parsed by polars with every column as a string; declared
@@ -158,12 +161,20 @@ struct ParquetSource {
     /// First input row of every row group, then the total: row group `i` holds rows
     /// `rg_starts[i]..rg_starts[i + 1]`.
     rg_starts: Vec<u64>,
-    /// The most recently decoded row group (its index and its rows), which the next batch
-    /// most likely continues.
-    current: Option<(usize, DataFrame)>,
-    /// Row groups decoded so far (each decode is the expensive part of a read).
+    /// Rows per decoded window: `max(batch size, DECODE_WINDOW_ROWS)`.
+    window_rows: usize,
+    /// The most recently decoded window: its first input row and its rows, which the next
+    /// batch most likely continues.
+    current: Option<(u64, DataFrame)>,
+    /// Windows decoded so far (each decode is the expensive part of a read).
     decoded: u32,
 }
+
+/// Rows decoded at a time from a Parquet file (fewer at the end of a row group). Large
+/// enough that a window decompresses each page it touches about once (writers cut pages at
+/// around 1 MiB, 131 072 i64 values), small enough to bound memory (~11 MiB for the
+/// 15-column payroll input).
+pub const DECODE_WINDOW_ROWS: usize = 65_536;
 
 struct CsvSource {
     reader: BufReader<File>,
@@ -204,9 +215,12 @@ impl Source {
                 })?;
                 let file = File::open(path).map_err(|e| input_io(&label, e))?;
                 let kind = match format {
-                    Format::Parquet => {
-                        SourceKind::Parquet(ParquetSource::open(file, &input.columns, &label)?)
-                    }
+                    Format::Parquet => SourceKind::Parquet(ParquetSource::open(
+                        file,
+                        &input.columns,
+                        batch_size.max(DECODE_WINDOW_ROWS),
+                        &label,
+                    )?),
                     Format::Csv => {
                         SourceKind::Csv(CsvSource::open(file, path, batch_size, skip_rows, &label)?)
                     }
@@ -295,6 +309,7 @@ impl ParquetSource {
     fn open(
         mut file: File,
         columns: &[(PlSmallStr, DataType)],
+        window_rows: usize,
         label: &str,
     ) -> Result<Self, PipelineError> {
         let mut reader = ParquetReader::new(&mut file);
@@ -331,29 +346,34 @@ impl ParquetSource {
             metadata,
             projection,
             rg_starts,
+            window_rows: window_rows.max(1),
             current: None,
             decoded: 0,
         })
     }
 
-    /// Rows `offset..offset+len` (within the file): slices of the decoded row groups that
-    /// overlap them, decoding each row group only when the read first reaches it.
+    /// Rows `offset..offset+len` (within the file): copies of the decoded windows that
+    /// overlap them, decoding each window only when the read first reaches it.
     fn read(&mut self, offset: u64, len: usize) -> PolarsResult<DataFrame> {
         let end = offset + len as u64;
         let mut out: Option<DataFrame> = None;
         for (rg, from, to) in row_group_spans(&self.rg_starts, offset, end) {
-            let rg_start = self.rg_starts[rg];
-            let frame = self.row_group(rg)?;
-            let (from, to) = ((from - rg_start) as IdxSize, (to - rg_start) as IdxSize);
-            // Copied out rather than sliced: a zero-copy slice would keep the whole decoded
-            // group alive for as long as any frame derived from the batch (its output
-            // passes input columns through), so two groups would be held at a boundary.
-            let part = frame.take(&IdxCa::from_vec(PlSmallStr::EMPTY, (from..to).collect()))?;
-            match &mut out {
-                None => out = Some(part),
-                Some(df) => {
-                    df.vstack_mut_owned(part)?;
+            let mut from = from;
+            while from < to {
+                let (start, frame) = self.window(rg, from)?;
+                let stop = to.min(start + frame.height() as u64);
+                let (a, b) = ((from - start) as IdxSize, (stop - start) as IdxSize);
+                // Copied out rather than sliced: a zero-copy slice would keep the whole
+                // window alive for as long as any frame derived from the batch (its output
+                // passes input columns through), so two windows would be held at a boundary.
+                let part = frame.take(&IdxCa::from_vec(PlSmallStr::EMPTY, (a..b).collect()))?;
+                match &mut out {
+                    None => out = Some(part),
+                    Some(df) => {
+                        df.vstack_mut_owned(part)?;
+                    }
                 }
+                from = stop;
             }
         }
         match out {
@@ -362,14 +382,23 @@ impl ParquetSource {
         }
     }
 
-    /// Row group `rg`, decoded (projected columns only) unless it is the current one.
-    fn row_group(&mut self, rg: usize) -> PolarsResult<&DataFrame> {
-        if self.current.as_ref().is_none_or(|(i, _)| *i != rg) {
-            // Drop the previous group before decoding the next, so two are never held here.
+    /// The decoded window of row group `rg` holding input row `row` (projected columns
+    /// only): the current one if it does, else `window_rows` rows from `row` on, cut at the
+    /// end of the group. Returns the window's first input row and its frame.
+    fn window(&mut self, rg: usize, row: u64) -> PolarsResult<(u64, &DataFrame)> {
+        let held = self
+            .current
+            .as_ref()
+            .is_some_and(|(start, df)| (*start..*start + df.height() as u64).contains(&row));
+        if !held {
+            // Drop the previous window before decoding the next, so two are never held here.
             self.current = None;
-            // A footer with only this row group: polars reads it whole, without visiting the
-            // others. One thread: decoding is a small share of a batch once it happens once
-            // per group, and a second decoding thread only adds memory.
+            let (rg_start, rg_end) = (self.rg_starts[rg], self.rg_starts[rg + 1]);
+            let len = (rg_end - row).min(self.window_rows as u64) as usize;
+            // A footer with only this row group, and a slice of it: polars reads just the
+            // pages holding those rows, without visiting the other groups. One thread:
+            // decoding happens once per window, and a second decoding thread only adds
+            // memory.
             let mut single = (*self.metadata).clone();
             single.row_groups = self
                 .metadata
@@ -378,23 +407,24 @@ impl ParquetSource {
                 .cloned()
                 .into_iter()
                 .collect();
-            single.num_rows = (self.rg_starts[rg + 1] - self.rg_starts[rg]) as usize;
+            single.num_rows = (rg_end - rg_start) as usize;
             single.max_row_group_height = single.num_rows;
             let mut reader = ParquetReader::new(&mut self.file)
                 .with_columns(self.projection.clone())
+                .with_slice(Some(((row - rg_start) as usize, len)))
                 .read_parallel(ParallelStrategy::None);
             reader.set_metadata(Arc::new(single));
             let df = reader.finish()?;
-            if df.height() as u64 != self.rg_starts[rg + 1] - self.rg_starts[rg] {
-                polars_bail!(ComputeError: "row group {rg} decoded to {} rows, its footer says {}",
-                    df.height(), self.rg_starts[rg + 1] - self.rg_starts[rg]);
+            if df.height() != len {
+                polars_bail!(ComputeError: "rows {row}..{} of row group {rg} decoded to {} rows",
+                    row + len as u64, df.height());
             }
             self.decoded += 1;
-            self.current = Some((rg, df));
+            self.current = Some((row, df));
         }
         match &self.current {
-            Some((_, df)) => Ok(df),
-            None => polars_bail!(ComputeError: "row group {rg} was not decoded"),
+            Some((start, df)) => Ok((*start, df)),
+            None => polars_bail!(ComputeError: "row {row} was not decoded"),
         }
     }
 }
@@ -827,6 +857,45 @@ mod tests {
                 "each row group decoded once (batch {batch})"
             );
             assert!(src.next_batch().unwrap().is_none());
+        }
+    }
+
+    #[test]
+    fn parquet_decodes_a_large_row_group_a_window_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        // One row group of 28 rows, as pyarrow writes a file of fewer than a million rows.
+        let path = grouped_parquet(dir.path(), 28, 28);
+        for (batch, window, windows) in [(5, 8, 4), (3, 28, 1), (10, 7, 4), (1, 1, 28)] {
+            let mut src = Source::open(&declared(&path), batch, 0).unwrap();
+            match &mut src.kind {
+                SourceKind::Parquet(p) => {
+                    assert_eq!(p.window_rows, DECODE_WINDOW_ROWS, "the production window");
+                    p.window_rows = window;
+                }
+                _ => panic!("not a parquet source"),
+            }
+            let got = drain(&mut src);
+            let ids: Vec<i64> = got.iter().flat_map(|(_, ids, _)| ids.clone()).collect();
+            assert_eq!(
+                ids,
+                (0..28).collect::<Vec<_>>(),
+                "batch {batch}, window {window}"
+            );
+            assert!(got.iter().all(|(first, ids, names)| {
+                ids.len() <= batch
+                    && ids.first() == Some(&(*first as i64))
+                    && names.iter().zip(ids).all(|(n, i)| *n == format!("n{i}"))
+            }));
+            assert_eq!(
+                decoded(&src),
+                windows,
+                "each window decoded once (batch {batch}, window {window})"
+            );
+            // Held: one window, never the group.
+            if let SourceKind::Parquet(p) = &src.kind {
+                let held = p.current.as_ref().map_or(0, |(_, df)| df.height());
+                assert!(held <= window, "holds {held} rows, window {window}");
+            }
         }
     }
 

@@ -170,7 +170,7 @@ D_S=$(wall_s d-pay) P_S=$(wall_s p-pay) D_RSS=$(rss_mib d-pay) P_RSS=$(rss_mib p
 TOTAL_NET=$("$PY" -c "import json;print(json.load(open('$WORK/d-pay.out'))['total_net'])")
 emit "## 1. Payroll: drover vs pandas ($(fmt_int "$ROWS") rows, batch 5000)"
 emit ""
-emit "Same Parquet input, same batch size, both writing one zstd Parquet part per batch. pandas:"
+emit "Same Parquet input, same batch size, both writing one Snappy Parquet part per batch. pandas:"
 emit "\`bench/pandas_payroll.py\` (pyarrow \`iter_batches\` → \`to_pandas\`, vectorised int64 numpy,"
 emit "\`gc.collect()\` between batches). Wall time and peak RSS from \`/usr/bin/time -v\`."
 emit ""

@@ -50,19 +50,32 @@ async fn health_readiness_and_metrics_over_http() {
     env.publish_noop("m-1", &["--param", "batches=2"]);
     env.wait_job("m-1", T, |r| r.get::<String, _>("state") == "succeeded")
         .await;
-    let (status, metrics) = get(&addr, "/metrics");
-    assert_eq!(status, 200);
-    for needle in [
+    // The ledger says `succeeded` as soon as the completion commits; the worker counts the
+    // job just after, so scrape until the counters show it (as Prometheus would, later).
+    let needles = [
         "drover_jobs_total{pipeline=\"noop\",outcome=\"succeeded\"} 1",
         "drover_batches_total{pipeline=\"noop\"} 2",
         "drover_job_duration_seconds_count{pipeline=\"noop\"} 1",
         "drover_jobs_in_flight 0",
         "drover_retry_relay_lag_milliseconds",
-    ] {
+    ];
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let (status, metrics) = get(&addr, "/metrics");
+        assert_eq!(status, 200);
+        let missing: Vec<&str> = needles
+            .iter()
+            .copied()
+            .filter(|n| !metrics.contains(n))
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
         assert!(
-            metrics.contains(needle),
-            "metrics lack {needle:?}:\n{metrics}"
+            std::time::Instant::now() < deadline,
+            "metrics still lack {missing:?} after {T:?}:\n{metrics}"
         );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let (status, _) = get(&addr, "/nope");
     assert_eq!(status, 404);

@@ -124,7 +124,7 @@ fn pay(rows: &[Emp]) -> Vec<Out> {
     let reference = Reference::load().unwrap();
     let df = frame(rows);
     let codes = payroll::validate_batch(&df, &params(), &reference, 0).unwrap();
-    let out = payroll::compute(df, &codes, &reference).unwrap();
+    let out = payroll::compute(df, &codes).unwrap();
     assert_eq!(
         out.get_column_names_owned(),
         [

@@ -198,7 +198,7 @@ impl Pipeline for Payroll {
         ctx: &BatchContext,
     ) -> Result<Option<DataFrame>, PipelineError> {
         let codes = validate_batch(&batch, params, reference, ctx.first_row)?;
-        Ok(Some(compute(batch, &codes, reference)?))
+        Ok(Some(compute(batch, &codes)?))
     }
 
     fn summarise(&self, rows: u64, output: Option<&DataFrame>) -> Result<Summary, PipelineError> {
@@ -235,11 +235,13 @@ impl Pipeline for Payroll {
 }
 
 /// What validation learns about a batch's code columns, one entry per row: the reference
-/// lookups (the spec's joins) the computation needs.
-pub(crate) struct Codes {
+/// lookups (the spec's joins) the computation needs, with the filing-status table they
+/// index.
+pub(crate) struct Codes<'a> {
+    tables: Tables<'a>,
     salaried: Vec<bool>,
     /// Index into [`Tables::statuses`].
-    status: Vec<u8>,
+    status: Vec<usize>,
     state_bp: Vec<i64>,
     premium: Vec<i64>,
 }
@@ -276,11 +278,6 @@ impl<'a> Tables<'a> {
                 })
             })
             .collect::<Result<Vec<_>, PipelineError>>()?;
-        if statuses.len() > usize::from(u8::MAX) {
-            return Err(PipelineError::permanent(
-                "payroll: reference tables: more than 255 filing statuses",
-            ));
-        }
         Ok(Tables { statuses })
     }
 }
@@ -332,12 +329,12 @@ fn map_codes<T: Copy>(
 /// The spec's validation rules, checked column by column in spec order; the error names the
 /// column and the batch's first offending row by `employee_id`. Returns the reference
 /// lookups of every row.
-pub(crate) fn validate_batch(
+pub(crate) fn validate_batch<'a>(
     df: &DataFrame,
     params: &PayrollParams,
-    reference: &Reference,
+    reference: &'a Reference,
     first_row: u64,
-) -> Result<Codes, PipelineError> {
+) -> Result<Codes<'a>, PipelineError> {
     for (name, _) in INPUT_COLUMNS {
         if df.column(name).is_err() {
             return Err(PipelineError::permanent(format!(
@@ -385,8 +382,8 @@ pub(crate) fn validate_batch(
             }
         }
     }
-    let tables = Tables::new(reference)?;
     let mut codes = Codes {
+        tables: Tables::new(reference)?,
         salaried: Vec::new(),
         status: Vec::new(),
         state_bp: Vec::new(),
@@ -417,13 +414,7 @@ pub(crate) fn validate_batch(
     })?;
     map_codes(
         code_column("filing_status")?,
-        |v| {
-            tables
-                .statuses
-                .iter()
-                .position(|s| s.name == v)
-                .and_then(|i| u8::try_from(i).ok())
-        },
+        |v| codes.tables.statuses.iter().position(|s| s.name == v),
         &mut codes.status,
     )
     .map_err(|idx| {
@@ -443,33 +434,18 @@ pub(crate) fn validate_batch(
         &mut codes.premium,
     )
     .map_err(|idx| bad("benefit_plan", idx, &|v| format!("unknown code \"{v}\"")))?;
+    // Every row belongs to the run's client and period.
     let mut unit = Vec::new();
-    map_codes(
-        code_column("client_id")?,
-        |v| (v == params.client_id).then_some(()),
-        &mut unit,
-    )
-    .map_err(|idx| {
-        bad("client_id", idx, &|v| {
-            format!(
-                "row of client \"{v}\" in a run for client \"{}\"",
-                params.client_id
-            )
-        })
-    })?;
-    map_codes(
-        code_column("period")?,
-        |v| (v == params.period).then_some(()),
-        &mut unit,
-    )
-    .map_err(|idx| {
-        bad("period", idx, &|v| {
-            format!(
-                "row of period \"{v}\" in a run for period \"{}\"",
-                params.period
-            )
-        })
-    })?;
+    for (name, what, want) in [
+        ("client_id", "client", &params.client_id),
+        ("period", "period", &params.period),
+    ] {
+        map_codes(code_column(name)?, |v| (v == want).then_some(()), &mut unit).map_err(|idx| {
+            bad(name, idx, &|v| {
+                format!("row of {what} \"{v}\" in a run for {what} \"{want}\"")
+            })
+        })?;
+    }
     Ok(codes)
 }
 
@@ -494,12 +470,7 @@ fn bracket_sum(annual_taxable: i64, brackets: &[(i64, i64)]) -> i64 {
 }
 
 /// One employee's results, in [`MONEY_COLUMNS`] order.
-fn employee(
-    i: usize,
-    input: &[&[i64]; 9],
-    codes: &Codes,
-    tables: &Tables,
-) -> [i64; MONEY_COLUMNS.len()] {
+fn employee(i: usize, input: &[&[i64]; 9], codes: &Codes) -> [i64; MONEY_COLUMNS.len()] {
     let [
         _,
         annual_salary,
@@ -529,7 +500,7 @@ fn employee(
     let benefits = codes.premium[i].min(gross - retirement);
     // 6-8.
     let taxable = gross - retirement - benefits;
-    let status = &tables.statuses[usize::from(codes.status[i])];
+    let status = &codes.tables.statuses[codes.status[i]];
     let annual_taxable = (taxable * 12 - status.deduction).max(0);
     let federal_tax = rhu(
         rhu(bracket_sum(annual_taxable, status.brackets), 10_000),
@@ -566,12 +537,7 @@ fn employee(
 /// A hand-written pass rather than a lazy polars query: at a few thousand rows per batch,
 /// planning a query of some forty expressions cost more than evaluating it, and every
 /// expression materialised a column of its own.
-pub(crate) fn compute(
-    batch: DataFrame,
-    codes: &Codes,
-    reference: &Reference,
-) -> Result<DataFrame, PipelineError> {
-    let tables = Tables::new(reference)?;
+pub(crate) fn compute(batch: DataFrame, codes: &Codes) -> Result<DataFrame, PipelineError> {
     let height = batch.height();
     // Contiguous, null-free i64 columns (validation ruled nulls out; a batch that spans two
     // row groups arrives in two chunks and is joined here).
@@ -593,7 +559,7 @@ pub(crate) fn compute(
         .map(|_| Vec::with_capacity(height))
         .collect();
     for i in 0..height {
-        for (column, value) in money.iter_mut().zip(employee(i, &slices, codes, &tables)) {
+        for (column, value) in money.iter_mut().zip(employee(i, &slices, codes)) {
             column.push(value);
         }
     }

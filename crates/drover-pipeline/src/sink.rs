@@ -167,6 +167,10 @@ pub(crate) fn write_err(what: &Path, e: PolarsError) -> PipelineError {
 /// of zstd's CPU; at one small part per batch, encoding is most of the writer's time.
 const PART_COMPRESSION: ParquetCompression = ParquetCompression::Snappy;
 
+/// Most rows in one row group of a part (polars' own default): a part from a huge batch is
+/// still readable a row group at a time.
+const PART_ROW_GROUP_ROWS: usize = 512 * 512;
+
 /// Writes one batch's output as `dir/part-NNNNN.parquet`; returns its path and checksum.
 pub(crate) fn write_part(
     dir: &Path,
@@ -174,15 +178,24 @@ pub(crate) fn write_part(
     df: &mut DataFrame,
 ) -> Result<(PathBuf, String), PipelineError> {
     let path = dir.join(part_name(index));
+    // One chunk per column, so each slice below is exactly one row group. `finish` would
+    // regroup the chunks itself, but that path initialises polars' shared 8 MiB zero buffer
+    // (an empty column per chunk), a fixed cost in every worker's peak memory.
+    df.rechunk_mut();
     let sum = write_atomic(&path, |w| {
-        ParquetWriter::new(w)
+        let mut writer = ParquetWriter::new(w)
             .with_compression(PART_COMPRESSION)
             // One thread per part: the part is already written beside the next batch's
             // compute, and fanning its columns out to the polars pool only adds wake-ups.
             .set_parallel(false)
-            .finish(df)
-            .map(|_| ())
-            .map_err(|e| write_err(&path, e))
+            .batched(df.schema())
+            .map_err(|e| write_err(&path, e))?;
+        for offset in (0..df.height()).step_by(PART_ROW_GROUP_ROWS) {
+            writer
+                .write_batch(&df.slice(offset as i64, PART_ROW_GROUP_ROWS))
+                .map_err(|e| write_err(&path, e))?;
+        }
+        writer.finish().map(|_| ()).map_err(|e| write_err(&path, e))
     })?;
     Ok((path, sum))
 }
@@ -312,5 +325,48 @@ mod tests {
         assert_eq!(e.message, "boom");
         let names: Vec<_> = fs::read_dir(dir.path()).unwrap().flatten().collect();
         assert_eq!(names.len(), 1, "temporary files are cleaned up");
+    }
+
+    /// A part holds every row once, in order, whatever chunks the batch arrived in, in row
+    /// groups of at most `PART_ROW_GROUP_ROWS` (and none for an empty batch).
+    #[test]
+    fn parts_hold_every_row_in_bounded_row_groups() {
+        let dir = tempfile::tempdir().unwrap();
+        let rows = 2 * PART_ROW_GROUP_ROWS + 3;
+        let piece = |from: usize, to: usize| {
+            let ids: Vec<i64> = (from as i64..to as i64).collect();
+            let names: Vec<String> = ids.iter().map(|i| format!("e{i}")).collect();
+            df!("id" => ids, "name" => names).unwrap()
+        };
+        // Three chunks of uneven length, as a batch straddling decode windows arrives.
+        let mut df = piece(0, 10);
+        df.vstack_mut(&piece(10, PART_ROW_GROUP_ROWS + 1)).unwrap();
+        df.vstack_mut(&piece(PART_ROW_GROUP_ROWS + 1, rows))
+            .unwrap();
+        assert_eq!(df.first_col_n_chunks(), 3);
+        let expected = df.clone();
+        let (path, sum) = write_part(dir.path(), 7, &mut df).unwrap();
+        assert_eq!(path, dir.path().join("part-00007.parquet"));
+        assert_eq!(sum.len(), 64);
+
+        let mut file = File::open(&path).unwrap();
+        let mut reader = ParquetReader::new(&mut file);
+        let groups: Vec<usize> = reader
+            .get_metadata()
+            .unwrap()
+            .row_groups
+            .iter()
+            .map(|rg| rg.num_rows())
+            .collect();
+        assert_eq!(groups, [PART_ROW_GROUP_ROWS, PART_ROW_GROUP_ROWS, 3]);
+        let back = reader.finish().unwrap();
+        assert!(back.equals(&expected), "rows differ after the round trip");
+
+        let mut empty = piece(0, 0);
+        let (path, _) = write_part(dir.path(), 8, &mut empty).unwrap();
+        let back = ParquetReader::new(File::open(&path).unwrap())
+            .finish()
+            .unwrap();
+        assert_eq!((back.height(), back.width()), (0, 2));
     }
 }

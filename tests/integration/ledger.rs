@@ -237,3 +237,74 @@ async fn complete_many_respects_leases_and_folds_the_last_checkpoint() {
     assert_eq!(stolen_cps, 0, "no checkpoint written without the lease");
     l.close().await;
 }
+
+/// A checkpoint commits without waiting for the WAL flush, but only its own transaction
+/// does: the pooled connection comes back with synchronous commits, so the completion that
+/// acks the delivery is durable (and flushes the checkpoints before it).
+#[tokio::test(flavor = "multi_thread")]
+async fn asynchronous_checkpoints_leave_the_connection_synchronous() {
+    let env = TestEnv::new().await;
+    // One connection, so the checkpoint and the checks below share it.
+    let l = Ledger::connect(&env.db_url, false, 1, Duration::from_secs(10))
+        .await
+        .expect("connect ledger");
+    let keys: Vec<String> = vec!["cp".into()];
+    queue(&l, &keys).await;
+    let job = l.claim_ready("w1", &keys).await.expect("claim")[0]
+        .clone()
+        .expect("claimed");
+    let show = || async {
+        sqlx::query_scalar::<_, String>("SHOW synchronous_commit")
+            .fetch_one(l.pool())
+            .await
+            .expect("show")
+    };
+    assert_eq!(show().await, "on");
+    for i in 0..3 {
+        let b = BatchRecord {
+            batch_index: i,
+            rows: 5,
+            output: Some(format!("part-{i:05}.parquet")),
+            checksum: Some("cc".into()),
+            summary: sqlx::types::Json(json!({"rows": 5})),
+        };
+        let cancel = l
+            .checkpoint(&job, "w1", &b, Some(4))
+            .await
+            .expect("checkpoint");
+        assert_eq!(cancel, Ok(false));
+        assert_eq!(show().await, "on", "after checkpoint {i}");
+    }
+    let progress: (i32, Option<i32>, i64) = sqlx::query_as(
+        "SELECT batches_done, batches_total, rows_done FROM drover.jobs \
+         WHERE idempotency_key = 'cp'",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .expect("job");
+    assert_eq!(progress, (3, Some(4), 15));
+    // A checkpoint under a lost lease writes nothing, and still leaves the connection clean.
+    sqlx::query("UPDATE drover.jobs SET lease_owner = 'w2' WHERE idempotency_key = 'cp'")
+        .execute(&env.pool)
+        .await
+        .expect("steal");
+    let b = BatchRecord {
+        batch_index: 3,
+        rows: 5,
+        output: None,
+        checksum: None,
+        summary: sqlx::types::Json(json!({})),
+    };
+    let lost = l
+        .checkpoint(&job, "w1", &b, Some(4))
+        .await
+        .expect("checkpoint");
+    assert_eq!(lost, Err(LeaseLost));
+    assert_eq!(show().await, "on");
+    let n: i64 = sqlx::query_scalar("SELECT count(*) FROM drover.checkpoints")
+        .fetch_one(&env.pool)
+        .await
+        .expect("count");
+    assert_eq!(n, 3);
+    l.close().await;
+}

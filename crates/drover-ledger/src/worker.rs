@@ -96,6 +96,11 @@ struct LockedJob {
     max_attempts: i32,
 }
 
+/// Opens a transaction whose commit does not wait for the WAL flush (see
+/// [`Ledger::checkpoint`]); `SET LOCAL` ends with the transaction, so the pooled connection
+/// goes back with its defaults.
+const ASYNC_COMMIT_BEGIN: &str = "BEGIN; SET LOCAL synchronous_commit = off";
+
 const LOCK_JOB: &str = "SELECT id, state, (run_at IS NOT NULL AND run_at > now()) AS not_due, \
      run_at, lease_owner, heartbeat_at, cancel_requested, failures, max_attempts \
      FROM drover.jobs WHERE idempotency_key = $1 FOR UPDATE";
@@ -261,6 +266,14 @@ impl Ledger {
     /// Replaying a batch index overwrites its checkpoint and corrects `rows_done`, so
     /// progress never double counts. `batches_total` fills the job's total if it is unset
     /// (the worker's first checkpoint records it).
+    ///
+    /// The commit is asynchronous (`synchronous_commit = off`): it returns without waiting
+    /// for the WAL flush, which costs more than a batch's compute on many disks and would
+    /// set the pace of every job. This is safe because a checkpoint is only a hint of work
+    /// that can be redone: if Postgres crashes before flushing it, the job resumes from an
+    /// earlier batch and the replay overwrites its own parts. Every commit that acks a
+    /// delivery (the job's completion, failure or release) is synchronous, and flushes the
+    /// checkpoints before it.
     pub async fn checkpoint(
         &self,
         job: &ClaimedJob,
@@ -268,6 +281,7 @@ impl Ledger {
         batch: &BatchRecord,
         batches_total: Option<i32>,
     ) -> Result<Result<bool, LeaseLost>, LedgerError> {
+        let mut tx = self.pool.begin_with(ASYNC_COMMIT_BEGIN).await?;
         let cancel: Option<bool> = sqlx::query_scalar(
             r#"
             WITH lease AS (
@@ -306,8 +320,9 @@ impl Ledger {
         .bind(&batch.checksum)
         .bind(&batch.summary)
         .bind(batches_total)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(cancel.ok_or(LeaseLost))
     }
 

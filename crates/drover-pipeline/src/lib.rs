@@ -33,7 +33,7 @@ pub use source::Input;
 use polars::prelude::DataFrame;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -452,14 +452,35 @@ struct Runner<P: Pipeline> {
     attempt: u32,
     batch_size: usize,
     resume_after: u32,
+    /// Index of the next batch `next_batch` returns.
     next_index: u32,
     exhausted: bool,
-    /// The batch after the one last returned, read and transformed while that one's part
-    /// was being written (see `Runner::advance`); `Some(Ok(None))` = end of input.
-    prefetched: Option<Result<Option<Prepared>, PipelineError>>,
+    /// Batches read and transformed, oldest first, whose parts are being written on helper
+    /// threads (at most [`WRITE_AHEAD`]); see `Runner::advance`.
+    writing: VecDeque<Writing>,
+    /// The source has no batch after the last one in `writing`.
+    source_done: bool,
+    /// Reading or transforming the batch after the last one in `writing` failed: returned
+    /// once the batches before it are.
+    prepare_failed: Option<PipelineError>,
     /// Set by the first error: the source may already be past the failed batch, so every
     /// later call returns the same error instead of a batch under the wrong index.
     failed: Option<PipelineError>,
+}
+
+/// Parts written at once, each on its own thread, while the runner's thread reads and
+/// transforms the next batch. Encoding, hashing and the two fsyncs of a part take longer than
+/// computing a batch, so one writer at a time would leave a core idle and the job paced by
+/// fsync latency. Memory stays a constant number of batches.
+const WRITE_AHEAD: usize = 3;
+
+/// A batch whose part is being written.
+struct Writing {
+    index: u32,
+    rows: u64,
+    summary: Summary,
+    /// `None` when the batch has no output.
+    part: Option<std::thread::JoinHandle<Result<(PathBuf, String), PipelineError>>>,
 }
 
 /// One batch read, transformed and summarised, its part not yet written.
@@ -508,7 +529,9 @@ impl<P: Pipeline> Runner<P> {
             resume_after,
             next_index: resume_after,
             exhausted: false,
-            prefetched: None,
+            writing: VecDeque::new(),
+            source_done: false,
+            prepare_failed: None,
             failed: None,
         })
     }
@@ -539,48 +562,90 @@ impl<P: Pipeline> Runner<P> {
         Ok(Some(Prepared { rows, out, summary }))
     }
 
-    /// The next batch, its part written, or `None` at the end of the input.
+    /// The next batch, its part written and durable (the caller checkpoints it next), or
+    /// `None` at the end of the input.
+    ///
+    /// Keeps up to [`WRITE_AHEAD`] parts being written on helper threads: each call reads
+    /// and transforms batches on this thread until that many are in flight, then waits for
+    /// the oldest. An error reading or transforming a batch stops the read-ahead and is
+    /// returned after the batches before it, so batches come back in order and an error
+    /// surfaces when its batch is asked for.
     fn advance(&mut self) -> Result<Option<BatchOutcome>, PipelineError> {
-        let index = self.next_index;
-        let prepared = match self.prefetched.take() {
-            Some(p) => p?,
-            None => self.prepare(index)?,
+        // Without output there is nothing to overlap: read one batch at a time.
+        let ahead = if self.out_dir.is_some() {
+            WRITE_AHEAD
+        } else {
+            1
         };
-        let Some(Prepared { rows, out, summary }) = prepared else {
-            self.exhausted = true;
-            return Ok(None);
-        };
-        let (output, checksum) = match (out, self.out_dir.clone()) {
-            (Some(mut df), Some(dir)) => {
-                // The part is written on a helper thread while this one reads and transforms
-                // the next batch, so its encode, hash and fsyncs overlap the next batch's
-                // decode and compute. It is durable before this returns (the caller
-                // checkpoints it next); the next batch is only held in memory, and its
-                // errors surface when it is asked for.
-                let (written, next) = std::thread::scope(|scope| {
-                    let writer = scope.spawn(move || sink::write_part(&dir, index, &mut df));
-                    let next = self.prepare(index + 1);
-                    let written = writer.join().unwrap_or_else(|_| {
-                        Err(PipelineError::permanent(format!(
-                            "output: writing the part of batch {index} panicked"
-                        )))
+        while self.writing.len() < ahead && !self.source_done && self.prepare_failed.is_none() {
+            let index = self.next_index + self.writing.len() as u32;
+            match self.prepare(index) {
+                Ok(None) => self.source_done = true,
+                Ok(Some(Prepared { rows, out, summary })) => {
+                    let part = match (out, self.out_dir.clone()) {
+                        (Some(mut df), Some(dir)) => Some(
+                            std::thread::Builder::new()
+                                .name(format!("drover-part-{index}"))
+                                .spawn(move || sink::write_part(&dir, index, &mut df))
+                                .map_err(|e| {
+                                    PipelineError::transient(format!(
+                                        "output: starting the writer of batch {index}: {e}"
+                                    ))
+                                })?,
+                        ),
+                        _ => None,
+                    };
+                    self.writing.push_back(Writing {
+                        index,
+                        rows,
+                        summary,
+                        part,
                     });
-                    (written, next)
-                });
-                self.prefetched = Some(next);
-                let (path, sum) = written?;
+                }
+                Err(e) => self.prepare_failed = Some(e),
+            }
+        }
+        let Some(w) = self.writing.pop_front() else {
+            return match self.prepare_failed.take() {
+                Some(e) => Err(e),
+                None => {
+                    self.exhausted = true;
+                    Ok(None)
+                }
+            };
+        };
+        let (output, checksum) = match w.part {
+            Some(handle) => {
+                let (path, sum) = handle.join().unwrap_or_else(|_| {
+                    Err(PipelineError::permanent(format!(
+                        "output: writing the part of batch {} panicked",
+                        w.index
+                    )))
+                })?;
                 (Some(path.display().to_string()), Some(sum))
             }
-            _ => (None, None),
+            None => (None, None),
         };
         self.next_index += 1;
         Ok(Some(BatchOutcome {
-            index,
-            rows,
+            index: w.index,
+            rows: w.rows,
             output,
             checksum,
-            summary,
+            summary: w.summary,
         }))
+    }
+}
+
+impl<P: Pipeline> Drop for Runner<P> {
+    /// A job that stops early (error, cancellation, shutdown) waits for the parts still
+    /// being written, so no writer outlives its job and none is cut off mid-file.
+    fn drop(&mut self) {
+        for w in self.writing.drain(..) {
+            if let Some(handle) = w.part {
+                let _ = handle.join();
+            }
+        }
     }
 }
 

@@ -810,6 +810,63 @@ fn an_error_in_a_later_batch_surfaces_in_order_and_sticks() {
     assert_eq!(parts, 1, "no part for the failed batch or the one after it");
 }
 
+/// Parts are written several batches ahead (`WRITE_AHEAD`), yet batches come back in order,
+/// each with its part complete and matching its checksum; an error further on comes after
+/// every batch before it; and a job dropped mid-way leaves no half-written file behind.
+#[test]
+fn parts_written_ahead_come_back_in_order_and_complete() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = tmp.path().join("in.csv");
+    // Ten batches of one row; the row of batch 7 (employee 8) has an unknown state.
+    let lines: Vec<String> = (1..=10)
+        .map(|i| {
+            if i == 8 {
+                field(good_line(i), 11, "ZZ")
+            } else {
+                good_line(i)
+            }
+        })
+        .collect();
+    std::fs::write(&input, format!("{HEADER}\n{}\n", lines.join("\n"))).unwrap();
+    let p = json!({"client_id": "acme", "period": "2026-11", "input": input});
+    let mut run = Registry::builtin()
+        .open(&spec("ahead", p.clone(), 1, tmp.path()), 0)
+        .unwrap();
+    for i in 0..7 {
+        let b = run.next_batch().unwrap().unwrap();
+        assert_eq!((b.index, b.rows), (i, 1));
+        let bytes = std::fs::read(b.output.unwrap()).unwrap();
+        assert_eq!(b.checksum.unwrap(), hex::encode(Sha256::digest(&bytes)));
+    }
+    let e = run.next_batch().unwrap_err();
+    assert_eq!(
+        e.message,
+        "validation: column \"state\": unknown code \"ZZ\" for employee_id 8"
+    );
+
+    // Dropped after its first batch, with later parts still being written.
+    let mut run = Registry::builtin()
+        .open(&spec("dropped", p, 1, tmp.path()), 0)
+        .unwrap();
+    assert_eq!(run.next_batch().unwrap().unwrap().index, 0);
+    drop(run);
+    let dir = job_dir(tmp.path(), "dropped");
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert!(names.len() > 1, "parts were written ahead: {names:?}");
+    for (i, name) in names.iter().enumerate() {
+        assert_eq!(
+            *name,
+            crate::sink::part_name(i as u32),
+            "no temporary file is left"
+        );
+        assert_eq!(read_parquet(&dir.join(name)).height(), 1);
+    }
+}
+
 #[test]
 fn output_param_replaces_the_default_directory() {
     let tmp = tempfile::tempdir().unwrap();

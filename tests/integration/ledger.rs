@@ -30,6 +30,17 @@ async fn queue(l: &Ledger, keys: &[String]) {
     l.insert_queued(&jobs).await.expect("insert queued");
 }
 
+/// A completed batch's checkpoint: part `part-NNNNN.parquet`, summary `{"rows": rows}`.
+fn record(batch_index: i32, rows: i64, checksum: &str) -> BatchRecord {
+    BatchRecord {
+        batch_index,
+        rows,
+        output: Some(format!("part-{batch_index:05}.parquet")),
+        checksum: Some(checksum.into()),
+        summary: sqlx::types::Json(json!({ "rows": rows })),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn racing_workers_claim_each_job_exactly_once() {
     let env = TestEnv::new().await;
@@ -133,13 +144,7 @@ async fn complete_many_respects_leases_and_folds_the_last_checkpoint() {
     let jobs = l.claim_ready("w1", &keys).await.expect("claim");
     let jobs: Vec<_> = jobs.into_iter().map(|j| j.expect("claimed")).collect();
     // "mine" already checkpointed batch 0 in this attempt; batch 1 comes with the success.
-    let b0 = BatchRecord {
-        batch_index: 0,
-        rows: 10,
-        output: Some("part-00000.parquet".into()),
-        checksum: Some("aa".into()),
-        summary: sqlx::types::Json(json!({"rows": 10})),
-    };
+    let b0 = record(0, 10, "aa");
     l.checkpoint(&jobs[0], "w1", &b0, Some(2))
         .await
         .expect("checkpoint")
@@ -151,13 +156,7 @@ async fn complete_many_respects_leases_and_folds_the_last_checkpoint() {
     .execute(&env.pool)
     .await
     .expect("steal");
-    let last = BatchRecord {
-        batch_index: 1,
-        rows: 7,
-        output: Some("part-00001.parquet".into()),
-        checksum: Some("bb".into()),
-        summary: sqlx::types::Json(json!({"rows": 7})),
-    };
+    let last = record(1, 7, "bb");
     let group = Group::new(l.clone(), "w1".into(), 8);
     let (r0, r1, r2) = tokio::join!(
         group.complete(Completion {
@@ -261,15 +260,8 @@ async fn asynchronous_checkpoints_leave_the_connection_synchronous() {
     };
     assert_eq!(show().await, "on");
     for i in 0..3 {
-        let b = BatchRecord {
-            batch_index: i,
-            rows: 5,
-            output: Some(format!("part-{i:05}.parquet")),
-            checksum: Some("cc".into()),
-            summary: sqlx::types::Json(json!({"rows": 5})),
-        };
         let cancel = l
-            .checkpoint(&job, "w1", &b, Some(4))
+            .checkpoint(&job, "w1", &record(i, 5, "cc"), Some(4))
             .await
             .expect("checkpoint");
         assert_eq!(cancel, Ok(false));
@@ -288,15 +280,8 @@ async fn asynchronous_checkpoints_leave_the_connection_synchronous() {
         .execute(&env.pool)
         .await
         .expect("steal");
-    let b = BatchRecord {
-        batch_index: 3,
-        rows: 5,
-        output: None,
-        checksum: None,
-        summary: sqlx::types::Json(json!({})),
-    };
     let lost = l
-        .checkpoint(&job, "w1", &b, Some(4))
+        .checkpoint(&job, "w1", &record(3, 5, "cc"), Some(4))
         .await
         .expect("checkpoint");
     assert_eq!(lost, Err(LeaseLost));

@@ -178,26 +178,30 @@ pub(crate) fn write_part(
     df: &mut DataFrame,
 ) -> Result<(PathBuf, String), PipelineError> {
     let path = dir.join(part_name(index));
-    // One chunk per column, so each slice below is exactly one row group. `finish` would
-    // regroup the chunks itself, but that path initialises polars' shared 8 MiB zero buffer
-    // (an empty column per chunk), a fixed cost in every worker's peak memory.
+    // One chunk per column, so each slice `write_parquet` takes is exactly one row group.
     df.rechunk_mut();
     let sum = write_atomic(&path, |w| {
-        let mut writer = ParquetWriter::new(w)
-            .with_compression(PART_COMPRESSION)
-            // One thread per part: the part is already written beside the next batch's
-            // compute, and fanning its columns out to the polars pool only adds wake-ups.
-            .set_parallel(false)
-            .batched(df.schema())
-            .map_err(|e| write_err(&path, e))?;
-        for offset in (0..df.height()).step_by(PART_ROW_GROUP_ROWS) {
-            writer
-                .write_batch(&df.slice(offset as i64, PART_ROW_GROUP_ROWS))
-                .map_err(|e| write_err(&path, e))?;
-        }
-        writer.finish().map(|_| ()).map_err(|e| write_err(&path, e))
+        write_parquet(w, df).map_err(|e| write_err(&path, e))
     })?;
     Ok((path, sum))
+}
+
+/// Writes single-chunk `df` as Parquet, one row group per `PART_ROW_GROUP_ROWS` rows.
+/// Through the batched writer, not `ParquetWriter::finish`: `finish` regroups the chunks
+/// itself, and that path initialises polars' shared 8 MiB zero buffer (an empty column per
+/// chunk), a fixed cost in every worker's peak memory.
+fn write_parquet(w: &mut dyn Write, df: &DataFrame) -> PolarsResult<()> {
+    let mut writer = ParquetWriter::new(w)
+        .with_compression(PART_COMPRESSION)
+        // One thread per part: parts are already written beside each other and the next
+        // batch's compute, and fanning columns out to the polars pool only adds wake-ups.
+        .set_parallel(false)
+        .batched(df.schema())?;
+    for offset in (0..df.height()).step_by(PART_ROW_GROUP_ROWS) {
+        writer.write_batch(&df.slice(offset as i64, PART_ROW_GROUP_ROWS))?;
+    }
+    writer.finish()?;
+    Ok(())
 }
 
 /// One entry of `_manifest.json`'s `parts`.

@@ -40,7 +40,8 @@ fn wait_all(env: &TestEnv, keys: &[String]) {
 async fn broker_stopped_and_started_mid_run() {
     let mut env = TestEnv::new().await;
     let w = env.start_worker(&["--prefetch", "4"]);
-    let keys = publish_noops(&env, "bo", 24, r#"{"sleep_ms":150,"batches":2}"#);
+    // 24 jobs of 1.2 s at prefetch 4: six rounds, so the broker stops with jobs in flight.
+    let keys = publish_noops(&env, "bo", 24, r#"{"sleep_ms":150,"batches":8}"#);
     env.wait_job(&keys[0], T, |_| true).await;
     env.worker(w).wait_log("job succeeded", T);
     sh("rabbitmqctl stop_app >/dev/null");
@@ -74,8 +75,17 @@ async fn broker_stopped_and_started_mid_run() {
 #[ignore = "stops the shared Postgres; run alone by make test"]
 async fn postgres_stopped_for_seconds_mid_run() {
     let mut env = TestEnv::new().await;
+    // Flush what earlier tests left dirty now, so the shutdown checkpoint below is short.
+    // The outage must begin while jobs are still running: an idle worker has no reason to
+    // touch Postgres, so it would never notice. The 8 jobs take two rounds of 10 s each
+    // at prefetch 4, far longer than a fast stop even on a loaded machine (CI once took
+    // over 2 s to stop Postgres after the parallel tests, when these jobs lasted 3 s).
+    sqlx::query("CHECKPOINT")
+        .execute(&env.pool)
+        .await
+        .expect("checkpoint");
     let w = env.start_worker(&["--prefetch", "4"]);
-    let keys = publish_noops(&env, "pg", 12, r#"{"sleep_ms":300,"batches":3}"#);
+    let keys = publish_noops(&env, "pg", 8, r#"{"sleep_ms":250,"batches":40}"#);
     env.wait_job(&keys[0], T, |r| {
         sqlx::Row::get::<i32, _>(r, "batches_done") >= 1
     })
@@ -98,5 +108,5 @@ async fn postgres_stopped_for_seconds_mid_run() {
         .fetch_one(&env.pool)
         .await
         .expect("sum");
-    assert_eq!(rows, 36, "every batch counted once");
+    assert_eq!(rows, 8 * 40, "every batch counted once");
 }

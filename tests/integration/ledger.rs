@@ -293,3 +293,57 @@ async fn asynchronous_checkpoints_leave_the_connection_synchronous() {
     assert_eq!(n, 3);
     l.close().await;
 }
+
+/// Batches that completed during one commit are checkpointed together by the next: all of
+/// them or, when the lease is lost, none. A replayed index corrects the progress instead of
+/// counting its rows twice.
+#[tokio::test(flavor = "multi_thread")]
+async fn checkpoints_of_several_batches_commit_together_or_not_at_all() {
+    let env = TestEnv::new().await;
+    let l = ledger(&env).await;
+    let keys: Vec<String> = vec!["many".into()];
+    queue(&l, &keys).await;
+    let job = l.claim_ready("w1", &keys).await.expect("claim")[0]
+        .clone()
+        .expect("claimed");
+    let progress = || async {
+        sqlx::query_as::<_, (i32, Option<i32>, i64, i64)>(
+            "SELECT batches_done, batches_total, rows_done, \
+             (SELECT count(*) FROM drover.checkpoints WHERE job_id = j.id) \
+             FROM drover.jobs j WHERE idempotency_key = 'many'",
+        )
+        .fetch_one(&env.pool)
+        .await
+        .expect("job")
+    };
+    let first = [record(0, 5, "a"), record(1, 5, "b")];
+    let cancel = l
+        .checkpoint_batches(&job, "w1", &first, Some(5))
+        .await
+        .expect("checkpoint");
+    assert_eq!(cancel, Ok(false));
+    assert_eq!(progress().await, (2, Some(5), 10, 2));
+    // Batch 1 replayed with 4 rows, then 2 and 3.
+    let next = [record(1, 4, "b2"), record(2, 5, "c"), record(3, 5, "d")];
+    let cancel = l
+        .checkpoint_batches(&job, "w1", &next, Some(5))
+        .await
+        .expect("checkpoint");
+    assert_eq!(cancel, Ok(false));
+    assert_eq!(progress().await, (4, Some(5), 19, 4));
+    sqlx::query("UPDATE drover.jobs SET lease_owner = 'w2' WHERE idempotency_key = 'many'")
+        .execute(&env.pool)
+        .await
+        .expect("steal");
+    let lost = l
+        .checkpoint_batches(&job, "w1", &[record(4, 5, "e"), record(5, 5, "f")], Some(5))
+        .await
+        .expect("checkpoint");
+    assert_eq!(lost, Err(LeaseLost));
+    assert_eq!(
+        progress().await,
+        (4, Some(5), 19, 4),
+        "nothing of the lost call"
+    );
+    l.close().await;
+}

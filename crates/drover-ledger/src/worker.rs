@@ -281,7 +281,45 @@ impl Ledger {
         batch: &BatchRecord,
         batches_total: Option<i32>,
     ) -> Result<Result<bool, LeaseLost>, LedgerError> {
+        self.checkpoint_batches(job, worker, std::slice::from_ref(batch), batches_total)
+            .await
+    }
+
+    /// [`checkpoint`](Self::checkpoint) for consecutive batches, in order, in one
+    /// transaction: a worker whose batches complete faster than a commit returns
+    /// checkpoints the ones that piled up together. Stops at the first batch that finds the
+    /// lease lost (nothing is recorded then). Returns whether cancellation was requested.
+    pub async fn checkpoint_batches(
+        &self,
+        job: &ClaimedJob,
+        worker: &str,
+        batches: &[BatchRecord],
+        batches_total: Option<i32>,
+    ) -> Result<Result<bool, LeaseLost>, LedgerError> {
         let mut tx = self.pool.begin_with(ASYNC_COMMIT_BEGIN).await?;
+        let mut cancel = false;
+        for batch in batches {
+            match self
+                .checkpoint_in(&mut tx, job, worker, batch, batches_total)
+                .await?
+            {
+                Some(c) => cancel |= c,
+                None => return Ok(Err(LeaseLost)),
+            }
+        }
+        tx.commit().await?;
+        Ok(Ok(cancel))
+    }
+
+    /// One batch's checkpoint statement; `None` when the lease is lost.
+    async fn checkpoint_in(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        job: &ClaimedJob,
+        worker: &str,
+        batch: &BatchRecord,
+        batches_total: Option<i32>,
+    ) -> Result<Option<bool>, LedgerError> {
         let cancel: Option<bool> = sqlx::query_scalar(
             r#"
             WITH lease AS (
@@ -320,10 +358,9 @@ impl Ledger {
         .bind(&batch.checksum)
         .bind(&batch.summary)
         .bind(batches_total)
-        .fetch_optional(&mut *tx)
+        .fetch_optional(tx)
         .await?;
-        tx.commit().await?;
-        Ok(cancel.ok_or(LeaseLost))
+        Ok(cancel)
     }
 
     /// Every checkpoint of a job, in batch order (to resume, and to summarise at the end).

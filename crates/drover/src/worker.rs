@@ -25,6 +25,7 @@ use serde_json::Value;
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
+use std::pin::{Pin, pin};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -878,14 +879,13 @@ async fn run_attempt(
     // The input's batch count, known once the first hop opened it.
     let mut total: Option<i32> = None;
     let mut next_index = resume;
-    // This attempt's checkpointed batches; earlier attempts' are read back at the end.
-    let mut done_here: Vec<BatchOutcome> = Vec::new();
-    // The batch computed last and not checkpointed yet. Its checkpoint commits while the
-    // next batch computes (so a checkpoint costs no wall time), except the job's last
-    // batch, which is checkpointed in the same statement as the job's success.
-    let mut pending: Option<BatchOutcome> = None;
+    // This attempt's batches: checkpointed, or computed and not yet checkpointed.
+    let mut cps = Checkpoints::new(shared, job);
     let result: Option<Value> = loop {
         if cancel.load(Ordering::SeqCst) {
+            if let Err(stop) = cps.settle().await {
+                return stopped_at_checkpoint(shared, job, stop).await;
+            }
             info!("cancelled by operator at a batch boundary");
             shared.metrics.job(&job.pipeline, "cancelled");
             return end_held(
@@ -898,82 +898,86 @@ async fn run_attempt(
             .await;
         }
         if shared.is_draining() {
-            if let Some(b) = pending.take() {
-                // Keep the work done: the next attempt resumes after it.
-                match checkpoint(shared, job, &b, total).await {
-                    Ok(_) => done_here.push(b),
-                    Err(stop) => return stopped_at_checkpoint(shared, job, stop).await,
-                }
+            // Keep the work done: the next attempt resumes after it.
+            if let Err(stop) = cps.flush(false, total).await {
+                return stopped_at_checkpoint(shared, job, stop).await;
             }
             info!("shutting down: releasing the job at a batch boundary");
             shared.metrics.job(&job.pipeline, "released");
             return end_held(shared, job, HeldEnd::Released, "", Disposition::Requeue).await;
         }
-        let to_commit = match &pending {
-            Some(b) if !is_last(b, total) => pending.take(),
-            _ => None,
-        };
+        // Checkpoints lag by at most a few batches: while Postgres is away, the job pauses
+        // instead of running on with nothing recorded (and its lease unrenewed).
+        if cps.pending.len() >= MAX_UNCHECKPOINTED
+            && let Err(stop) = cps.settle().await
+        {
+            return stopped_at_checkpoint(shared, job, stop).await;
+        }
         // When this hop may reach the end of the input, it also finishes the job (one hop
         // fewer), given every batch's outcome: all are in memory unless earlier attempts
         // did some.
         let may_end = resume == 0 && total.is_none_or(|t| next_index as i32 + 1 >= t);
-        let finish_with: Option<Vec<BatchOutcome>> = may_end.then(|| {
-            done_here
-                .iter()
-                .chain(to_commit.iter())
-                .chain(pending.iter())
-                .cloned()
-                .collect()
-        });
+        let finish_with: Option<Vec<BatchOutcome>> = may_end.then(|| cps.all());
         let batch_span = info_span!("batch", index = next_index, rows = tracing::field::Empty);
         let sh = shared.clone();
-        let compute = blocking(slot, move |s| s.hop(&sh.registry, resume, finish_with))
-            .instrument(batch_span.clone());
-        let commit = async {
-            match to_commit {
-                Some(b) => checkpoint(shared, job, &b, total)
-                    .await
-                    .map(|c| Some((b, c))),
-                None => Ok(None),
-            }
-        };
-        let (committed, computed) = tokio::join!(commit, compute);
-        match committed {
-            Ok(Some((b, cancel_requested))) => {
-                done_here.push(b);
-                if cancel_requested {
-                    cancel.store(true, Ordering::SeqCst);
+        let mut compute = pin!(
+            blocking(slot, move |s| s.hop(&sh.registry, resume, finish_with))
+                .instrument(batch_span.clone())
+        );
+        // Checkpoint what is ready while the batch computes; a commit still running when
+        // it is done carries on under the next one.
+        let computed = loop {
+            cps.start(total);
+            let Some(commit) = cps.commit.as_mut() else {
+                break compute.await;
+            };
+            let committed = tokio::select! {
+                computed = &mut compute => Err(computed),
+                committed = commit => Ok(committed),
+            };
+            match committed {
+                Err(computed) => break computed,
+                Ok(Ok(cancel_requested)) => {
+                    cps.committed();
+                    if cancel_requested {
+                        cancel.store(true, Ordering::SeqCst);
+                    }
+                }
+                Ok(Err(stop)) => {
+                    // No writer outlives its job: let the batch finish before giving up.
+                    let _ = compute.await;
+                    return stopped_at_checkpoint(shared, job, stop).await;
                 }
             }
-            Ok(None) => {}
-            Err(stop) => return stopped_at_checkpoint(shared, job, stop).await,
-        }
+        };
         let hop = match computed {
             Ok((s, hop)) => {
                 slot = s;
                 total = hop.total;
                 hop
             }
-            Err(e) => return failed(shared, job, e, delivery).await,
+            Err(e) => {
+                if let Err(stop) = cps.settle().await {
+                    return stopped_at_checkpoint(shared, job, stop).await;
+                }
+                return failed(shared, job, e, delivery).await;
+            }
         };
         for b in hop.batches {
             next_index = b.index + 1;
             batch_span.record("rows", b.rows);
             batch_span.in_scope(|| debug!(batch = b.index, rows = b.rows, "batch done"));
-            if let Some(early) = pending.replace(b) {
-                // The input had more batches than it announced: checkpoint the one held
-                // back as the last.
-                match checkpoint(shared, job, &early, total).await {
-                    Ok(_) => done_here.push(early),
-                    Err(stop) => return stopped_at_checkpoint(shared, job, stop).await,
-                }
-            }
+            cps.computed(b);
         }
         if hop.exhausted {
             break hop.result;
         }
     };
-    let final_batch = pending.take();
+    // The last batch is checkpointed with the job's success; any before it first.
+    if let Err(stop) = cps.flush(true, total).await {
+        return stopped_at_checkpoint(shared, job, stop).await;
+    }
+    let (done_here, final_batch) = cps.into_parts();
     let result = match result {
         Some(r) => r,
         None => {
@@ -1161,27 +1165,124 @@ async fn stopped_at_checkpoint(
     }
 }
 
-/// Checkpoints one batch (renewing the lease); returns whether cancellation was requested.
+/// Batches an attempt computes ahead of its last checkpoint before it waits for one.
+const MAX_UNCHECKPOINTED: usize = 8;
+
+/// A commit of checkpoints under way: whether cancellation was requested, or why the job
+/// must stop.
+type Commit<'a> = Pin<Box<dyn Future<Output = Result<bool, CheckpointStop>> + Send + 'a>>;
+
+/// An attempt's batches and their checkpoints. The pipeline does not wait for them: a
+/// batch computes while the ones before it commit, and batches completed during a commit
+/// are checkpointed together by the next one, so a checkpoint costs neither wall time nor,
+/// when Postgres is slower than the pipeline, a transaction per batch. The job's last
+/// batch is held back for the statement that records the job's success.
+struct Checkpoints<'a> {
+    shared: &'a Shared,
+    job: &'a ClaimedJob,
+    /// Checkpointed by this attempt (earlier attempts' are read back at the end).
+    done: Vec<BatchOutcome>,
+    /// Computed, not yet checkpointed, in order; the first `in_flight` are in `commit`.
+    pending: Vec<BatchOutcome>,
+    in_flight: usize,
+    commit: Option<Commit<'a>>,
+}
+
+impl<'a> Checkpoints<'a> {
+    fn new(shared: &'a Shared, job: &'a ClaimedJob) -> Self {
+        Checkpoints {
+            shared,
+            job,
+            done: Vec::new(),
+            pending: Vec::new(),
+            in_flight: 0,
+            commit: None,
+        }
+    }
+
+    /// Every batch of this attempt, checkpointed or not.
+    fn all(&self) -> Vec<BatchOutcome> {
+        self.done.iter().chain(&self.pending).cloned().collect()
+    }
+
+    fn computed(&mut self, b: BatchOutcome) {
+        self.pending.push(b);
+    }
+
+    /// Starts committing the pending batches, except the input's announced last one, unless
+    /// a commit is already under way.
+    fn start(&mut self, total: Option<i32>) {
+        let held = usize::from(self.pending.last().is_some_and(|b| is_last(b, total)));
+        self.start_first(self.pending.len() - held, total);
+    }
+
+    fn start_first(&mut self, n: usize, total: Option<i32>) {
+        if self.commit.is_some() || n == 0 {
+            return;
+        }
+        self.in_flight = n;
+        let records: Vec<BatchRecord> = self.pending[..n].iter().map(record_of).collect();
+        let (shared, job) = (self.shared, self.job);
+        self.commit = Some(Box::pin(checkpoint(shared, job, records, total)));
+    }
+
+    /// The commit under way succeeded.
+    fn committed(&mut self) {
+        self.commit = None;
+        self.done.extend(self.pending.drain(..self.in_flight));
+        self.in_flight = 0;
+    }
+
+    /// Waits for the commit under way, if any.
+    async fn settle(&mut self) -> Result<(), CheckpointStop> {
+        if let Some(commit) = self.commit.as_mut() {
+            commit.await?;
+            self.committed();
+        }
+        Ok(())
+    }
+
+    /// Checkpoints every pending batch, or all but the last with `keep_last`.
+    async fn flush(&mut self, keep_last: bool, total: Option<i32>) -> Result<(), CheckpointStop> {
+        self.settle().await?;
+        let n = self.pending.len().saturating_sub(usize::from(keep_last));
+        self.start_first(n, total);
+        self.settle().await
+    }
+
+    /// The checkpointed batches and the one left pending (after `flush(true, ..)`).
+    fn into_parts(mut self) -> (Vec<BatchOutcome>, Option<BatchOutcome>) {
+        let last = self.pending.pop();
+        (self.done, last)
+    }
+}
+
+/// Checkpoints consecutive batches in one transaction (renewing the lease); returns whether
+/// cancellation was requested.
 async fn checkpoint(
     shared: &Shared,
     job: &ClaimedJob,
-    b: &BatchOutcome,
+    records: Vec<BatchRecord>,
     total: Option<i32>,
 ) -> Result<bool, CheckpointStop> {
-    let record = record_of(b);
     let worker = shared.settings.worker_id.as_str();
     match shared
         .db("checkpoint", || {
-            shared.ledger.checkpoint(job, worker, &record, total)
+            shared
+                .ledger
+                .checkpoint_batches(job, worker, &records, total)
         })
         .await
     {
         Ok(Ok(cancel_requested)) => {
-            shared.metrics.batch(&job.pipeline, b.rows);
+            for r in &records {
+                shared.metrics.batch(&job.pipeline, r.rows as u64);
+            }
             Ok(cancel_requested)
         }
         Ok(Err(lost)) => {
-            warn!(error = %lost, batch = b.index, "stopping: lease lost");
+            let batch = records.first().map(|r| r.batch_index);
+            warn!(error = %lost, batch, "stopping: lease lost");
             Err(CheckpointStop::Lost)
         }
         Err(stop) => Err(CheckpointStop::Db(stop)),

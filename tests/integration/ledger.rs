@@ -3,7 +3,7 @@
 //! last batch's checkpoint folded into the success.
 
 use crate::support::TestEnv;
-use drover_ledger::{BatchRecord, Completion, Group, LeaseLost, Ledger, NewJob};
+use drover_ledger::{BatchRecord, ClaimedJob, Completion, Group, LeaseLost, Ledger, NewJob};
 use serde_json::json;
 use std::collections::HashSet;
 use std::time::Duration;
@@ -28,6 +28,24 @@ async fn queue(l: &Ledger, keys: &[String]) {
         })
         .collect();
     l.insert_queued(&jobs).await.expect("insert queued");
+}
+
+/// Queues one job under `key` and claims it as worker `w1`.
+async fn claimed_one(l: &Ledger, key: &str) -> ClaimedJob {
+    let keys = vec![key.to_string()];
+    queue(l, &keys).await;
+    l.claim_ready("w1", &keys).await.expect("claim")[0]
+        .clone()
+        .expect("claimed")
+}
+
+/// Another worker takes the job's lease (same attempt), as a takeover would.
+async fn steal_lease(env: &TestEnv, key: &str) {
+    sqlx::query("UPDATE drover.jobs SET lease_owner = 'w2' WHERE idempotency_key = $1")
+        .bind(key)
+        .execute(&env.pool)
+        .await
+        .expect("steal");
 }
 
 /// A completed batch's checkpoint: part `part-NNNNN.parquet`, summary `{"rows": rows}`.
@@ -247,11 +265,7 @@ async fn asynchronous_checkpoints_leave_the_connection_synchronous() {
     let l = Ledger::connect(&env.db_url, false, 1, Duration::from_secs(10))
         .await
         .expect("connect ledger");
-    let keys: Vec<String> = vec!["cp".into()];
-    queue(&l, &keys).await;
-    let job = l.claim_ready("w1", &keys).await.expect("claim")[0]
-        .clone()
-        .expect("claimed");
+    let job = claimed_one(&l, "cp").await;
     let show = || async {
         sqlx::query_scalar::<_, String>("SHOW synchronous_commit")
             .fetch_one(l.pool())
@@ -276,10 +290,7 @@ async fn asynchronous_checkpoints_leave_the_connection_synchronous() {
     .expect("job");
     assert_eq!(progress, (3, Some(4), 15));
     // A checkpoint under a lost lease writes nothing, and still leaves the connection clean.
-    sqlx::query("UPDATE drover.jobs SET lease_owner = 'w2' WHERE idempotency_key = 'cp'")
-        .execute(&env.pool)
-        .await
-        .expect("steal");
+    steal_lease(&env, "cp").await;
     let lost = l
         .checkpoint(&job, "w1", &record(3, 5, "cc"), Some(4))
         .await
@@ -301,11 +312,7 @@ async fn asynchronous_checkpoints_leave_the_connection_synchronous() {
 async fn checkpoints_of_several_batches_commit_together_or_not_at_all() {
     let env = TestEnv::new().await;
     let l = ledger(&env).await;
-    let keys: Vec<String> = vec!["many".into()];
-    queue(&l, &keys).await;
-    let job = l.claim_ready("w1", &keys).await.expect("claim")[0]
-        .clone()
-        .expect("claimed");
+    let job = claimed_one(&l, "many").await;
     let progress = || async {
         sqlx::query_as::<_, (i32, Option<i32>, i64, i64)>(
             "SELECT batches_done, batches_total, rows_done, \
@@ -331,10 +338,7 @@ async fn checkpoints_of_several_batches_commit_together_or_not_at_all() {
         .expect("checkpoint");
     assert_eq!(cancel, Ok(false));
     assert_eq!(progress().await, (4, Some(5), 19, 4));
-    sqlx::query("UPDATE drover.jobs SET lease_owner = 'w2' WHERE idempotency_key = 'many'")
-        .execute(&env.pool)
-        .await
-        .expect("steal");
+    steal_lease(&env, "many").await;
     let lost = l
         .checkpoint_batches(&job, "w1", &[record(4, 5, "e"), record(5, 5, "f")], Some(5))
         .await

@@ -299,68 +299,13 @@ impl Ledger {
         let mut tx = self.pool.begin_with(ASYNC_COMMIT_BEGIN).await?;
         let mut cancel = false;
         for batch in batches {
-            match self
-                .checkpoint_in(&mut tx, job, worker, batch, batches_total)
-                .await?
-            {
+            match checkpoint_in(&mut tx, job, worker, batch, batches_total).await? {
                 Some(c) => cancel |= c,
                 None => return Ok(Err(LeaseLost)),
             }
         }
         tx.commit().await?;
         Ok(Ok(cancel))
-    }
-
-    /// One batch's checkpoint statement; `None` when the lease is lost.
-    async fn checkpoint_in(
-        &self,
-        tx: &mut sqlx::PgConnection,
-        job: &ClaimedJob,
-        worker: &str,
-        batch: &BatchRecord,
-        batches_total: Option<i32>,
-    ) -> Result<Option<bool>, LedgerError> {
-        let cancel: Option<bool> = sqlx::query_scalar(
-            r#"
-            WITH lease AS (
-                SELECT id FROM drover.jobs
-                WHERE id = $1 AND lease_owner = $2 AND attempts = $3 AND state = 'running'
-                FOR UPDATE
-            ), old AS (
-                SELECT rows FROM drover.checkpoints WHERE job_id = $1 AND batch_index = $4
-            ), cp AS (
-                INSERT INTO drover.checkpoints (job_id, batch_index, rows, output, checksum,
-                                                summary, attempt)
-                SELECT id, $4, $5, $6, $7, $8, $3 FROM lease
-                ON CONFLICT (job_id, batch_index) DO UPDATE
-                    SET rows = EXCLUDED.rows, output = EXCLUDED.output,
-                        checksum = EXCLUDED.checksum, summary = EXCLUDED.summary,
-                        attempt = EXCLUDED.attempt, committed_at = now()
-                RETURNING 1
-            )
-            UPDATE drover.jobs j
-            SET batches_done = GREATEST(j.batches_done, $4 + 1),
-                batches_total = COALESCE(j.batches_total, $9),
-                rows_done = j.rows_done + $5 - COALESCE((SELECT rows FROM old), 0),
-                heartbeat_at = now(),
-                updated_at = now()
-            FROM lease
-            WHERE j.id = lease.id AND EXISTS (SELECT 1 FROM cp)
-            RETURNING j.cancel_requested
-            "#,
-        )
-        .bind(job.id)
-        .bind(worker)
-        .bind(job.attempt)
-        .bind(batch.batch_index)
-        .bind(batch.rows)
-        .bind(&batch.output)
-        .bind(&batch.checksum)
-        .bind(&batch.summary)
-        .bind(batches_total)
-        .fetch_optional(tx)
-        .await?;
-        Ok(cancel)
     }
 
     /// Every checkpoint of a job, in batch order (to resume, and to summarise at the end).
@@ -827,4 +772,55 @@ impl Ledger {
             })
             .collect())
     }
+}
+
+/// One batch's checkpoint statement; `None` when the lease is lost.
+async fn checkpoint_in(
+    tx: &mut sqlx::PgConnection,
+    job: &ClaimedJob,
+    worker: &str,
+    batch: &BatchRecord,
+    batches_total: Option<i32>,
+) -> Result<Option<bool>, LedgerError> {
+    let cancel: Option<bool> = sqlx::query_scalar(
+        r#"
+        WITH lease AS (
+            SELECT id FROM drover.jobs
+            WHERE id = $1 AND lease_owner = $2 AND attempts = $3 AND state = 'running'
+            FOR UPDATE
+        ), old AS (
+            SELECT rows FROM drover.checkpoints WHERE job_id = $1 AND batch_index = $4
+        ), cp AS (
+            INSERT INTO drover.checkpoints (job_id, batch_index, rows, output, checksum,
+                                            summary, attempt)
+            SELECT id, $4, $5, $6, $7, $8, $3 FROM lease
+            ON CONFLICT (job_id, batch_index) DO UPDATE
+                SET rows = EXCLUDED.rows, output = EXCLUDED.output,
+                    checksum = EXCLUDED.checksum, summary = EXCLUDED.summary,
+                    attempt = EXCLUDED.attempt, committed_at = now()
+            RETURNING 1
+        )
+        UPDATE drover.jobs j
+        SET batches_done = GREATEST(j.batches_done, $4 + 1),
+            batches_total = COALESCE(j.batches_total, $9),
+            rows_done = j.rows_done + $5 - COALESCE((SELECT rows FROM old), 0),
+            heartbeat_at = now(),
+            updated_at = now()
+        FROM lease
+        WHERE j.id = lease.id AND EXISTS (SELECT 1 FROM cp)
+        RETURNING j.cancel_requested
+        "#,
+    )
+    .bind(job.id)
+    .bind(worker)
+    .bind(job.attempt)
+    .bind(batch.batch_index)
+    .bind(batch.rows)
+    .bind(&batch.output)
+    .bind(&batch.checksum)
+    .bind(&batch.summary)
+    .bind(batches_total)
+    .fetch_optional(tx)
+    .await?;
+    Ok(cancel)
 }

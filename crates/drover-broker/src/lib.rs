@@ -25,6 +25,7 @@ mod endpoint;
 mod error;
 mod publisher;
 mod topology;
+pub mod trace;
 
 pub use broker::{Broker, CLOSE_TIMEOUT, CONNECT_TIMEOUT};
 pub use consumer::{DELIVERY_COUNT_HEADER, Incoming, JobConsumer};

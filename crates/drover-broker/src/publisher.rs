@@ -37,6 +37,18 @@ pub struct OutgoingJob {
     pub traceparent: Option<String>,
 }
 
+impl OutgoingJob {
+    /// The message of job `id` (its ledger row id, sent as `message_id`), with the producer's
+    /// trace context when there is one.
+    pub fn new(id: impl std::fmt::Display, msg: &drover_core::JobMessage, traceparent: Option<String>) -> Self {
+        OutgoingJob {
+            message_id: id.to_string(),
+            body: msg.to_body(),
+            traceparent,
+        }
+    }
+}
+
 /// Publishes to one namespace over a channel in confirm mode.
 ///
 /// `Send + Sync`: share it (e.g. in an `Arc`) between tasks. Publishes from concurrent calls

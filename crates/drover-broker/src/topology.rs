@@ -8,7 +8,7 @@ pub const DEFAULT_NAMESPACE: &str = "drover";
 
 /// Default quorum-queue delivery limit (`x-delivery-limit`): a message delivered this many
 /// times without an ack is poison and is dead-lettered by the broker itself.
-pub const DEFAULT_DELIVERY_LIMIT: u32 = 20;
+pub const DEFAULT_DELIVERY_LIMIT: u32 = drover_core::config::DEFAULT_DELIVERY_LIMIT;
 
 /// Routing key that binds `{ns}.jobs` to the `{ns}` exchange.
 pub const JOBS_ROUTING_KEY: &str = "jobs";
@@ -39,6 +39,14 @@ impl Topology {
         Topology {
             namespace: namespace.to_string(),
             delivery_limit: DEFAULT_DELIVERY_LIMIT,
+        }
+    }
+
+    /// The namespace and delivery limit every command resolved from the configuration.
+    pub fn for_connections(conns: &drover_core::config::Connections) -> Self {
+        Topology {
+            namespace: conns.namespace.clone(),
+            delivery_limit: conns.delivery_limit,
         }
     }
 

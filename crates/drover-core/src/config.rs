@@ -5,6 +5,7 @@
 //! on a machine with local services, so a newcomer types nothing.
 
 use crate::retry::RetryPolicy;
+use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use thiserror::Error;
@@ -15,6 +16,9 @@ pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 pub const DEFAULT_DATABASE_URL: &str = "postgres://postgres@127.0.0.1:5432/drover";
 /// Default namespace: queues `drover.jobs` and `drover.dead`.
 pub const DEFAULT_NAMESPACE: &str = "drover";
+/// Default `x-delivery-limit` of the work queue: deliveries of one message before the broker
+/// dead-letters it (poison protection).
+pub const DEFAULT_DELIVERY_LIMIT: u32 = 20;
 /// The config file read when `--config` / `DROVER_CONFIG` is not given, if it exists.
 pub const DEFAULT_CONFIG_FILE: &str = "drover.toml";
 
@@ -85,12 +89,23 @@ impl FileConfig {
     }
 }
 
-/// Connection settings every command needs.
-#[derive(Debug, Clone, PartialEq)]
+/// Connection settings every command needs: one resolved value for each, so `publish`,
+/// `worker` and every other command declare the same queues and reach the same ledger.
+///
+/// The URLs carry passwords: they are [`SecretString`]s, so `{:?}` prints `[REDACTED]`;
+/// [`Connections::amqp_shown`] and [`Connections::database_shown`] give the redacted form for
+/// messages, and `expose_secret()` the real one for connecting.
+#[derive(Debug, Clone)]
 pub struct Connections {
-    pub amqp_url: String,
-    pub database_url: String,
+    /// RabbitMQ URL (`amqp://` or `amqps://`).
+    pub amqp_url: SecretString,
+    /// Postgres URL of the ledger.
+    pub database_url: SecretString,
+    /// Prefix of the queues and exchanges.
     pub namespace: String,
+    /// `x-delivery-limit` of `{ns}.jobs`. Every command that declares the queue must agree
+    /// on it (RabbitMQ refuses a redeclaration with other arguments).
+    pub delivery_limit: u32,
 }
 
 impl Connections {
@@ -101,13 +116,15 @@ impl Connections {
         namespace: Option<String>,
         file: &FileConfig,
     ) -> Result<Connections, ConfigError> {
-        let c = Connections {
-            amqp_url: amqp_url
-                .or_else(|| file.amqp_url.clone())
-                .unwrap_or_else(|| DEFAULT_AMQP_URL.into()),
-            database_url: database_url
-                .or_else(|| file.database_url.clone())
-                .unwrap_or_else(|| DEFAULT_DATABASE_URL.into()),
+        let amqp_url = amqp_url
+            .or_else(|| file.amqp_url.clone())
+            .unwrap_or_else(|| DEFAULT_AMQP_URL.into());
+        let database_url = database_url
+            .or_else(|| file.database_url.clone())
+            .unwrap_or_else(|| DEFAULT_DATABASE_URL.into());
+        let c = Plain {
+            amqp_url: &amqp_url,
+            database_url: &database_url,
             namespace: namespace
                 .or_else(|| file.namespace.clone())
                 .unwrap_or_else(|| DEFAULT_NAMESPACE.into()),
@@ -143,8 +160,37 @@ impl Connections {
                 message: format!("{:?}: use 1-64 of [A-Za-z0-9._-]", c.namespace),
             });
         }
-        Ok(c)
+        let delivery_limit = file.worker.delivery_limit.unwrap_or(DEFAULT_DELIVERY_LIMIT);
+        if delivery_limit == 0 {
+            return Err(ConfigError::Invalid {
+                field: "[worker] delivery_limit",
+                message: "must be at least 1, got 0".into(),
+            });
+        }
+        Ok(Connections {
+            namespace: c.namespace,
+            amqp_url: SecretString::from(amqp_url),
+            database_url: SecretString::from(database_url),
+            delivery_limit,
+        })
     }
+
+    /// The broker URL with its password replaced by `***`, for messages and logs.
+    pub fn amqp_shown(&self) -> String {
+        redact(self.amqp_url.expose_secret())
+    }
+
+    /// The ledger URL with its password replaced by `***`, for messages and logs.
+    pub fn database_shown(&self) -> String {
+        redact(self.database_url.expose_secret())
+    }
+}
+
+/// The values checked by [`Connections::resolve`] before they are wrapped.
+struct Plain<'a> {
+    amqp_url: &'a str,
+    database_url: &'a str,
+    namespace: String,
 }
 
 /// Hides the password of a `scheme://user:password@host/...` URL for messages and logs.
@@ -180,9 +226,10 @@ mod tests {
         )
         .unwrap();
         let c = Connections::resolve(None, Some("postgres://flag/y".into()), None, &file).unwrap();
-        assert_eq!(c.database_url, "postgres://flag/y");
+        assert_eq!(c.database_url.expose_secret(), "postgres://flag/y");
         assert_eq!(c.namespace, "fromfile");
-        assert_eq!(c.amqp_url, DEFAULT_AMQP_URL);
+        assert_eq!(c.amqp_url.expose_secret(), DEFAULT_AMQP_URL);
+        assert_eq!(c.delivery_limit, DEFAULT_DELIVERY_LIMIT);
         assert_eq!(file.worker.prefetch, Some(3));
     }
 
@@ -197,6 +244,30 @@ mod tests {
         assert!(e.to_string().contains("namespace"), "{e}");
         let e = toml::from_str::<FileConfig>("prefetc = 1").unwrap_err();
         assert!(e.to_string().contains("prefetc"));
+    }
+
+    #[test]
+    fn debug_never_shows_a_password() {
+        let c = Connections::resolve(
+            Some("amqp://u:hunter2@h:5672/%2f".into()),
+            Some("postgres://u:hunter3@h/db".into()),
+            None,
+            &FileConfig::default(),
+        )
+        .unwrap();
+        let shown = format!("{c:?} {} {}", c.amqp_shown(), c.database_shown());
+        assert!(!shown.contains("hunter"), "{shown}");
+        assert!(shown.contains("u:***@h/db"), "{shown}");
+    }
+
+    #[test]
+    fn delivery_limit_comes_from_the_worker_table() {
+        let file: FileConfig = toml::from_str("[worker]\ndelivery_limit = 3\n").unwrap();
+        let c = Connections::resolve(None, None, None, &file).unwrap();
+        assert_eq!(c.delivery_limit, 3);
+        let file: FileConfig = toml::from_str("[worker]\ndelivery_limit = 0\n").unwrap();
+        let e = Connections::resolve(None, None, None, &file).unwrap_err();
+        assert!(e.to_string().contains("delivery_limit"), "{e}");
     }
 
     #[test]

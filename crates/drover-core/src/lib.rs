@@ -12,3 +12,4 @@ pub mod retry;
 pub use error::ErrorKind;
 pub use message::{ContractError, JobMessage};
 pub use retry::{RetryDecision, RetryPolicy};
+pub use secrecy::{ExposeSecret, SecretString};

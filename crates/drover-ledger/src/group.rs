@@ -7,7 +7,7 @@
 //! statement runs, the next requests queue up, so an idle worker writes a single job at
 //! once (no added latency) and a busy one writes dozens per commit.
 
-use crate::worker::{ClaimedJob, Completion, LeaseLost};
+use crate::transitions::{ClaimedJob, Completion, LeaseLost};
 use crate::{Ledger, LedgerError};
 use std::future::Future;
 use tokio::sync::{mpsc, oneshot};

@@ -23,14 +23,14 @@ mod group;
 mod publish;
 mod read;
 mod relay;
-mod worker;
+mod transitions;
 
 pub use error::LedgerError;
 pub use group::Group;
 pub use publish::{InsertOutcome, NewJob};
 pub use read::{AttemptView, DurationStats, JobFilter, JobProgress, JobView, StateCount};
 pub use relay::{DueJob, RelaySweep};
-pub use worker::{
+pub use transitions::{
     BatchRecord, Claim, ClaimedJob, Completion, FailOutcome, HeldEnd, LeaseLost, LeaseSeen,
 };
 

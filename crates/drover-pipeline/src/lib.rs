@@ -382,6 +382,14 @@ impl Registry {
         self.get(pipeline).and_then(|p| p.default_max_attempts())
     }
 
+    /// A job's attempt limit: the message's, then the pipeline's default, then `fallback`
+    /// (the worker's or producer's configuration).
+    pub fn max_attempts_for(&self, msg: &drover_core::JobMessage, fallback: u32) -> u32 {
+        msg.max_attempts
+            .or_else(|| self.default_max_attempts(&msg.pipeline))
+            .unwrap_or(fallback)
+    }
+
     /// Opens a job for running; `resume_after` = number of batches already checkpointed
     /// (indexes `0..resume_after` are skipped without being decoded).
     pub fn open(&self, spec: &JobSpec, resume_after: u32) -> Result<JobRun, PipelineError> {

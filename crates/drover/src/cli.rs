@@ -4,7 +4,9 @@ use crate::logging::LogFormat;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use drover_core::config::{Connections, FileConfig};
+use drover_core::ExposeSecret;
 use drover_ledger::Ledger;
+use drover_pipeline::Registry;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -84,7 +86,7 @@ pub enum Command {
     /// publisher confirms. A key that exists already is not published again.
     Publish(crate::publish::PublishArgs),
     /// Run the worker daemon in the foreground (SIGTERM/SIGINT drain it and exit 0).
-    Worker(crate::worker::WorkerArgs),
+    Worker(crate::daemon::WorkerArgs),
     /// Inspect and steer jobs in the ledger.
     #[command(subcommand)]
     Jobs(crate::jobs::JobsCommand),
@@ -101,8 +103,12 @@ pub enum Command {
 
 /// Everything a subcommand may need from the layered configuration.
 pub struct Context {
+    /// Broker, ledger, namespace and queue settings, resolved once for every command.
     pub conns: Connections,
+    /// The TOML file's other tables (`[worker]`, `[retry]`).
     pub file: FileConfig,
+    /// The pipelines this binary runs and validates.
+    pub registry: Registry,
 }
 
 impl Context {
@@ -113,7 +119,7 @@ impl Context {
         max_connections: u32,
     ) -> anyhow::Result<Ledger> {
         let ledger = Ledger::connect(
-            &self.conns.database_url,
+            self.conns.database_url.expose_secret(),
             create_database,
             max_connections,
             Duration::from_secs(10),
@@ -131,28 +137,32 @@ impl Context {
 }
 
 /// Resolves the configuration and runs the chosen subcommand.
-pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
+pub async fn dispatch(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
     let g = cli.global;
     let file = FileConfig::load(g.config.as_deref())?;
     let conns = Connections::resolve(g.amqp_url, g.database_url, g.namespace, &file)?;
-    let ctx = Context { conns, file };
+    let ctx = Context {
+        conns,
+        file,
+        registry,
+    };
     match cli.command {
         Command::Migrate => {
             let ledger = ctx.ledger(true, 2).await?;
             ledger.migrate().await.context("drover migrate")?;
             println!(
                 "ledger migrated: {}",
-                drover_core::config::redact(&ctx.conns.database_url)
+                ctx.conns.database_shown()
             );
             Ok(ExitCode::SUCCESS)
         }
         Command::Publish(args) => crate::publish::run(&ctx, args).await,
-        Command::Worker(args) => crate::worker::run(&ctx, args).await,
+        Command::Worker(args) => crate::daemon::run(&ctx, args).await,
         Command::Jobs(cmd) => crate::jobs::run(&ctx, cmd).await,
-        Command::Run(args) => crate::run::run(args).await,
+        Command::Run(args) => crate::run::run(&ctx, args).await,
         Command::Stats(args) => crate::jobs::stats(&ctx, args).await,
         Command::Pipelines => {
-            for name in drover_pipeline::Registry::builtin().names() {
+            for name in ctx.registry.names() {
                 println!("{name}");
             }
             Ok(ExitCode::SUCCESS)

@@ -5,13 +5,10 @@
 //! producer put in `traceparent` shows up in the worker's logs and in the ledger either way.
 
 use clap::ValueEnum;
-use opentelemetry::propagation::TextMapPropagator;
-use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
-use std::collections::HashMap;
 use std::io::IsTerminal;
-use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -109,28 +106,4 @@ pub fn init(format: Option<LogFormat>, verbose: u8) -> Telemetry {
             .try_init(),
     };
     Telemetry { provider }
-}
-
-/// The W3C `traceparent` of a span, to put in a message's headers.
-pub fn traceparent_of(span: &tracing::Span) -> Option<String> {
-    let mut carrier: HashMap<String, String> = HashMap::new();
-    TraceContextPropagator::new().inject_context(&span.context(), &mut carrier);
-    carrier.remove("traceparent")
-}
-
-/// Continues the trace of a `traceparent` value in `span`.
-pub fn continue_trace(span: &tracing::Span, traceparent: &str) {
-    let mut carrier: HashMap<String, String> = HashMap::new();
-    carrier.insert("traceparent".into(), traceparent.to_string());
-    let cx = TraceContextPropagator::new().extract(&carrier);
-    if cx.span().span_context().is_valid() {
-        let _ = span.set_parent(cx);
-    }
-}
-
-/// The trace id of a span (32 hex digits), when it has one.
-pub fn trace_id_of(span: &tracing::Span) -> Option<String> {
-    let cx = span.context();
-    let sc = cx.span().span_context().clone();
-    sc.is_valid().then(|| sc.trace_id().to_string())
 }

@@ -4,7 +4,7 @@ use crate::cli::Context;
 use anyhow::{Context as _, bail};
 use clap::Args;
 use drover_broker::{Broker, OutgoingJob, Topology};
-use drover_core::JobMessage;
+use drover_core::{ExposeSecret, JobMessage};
 use drover_core::message::parse_param;
 use drover_ledger::{InsertOutcome, Ledger, NewJob};
 use drover_pipeline::Registry;
@@ -132,22 +132,6 @@ fn report_errors(errors: Vec<String>) -> anyhow::Result<()> {
     bail!("{} invalid message(s); nothing was published", errors.len())
 }
 
-/// Resolves a job's attempt limit: message, then pipeline default, then configuration.
-pub fn max_attempts_for(registry: &Registry, msg: &JobMessage, default: u32) -> i32 {
-    msg.max_attempts
-        .or_else(|| registry.default_max_attempts(&msg.pipeline))
-        .unwrap_or(default) as i32
-}
-
-/// The message body and broker envelope of a recorded job.
-pub fn outgoing(id: Uuid, msg: &JobMessage, traceparent: Option<String>) -> OutgoingJob {
-    OutgoingJob {
-        message_id: id.to_string(),
-        body: msg.to_body(),
-        traceparent,
-    }
-}
-
 /// Records and publishes `msgs`; returns (published, already present) counts.
 pub async fn publish_messages(
     ledger: &Ledger,
@@ -165,10 +149,10 @@ pub async fn publish_messages(
         trace_id = tracing::field::Empty
     );
     if let Ok(tp) = std::env::var("TRACEPARENT") {
-        crate::logging::continue_trace(&span, &tp);
+        drover_broker::trace::continue_trace(&span, &tp);
     }
-    let traceparent = crate::logging::traceparent_of(&span);
-    let trace_id = crate::logging::trace_id_of(&span);
+    let traceparent = drover_broker::trace::traceparent_of(&span);
+    let trace_id = drover_broker::trace::trace_id_of(&span);
     if let Some(t) = &trace_id {
         span.record("trace_id", t.as_str());
     }
@@ -183,7 +167,7 @@ pub async fn publish_messages(
                 pipeline: m.pipeline.clone(),
                 params: Value::Object(m.params.clone()),
                 batch_size: m.batch_size.map(|b| b as i32),
-                max_attempts: max_attempts_for(registry, m, default_max_attempts),
+                max_attempts: registry.max_attempts_for(m, default_max_attempts) as i32,
                 trace_id: trace_id.clone(),
             })
             .collect();
@@ -196,7 +180,7 @@ pub async fn publish_messages(
         for (m, o) in chunk.iter().zip(&outcomes) {
             match o {
                 InsertOutcome::Inserted { id } => {
-                    out.push(outgoing(*id, m, traceparent.clone()));
+                    out.push(OutgoingJob::new(id, m, traceparent.clone()));
                     ids.push(*id);
                 }
                 InsertOutcome::Exists {
@@ -210,7 +194,7 @@ pub async fn publish_messages(
                             m.idempotency_key
                         );
                     }
-                    out.push(outgoing(*id, m, traceparent.clone()));
+                    out.push(OutgoingJob::new(id, m, traceparent.clone()));
                     ids.push(*id);
                 }
                 InsertOutcome::Exists { state, .. } => {
@@ -250,7 +234,7 @@ pub async fn publish_messages(
 
 /// `drover publish`.
 pub async fn run(ctx: &Context, args: PublishArgs) -> anyhow::Result<ExitCode> {
-    let registry = Registry::builtin();
+    let registry = &ctx.registry;
     let msgs = match &args.file {
         Some(path) => messages_from_file(path)?,
         None => vec![message_from_flags(&args)?],
@@ -267,14 +251,14 @@ pub async fn run(ctx: &Context, args: PublishArgs) -> anyhow::Result<ExitCode> {
     report_errors(errors)?;
 
     let ledger = ctx.migrated_ledger(4).await?;
-    let broker = Broker::connect(&ctx.conns.amqp_url, "drover-publish").await?;
-    let topo = Topology::new(&ctx.conns.namespace);
+    let broker = Broker::connect(ctx.conns.amqp_url.expose_secret(), "drover-publish").await?;
+    let topo = Topology::for_connections(&ctx.conns);
     broker.declare(&topo).await?;
     let (published, existing) = publish_messages(
         &ledger,
         &broker,
         &topo,
-        &registry,
+        registry,
         &msgs,
         args.default_max_attempts,
         args.quiet,

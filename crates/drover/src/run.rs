@@ -4,7 +4,8 @@
 use anyhow::bail;
 use clap::Args;
 use drover_core::message::parse_param;
-use drover_pipeline::{JobSpec, Registry};
+use crate::cli::Context;
+use drover_pipeline::JobSpec;
 use serde_json::{Map, Value};
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -38,7 +39,7 @@ pub struct RunArgs {
 }
 
 /// `drover run`.
-pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+pub async fn run(ctx: &Context, args: RunArgs) -> anyhow::Result<ExitCode> {
     let mut params = Map::new();
     for p in &args.params {
         let (k, v) = parse_param(p).map_err(anyhow::Error::msg)?;
@@ -47,7 +48,7 @@ pub async fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     if args.batch_size == Some(0) {
         bail!("--batch-size: must be at least 1, got 0");
     }
-    let registry = Registry::builtin();
+    let registry = ctx.registry.clone();
     let params = Value::Object(params);
     registry.validate(&args.pipeline, &params)?;
     let spec = JobSpec {

@@ -199,11 +199,10 @@ async fn metrics(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
 pub async fn serve(
     addr: SocketAddr,
     m: Arc<Metrics>,
-) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("--metrics-addr {addr}: cannot listen: {e}"))?;
-    let local = listener.local_addr()?;
+) -> Result<tokio::task::JoinHandle<()>, crate::WorkerError> {
+    let listen_error = |source| crate::WorkerError::Listen { addr, source };
+    let listener = TcpListener::bind(addr).await.map_err(listen_error)?;
+    let local = listener.local_addr().map_err(listen_error)?;
     let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))

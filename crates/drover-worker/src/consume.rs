@@ -1,0 +1,107 @@
+//! The consumer loop: connect, declare, consume; reconnect with jittered backoff.
+
+use crate::delivery::handle_delivery;
+use crate::shared::{DbStop, Disposition, Shared, reconnect_backoff};
+use backoff::backoff::Backoff;
+use drover_broker::{Broker, Incoming, OutgoingJob};
+use drover_core::{ExposeSecret, JobMessage};
+use drover_ledger::{
+    BatchRecord, Claim, ClaimedJob, Completion, FailOutcome, HeldEnd, LeaseSeen,
+};
+use drover_pipeline::{BatchOutcome, JobRun, JobSpec, PipelineError, Registry};
+use serde_json::Value;
+use std::future::Future;
+use std::pin::{Pin, pin};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tokio::task::JoinSet;
+use tracing::{Instrument, debug, error, info, info_span, warn};
+use uuid::Uuid;
+
+/// Connects, declares, consumes; reconnects with jittered backoff when the broker goes away.
+/// Returns the connection still open at shutdown (to be closed after draining).
+pub(crate) async fn consume_loop(
+    shared: Arc<Shared>,
+    mut first: Option<Broker>,
+    tasks: &mut JoinSet<()>,
+) -> Option<Broker> {
+    let mut backoff = reconnect_backoff();
+    let mut shutdown = shared.shutdown.clone();
+    loop {
+        if *shutdown.borrow() {
+            return first;
+        }
+        let broker = match first.take() {
+            Some(b) => b,
+            None => match Broker::connect(shared.config.conns.amqp_url.expose_secret(), &shared.config.worker_id).await {
+                Ok(b) => b,
+                Err(e) => {
+                    let wait = backoff.next_backoff().unwrap_or(Duration::from_secs(15));
+                    warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "broker unavailable; reconnecting");
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => continue,
+                        _ = shutdown.changed() => return None,
+                    }
+                }
+            },
+        };
+        let setup = async {
+            broker.declare(&shared.topo).await?;
+            let publisher = broker.publisher(&shared.topo).await?;
+            let consumer = broker
+                .consume(
+                    &shared.topo,
+                    shared.config.prefetch,
+                    &shared.config.worker_id,
+                )
+                .await?;
+            Ok::<_, drover_broker::BrokerError>((publisher, consumer))
+        };
+        let (publisher, mut consumer) = match setup.await {
+            Ok(v) => v,
+            Err(e) => {
+                let wait = backoff.next_backoff().unwrap_or(Duration::from_secs(15));
+                warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "broker setup failed; reconnecting");
+                let _ = broker.close().await;
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => continue,
+                    _ = shutdown.changed() => return None,
+                }
+            }
+        };
+        *shared.publisher.write().await = Some(Arc::new(publisher));
+        shared.metrics.consuming.store(true, Ordering::SeqCst);
+        backoff.reset();
+        info!(queue = %shared.topo.jobs_queue(), prefetch = shared.config.prefetch, "consuming");
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.changed() => {
+                    shared.metrics.consuming.store(false, Ordering::SeqCst);
+                    if let Err(e) = consumer.cancel().await {
+                        warn!(error = %e, "basic.cancel failed");
+                    }
+                    return Some(broker);
+                }
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+                next = consumer.next() => match next {
+                    Some(Ok(delivery)) => {
+                        tasks.spawn(handle_delivery(shared.clone(), delivery));
+                    }
+                    Some(Err(e)) => {
+                        warn!(error = %e, "consumer error; reconnecting");
+                        break;
+                    }
+                    None => {
+                        warn!("broker connection lost; reconnecting");
+                        break;
+                    }
+                }
+            }
+        }
+        shared.metrics.consuming.store(false, Ordering::SeqCst);
+        *shared.publisher.write().await = None;
+        let _ = broker.close().await;
+    }
+}

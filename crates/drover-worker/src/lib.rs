@@ -1,0 +1,205 @@
+//! drover-worker: the worker engine behind `drover worker`, as a library.
+//!
+//! [`run`] takes its configuration, the pipelines it may run and a shutdown future (as
+//! mini-redis's `server::run` takes one), so the same engine runs in the `drover` binary, in
+//! a team's own binary with its own pipelines, and in-process in tests that drive drain,
+//! grace expiry and lease loss without signalling a subprocess.
+//!
+//! Shape: one consumer loop ([`consume`](crate::consume)) spawns a task per delivery (at most
+//! `prefetch` exist, because the broker sends no more unacked messages than that); each task
+//! decides its delivery ([`delivery`](crate::delivery)) and runs an attempt batch by batch
+//! ([`attempt`](crate::attempt)); a heartbeat loop renews the leases of in-flight jobs and a
+//! relay loop re-publishes due retries. Shutdown flips one flag that every loop and job
+//! watches.
+//!
+//! The invariant every path keeps: a delivery is acked only after the ledger holds the
+//! job's terminal state or its retry schedule; anything else is nacked back to the queue
+//! (or left unacked, which the broker requeues when the connection closes).
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), drover_worker::WorkerError> {
+//! use drover_core::config::{Connections, FileConfig};
+//! use drover_worker::{WorkerConfig, run};
+//!
+//! let conns = Connections::resolve(None, None, None, &FileConfig::default())
+//!     .expect("the defaults are valid");
+//! let registry = drover_pipeline::Registry::builtin();
+//! // Drains and returns when ctrl-c is pressed.
+//! run(WorkerConfig::new(conns), registry, async {
+//!     let _ = tokio::signal::ctrl_c().await;
+//! })
+//! .await?;
+//! # Ok(())
+//! # }
+//! ```
+
+#![warn(missing_docs)]
+
+mod attempt;
+mod config;
+mod consume;
+mod delivery;
+mod error;
+mod heartbeat;
+mod metrics;
+mod relay;
+mod shared;
+
+pub use config::{
+    DEFAULT_GRACE, DEFAULT_HEARTBEAT, DEFAULT_MAX_ATTEMPTS, DEFAULT_METRICS_ADDR,
+    DEFAULT_OUTPUT_ROOT, DEFAULT_PREFETCH, WorkerConfig, default_worker_id,
+};
+pub use error::WorkerError;
+
+use drover_broker::{Broker, Topology};
+use drover_core::ExposeSecret;
+use drover_ledger::{ClaimedJob, Group, HeldEnd, Ledger};
+use drover_pipeline::Registry;
+use metrics::Metrics;
+use shared::Shared;
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{RwLock, watch};
+use tokio::task::JoinSet;
+use tracing::{info, warn};
+
+/// How long start-up waits for Postgres to accept a connection.
+const LEDGER_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs a worker until `shutdown` completes, then drains: stops consuming, lets running jobs
+/// reach their next batch boundary within `config.grace`, checkpoints, requeues what did
+/// not finish, and closes its connections.
+///
+/// Fails only at start-up (ledger unreachable or not migrated, broker unreachable, HTTP port
+/// taken); afterwards outages are waited out and job failures end in the ledger.
+pub async fn run(
+    config: WorkerConfig,
+    registry: Registry,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), WorkerError> {
+    if config.prefetch == 0 {
+        return Err(WorkerError::Config {
+            field: "--prefetch",
+            message: "must be at least 1, got 0".into(),
+        });
+    }
+    if config.heartbeat.is_zero() {
+        return Err(WorkerError::Config {
+            field: "--heartbeat-secs",
+            message: "must be at least 1, got 0".into(),
+        });
+    }
+    // Claims and completions are grouped (2 connections); the rest is per job: checkpoints
+    // of multi-batch jobs, slow-path claims, failures. Capped at 36 so several workers fit
+    // in a default Postgres (max_connections 100); jobs beyond it wait for a connection.
+    let ledger = Ledger::connect(
+        config.conns.database_url.expose_secret(),
+        false,
+        u32::from(config.prefetch).clamp(4, 32) + 4,
+        LEDGER_CONNECT_TIMEOUT,
+    )
+    .await?;
+    ledger.check_schema().await?;
+    let topo = Topology::for_connections(&config.conns);
+    // Fail fast on a bad URL or an unreachable broker at start-up; later losses reconnect.
+    let first = Broker::connect(config.conns.amqp_url.expose_secret(), &config.worker_id).await?;
+    first.declare(&topo).await?;
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let group = Group::new(
+        ledger.clone(),
+        config.worker_id.clone(),
+        usize::from(config.prefetch),
+    );
+    let metrics_addr = config.metrics_addr;
+    let shared = Arc::new(Shared {
+        ledger,
+        group,
+        registry,
+        config,
+        topo,
+        inflight: Mutex::new(HashMap::new()),
+        draining: AtomicBool::new(false),
+        shutdown: shutdown_rx,
+        publisher: RwLock::new(None),
+        metrics: Arc::new(Metrics::new()),
+    });
+    let http = match metrics_addr {
+        Some(addr) => Some(metrics::serve(addr, shared.metrics.clone()).await?),
+        None => None,
+    };
+    info!(
+        worker = %shared.config.worker_id,
+        namespace = %shared.topo.namespace,
+        queue = %shared.topo.jobs_queue(),
+        prefetch = shared.config.prefetch,
+        pipelines = ?shared.registry.names(),
+        "worker starting"
+    );
+
+    let signals = tokio::spawn(async move {
+        shutdown.await;
+        let _ = shutdown_tx.send(true);
+    });
+    let heartbeat = tokio::spawn(heartbeat::heartbeat_loop(shared.clone()));
+    let relay = tokio::spawn(relay::relay_loop(shared.clone()));
+
+    let mut tasks = JoinSet::new();
+    let last_broker = consume::consume_loop(shared.clone(), Some(first), &mut tasks).await;
+
+    // Draining: no new deliveries arrive; running jobs stop at their next batch boundary.
+    shared.draining.store(true, Ordering::SeqCst);
+    info!(
+        in_flight = tasks.len(),
+        grace_secs = shared.config.grace.as_secs(),
+        "draining"
+    );
+    let drained = tokio::time::timeout(shared.config.grace, async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        warn!(
+            still_running = tasks.len(),
+            "grace period over; requeueing unfinished jobs"
+        );
+        tasks.abort_all();
+        release_all(&shared).await;
+    }
+    relay.abort();
+    heartbeat.abort();
+    if let Some(h) = http {
+        h.abort();
+    }
+    signals.abort();
+    *shared.publisher.write().await = None;
+    if let Some(b) = last_broker
+        && let Err(e) = b.close().await
+    {
+        warn!(error = %e, "closing the broker connection");
+    }
+    shared.ledger.close().await;
+    info!(worker = %shared.config.worker_id, "worker stopped");
+    Ok(())
+}
+
+/// Releases every job still registered as in flight back to `queued` (after the grace
+/// period). Their deliveries stay unacked; closing the connection requeues them.
+async fn release_all(shared: &Shared) {
+    let left: Vec<ClaimedJob> = shared.inflight_jobs();
+    for job in left {
+        match shared
+            .ledger
+            .finish_held(&job, &shared.config.worker_id, HeldEnd::Released, "")
+            .await
+        {
+            Ok(_) => info!(key = %job.key, "released unfinished job back to queued"),
+            Err(e) => {
+                warn!(key = %job.key, error = %e, "could not release job; its lease will expire and another worker takes it over")
+            }
+        }
+    }
+}

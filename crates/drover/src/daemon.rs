@@ -1,0 +1,129 @@
+//! `drover worker`: resolves the flags, environment and `[worker]` table into a
+//! [`WorkerConfig`] and runs the engine (`drover-worker`) until SIGTERM or SIGINT.
+
+use crate::cli::Context;
+use clap::Args;
+use drover_worker::{
+    DEFAULT_GRACE, DEFAULT_HEARTBEAT, DEFAULT_MAX_ATTEMPTS, DEFAULT_OUTPUT_ROOT, DEFAULT_PREFETCH,
+    WorkerConfig,
+};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+use tracing::{info, warn};
+
+/// `drover worker` arguments (each also settable in the `[worker]` table of the config file).
+#[derive(Debug, Args)]
+#[command(after_help = "\
+The worker acks a message only after the job's terminal state or retry schedule is committed
+in the ledger. SIGTERM/SIGINT: stop consuming, let running jobs reach their next batch
+boundary (within --shutdown-grace-secs), checkpoint, requeue the rest, exit 0.
+Broker loss: reconnect with jittered backoff. Postgres loss: stop taking work until it is back.")]
+pub struct WorkerArgs {
+    /// Jobs in flight at once (AMQP basic.qos prefetch) [default: 8].
+    #[arg(long, env = "DROVER_PREFETCH", value_name = "N")]
+    prefetch: Option<u16>,
+    /// Lease renewal period; a job whose heartbeat is older than two periods is taken over
+    /// [default: 10].
+    #[arg(long, env = "DROVER_HEARTBEAT_SECS", value_name = "SECS")]
+    heartbeat_secs: Option<u64>,
+    /// How long a draining worker waits for running jobs to reach a batch boundary
+    /// [default: 30].
+    #[arg(long, env = "DROVER_SHUTDOWN_GRACE_SECS", value_name = "SECS")]
+    shutdown_grace_secs: Option<u64>,
+    /// Root directory for pipeline output [default: ./drover-output].
+    #[arg(long, env = "DROVER_OUTPUT_ROOT", value_name = "DIR")]
+    output_root: Option<PathBuf>,
+    /// Attempts for jobs that name none and whose pipeline has no default [default: 5].
+    #[arg(long, env = "DROVER_MAX_ATTEMPTS", value_name = "N")]
+    max_attempts: Option<u32>,
+    /// This worker's id in leases and attempt history [default: host-pid-random].
+    #[arg(long, env = "DROVER_WORKER_ID", value_name = "ID")]
+    worker_id: Option<String>,
+    /// Address of the HTTP port serving /healthz, /readyz and /metrics ("off" disables it;
+    /// port 0 picks a free port, logged at start-up).
+    #[arg(
+        long,
+        env = "DROVER_METRICS_ADDR",
+        value_name = "ADDR",
+        default_value = "127.0.0.1:9464"
+    )]
+    metrics_addr: String,
+    /// How often the retry relay looks for due retries, in milliseconds.
+    #[arg(long, default_value_t = 500, value_name = "MS", hide = true)]
+    relay_interval_ms: u64,
+}
+
+impl WorkerArgs {
+    /// Flags (and their environment variables) over the `[worker]` table over defaults.
+    fn resolve(self, ctx: &Context) -> anyhow::Result<WorkerConfig> {
+        let f = &ctx.file.worker;
+        let mut c = WorkerConfig::new(ctx.conns.clone());
+        c.prefetch = self.prefetch.or(f.prefetch).unwrap_or(DEFAULT_PREFETCH);
+        anyhow::ensure!(c.prefetch >= 1, "--prefetch: must be at least 1, got 0");
+        let heartbeat = self.heartbeat_secs.or(f.heartbeat_secs);
+        anyhow::ensure!(
+            heartbeat != Some(0),
+            "--heartbeat-secs: must be at least 1, got 0"
+        );
+        c.heartbeat = heartbeat.map_or(DEFAULT_HEARTBEAT, Duration::from_secs);
+        c.max_attempts = self
+            .max_attempts
+            .or(f.max_attempts)
+            .unwrap_or(DEFAULT_MAX_ATTEMPTS);
+        anyhow::ensure!(
+            c.max_attempts >= 1,
+            "--max-attempts: must be at least 1, got 0"
+        );
+        c.grace = self
+            .shutdown_grace_secs
+            .or(f.shutdown_grace_secs)
+            .map_or(DEFAULT_GRACE, Duration::from_secs);
+        c.output_root = self
+            .output_root
+            .or_else(|| f.output_root.clone())
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_OUTPUT_ROOT));
+        if let Some(id) = self.worker_id.or_else(|| f.id.clone()) {
+            c.worker_id = id;
+        }
+        c.relay_interval = Duration::from_millis(self.relay_interval_ms.max(50));
+        c.retry = ctx.file.retry.clone().unwrap_or_default();
+        c.metrics_addr = match self.metrics_addr.as_str() {
+            "off" | "none" | "" => None,
+            a => Some(a.parse().map_err(|e| {
+                anyhow::anyhow!("--metrics-addr {a:?}: expected host:port ({e})")
+            })?),
+        };
+        Ok(c)
+    }
+}
+
+/// `drover worker`.
+pub async fn run(ctx: &Context, args: WorkerArgs) -> anyhow::Result<ExitCode> {
+    let config = args.resolve(ctx)?;
+    drover_worker::run(config, ctx.registry.clone(), wait_for_signal()).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => info!(signal = "SIGTERM", "shutdown requested"),
+                    _ = tokio::signal::ctrl_c() => info!(signal = "SIGINT", "shutdown requested"),
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot listen for SIGTERM; only SIGINT stops the worker");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

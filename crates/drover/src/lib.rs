@@ -1,0 +1,62 @@
+//! `drover` as a library: the whole CLI (worker, publish, jobs, run, migrate, ...) over a
+//! registry of pipelines, so a team's binary with its own pipelines is a `main` of a few
+//! lines:
+//!
+//! ```no_run
+//! use drover::{Registry, noop::Noop};
+//!
+//! fn main() -> std::process::ExitCode {
+//!     let mut registry = Registry::builtin();
+//!     registry.register(Noop); // register your own `impl Pipeline` here
+//!     drover::main(registry)
+//! }
+//! ```
+//!
+//! This crate is the binary's edge: arguments are parsed here, errors become one line on
+//! stderr and a non-zero exit code, and every subcommand lives in a module of its own. The
+//! engine is `drover-worker`, the pipelines' framework `drover-pipeline`.
+
+pub mod cli;
+mod daemon;
+mod demo;
+mod jobs;
+mod logging;
+mod publish;
+mod run;
+
+pub use drover_pipeline::{
+    BatchContext, BatchOutcome, ErrorKind, Input, JobSpec, Output, ParamReader, Pipeline,
+    PipelineError, Registry, Summary, noop, payroll,
+};
+
+use clap::Parser;
+use std::process::ExitCode;
+
+/// Parses the command line and runs the chosen subcommand with `registry`'s pipelines;
+/// returns the process's exit code (errors are printed as one line on stderr).
+pub fn main(registry: Registry) -> ExitCode {
+    let cli = cli::Cli::parse();
+    let telemetry = logging::init(cli.global.log_format, cli.global.verbose);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("drover")
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("drover: error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = match runtime.block_on(cli::dispatch(cli, registry)) {
+        Ok(code) => code,
+        Err(e) => {
+            // `{:#}` prints the context chain on one line: "what: why: cause".
+            eprintln!("drover: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    };
+    // Flush spans before the runtime goes away.
+    drop(telemetry);
+    code
+}

@@ -16,6 +16,7 @@
 #![warn(missing_docs)]
 
 mod error;
+pub mod exec;
 pub mod noop;
 mod params;
 pub mod payroll;
@@ -102,6 +103,10 @@ pub struct BatchContext {
     pub first_in_attempt: bool,
     /// The job's idempotency key.
     pub key: String,
+    /// Batches in the whole input, when the source knows (files always do): lets a
+    /// pipeline that holds a per-attempt resource (the `exec` child) finish it on the last
+    /// batch, where a failure still fails that batch.
+    pub batches_total: Option<u32>,
 }
 
 /// A pipeline: validate params, describe the input, load reference data once per job,
@@ -333,11 +338,12 @@ impl Registry {
         }
     }
 
-    /// The pipelines shipped with drover: `noop` and `payroll`.
+    /// The pipelines shipped with drover: `noop`, `payroll` and `exec`.
     pub fn builtin() -> Self {
         let mut r = Self::empty();
         r.register(noop::Noop);
         r.register(payroll::Payroll);
+        r.register(exec::Exec);
         r
     }
 
@@ -555,6 +561,7 @@ impl<P: Pipeline> Runner<P> {
             attempt: self.attempt,
             first_in_attempt: index == self.resume_after,
             key: self.key.clone(),
+            batches_total: self.source.batches_total(),
         };
         let rows = batch.height() as u64;
         let out = self

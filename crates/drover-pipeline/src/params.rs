@@ -88,6 +88,12 @@ impl<'a> ParamReader<'a> {
         }
     }
 
+    /// An optional param of any JSON type (absent or null gives `None`), for params whose
+    /// shape the pipeline checks itself (an argv array, an object of strings).
+    pub fn optional_value(&mut self, name: &'static str) -> Option<&'a Value> {
+        self.get(name)
+    }
+
     /// Refuses any param that was not read: the error names every unknown one and lists the
     /// accepted names.
     pub fn finish(self) -> Result<(), PipelineError> {

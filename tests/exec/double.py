@@ -13,7 +13,6 @@ import time
 
 import pyarrow as pa
 import pyarrow.compute as pc
-
 from protocol import env_int, serve
 
 

@@ -9,7 +9,6 @@ import os
 import sys
 
 import pyarrow as pa
-
 from double import double
 from protocol import env_int, serve
 

@@ -18,13 +18,12 @@ import sys
 import time
 
 import pyarrow as pa
-
-from protocol import env_int, serve, write_answer
+from protocol import env_int, serve, stdio, write_answer
 
 
 def misbehave(table: pa.Table, index: int) -> pa.Table:
     mode = os.environ.get("MODE", "")
-    out = sys.stdout.buffer
+    out = stdio()[1]
     if index != env_int("AT", 0):
         return table
     if mode == "garbage":
@@ -63,7 +62,7 @@ def misbehave(table: pa.Table, index: int) -> pa.Table:
         leaked = sorted(
             n
             for n in os.environ
-            if (n.startswith("DROVER_") or n.startswith("DATABASE_URL")) and n not in names
+            if n.startswith(("DROVER_", "DATABASE_URL")) and n not in names
         )
         return pa.table(
             {

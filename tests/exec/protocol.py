@@ -8,24 +8,32 @@ the child exits 0.
 
 from __future__ import annotations
 
+import io
 import os
 import sys
-from typing import BinaryIO, Callable
+from collections.abc import Callable
+from typing import cast
 
 import pyarrow as pa
 
 Transform = Callable[[pa.Table, int], pa.Table]
 
 
-def read_batch(stdin: BinaryIO) -> pa.Table | None:
+def stdio() -> tuple[io.BufferedReader, io.BufferedWriter]:
+    """The binary stdin and stdout (buffered, so stdin can be peeked at)."""
+    return cast(io.BufferedReader, sys.stdin.buffer), cast(
+        io.BufferedWriter, sys.stdout.buffer
+    )
+
+
+def read_batch(stdin: io.BufferedReader) -> pa.Table | None:
     """The next input stream, or None when drover closed stdin (no more batches)."""
-    peek = getattr(stdin, "peek", None)
-    if peek is not None and not peek(1):
+    if not stdin.peek(1):
         return None
     return pa.ipc.open_stream(stdin).read_all()
 
 
-def write_answer(stdout: BinaryIO, table: pa.Table) -> None:
+def write_answer(stdout: io.BufferedWriter, table: pa.Table) -> None:
     """One complete stream (schema, batches, end-of-stream marker), flushed."""
     with pa.ipc.new_stream(stdout, table.schema) as writer:
         writer.write_table(table)
@@ -34,8 +42,7 @@ def write_answer(stdout: BinaryIO, table: pa.Table) -> None:
 
 def serve(fn: Transform) -> None:
     """Answers every batch with `fn(table, index)` until stdin ends, then returns."""
-    stdin = sys.stdin.buffer
-    stdout = sys.stdout.buffer
+    stdin, stdout = stdio()
     index = 0
     while (table := read_batch(stdin)) is not None:
         write_answer(stdout, fn(table, index))

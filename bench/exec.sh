@@ -66,22 +66,39 @@ print(f"{float(t1) - float(t0):.2f} {int(hwm) / 1024:.0f} {int(open(peak).read()
 PYEOF
 }
 
+# pandas_alone INPUT: wall seconds of bench/pandas_payroll.py on the same input (same payroll
+# functions, same batches, no drover): what the protocol and drover's part writing add.
+pandas_alone() {
+    local t0 t1
+    t0=$(date +%s.%N)
+    "$PY" "$ROOT/bench/pandas_payroll.py" --input "$1" --output "$WORK/out-pandas" --batch-size "$BATCH" \
+        --client-id acme --period 2026-11 >/dev/null
+    t1=$(date +%s.%N)
+    rm -rf "$WORK/out-pandas"
+    "$PY" -c "print(f'{$t1 - $t0:.2f}')"
+}
+
+LOAD=$(cut -d' ' -f1-3 /proc/loadavg)
 IN=$(input_for "$ROWS" "${EXEC_IN:-}")
 IN_BIG=$(input_for "$ROWS_BIG" "${EXEC_IN_BIG:-}")
 read -r S1 D1 C1 _ <<<"$(run_exec "$ROWS" "$IN")"
 read -r S4 D4 C4 _ <<<"$(run_exec "$ROWS_BIG" "$IN_BIG")"
+P1=$(pandas_alone "$IN")
 
 emit "## exec pipeline: a pandas child (batch $BATCH)"
 emit ""
 emit "\`drover run exec\` with \`bench/exec_pandas_child.py\` (payroll spec v1 in pandas, the functions of"
 emit "\`bench/pandas_payroll.py\`, one Arrow IPC stream in and one out per batch); drover writes each"
 emit "answer as a Parquet part. Peak RSS of drover (its own VmHWM) and of the child (its own"
-emit "\`ru_maxrss\`) measured separately. Command: \`bench/exec.sh $DROVER\`."
+emit "\`ru_maxrss\`) measured separately. Command: \`bench/exec.sh $DROVER\`; load average at"
+emit "start: $LOAD."
 emit ""
 emit "| rows | wall s | rows/s | drover peak RSS MiB | child peak RSS MiB |"
 emit "| ---: | ---: | ---: | ---: | ---: |"
 emit "| $(fmt_int "$ROWS") | $S1 | $(fmt_int "$ROWS / $S1") | $D1 | $C1 |"
 emit "| $(fmt_int "$ROWS_BIG") | $S4 | $(fmt_int "$ROWS_BIG / $S4") | $D4 | $C4 |"
 emit ""
+emit "- the same pandas code without drover (\`bench/pandas_payroll.py\`, same batches, its own Parquet"
+emit "  parts), $(fmt_int "$ROWS") rows: $P1 s, so exec costs $("$PY" -c "print(round($S1 / $P1, 2))")x that wall time"
 emit "- peak RSS at $(fmt_int "$ROWS_BIG") rows / at $(fmt_int "$ROWS") rows: drover **$("$PY" -c "print(round($D4 / $D1, 2))")**, child **$("$PY" -c "print(round($C4 / $C1, 2))")** (flat: bounded by the batch size, not the input)"
 emit ""

@@ -187,12 +187,16 @@ impl Pipeline for Exec {
 
     fn summarise(&self, rows: u64, output: Option<&DataFrame>) -> Result<Summary, PipelineError> {
         let out = output.map_or(0, |df| df.height());
+        let count = |name: &str, n: u64| {
+            i64::try_from(n).map_err(|_| {
+                PipelineError::permanent(format!(
+                    "exec: summary \"{name}\": {n} does not fit in i64"
+                ))
+            })
+        };
         Ok(Summary::from([
-            ("rows".to_string(), i64::try_from(rows).unwrap_or(i64::MAX)),
-            (
-                "rows_out".to_string(),
-                i64::try_from(out).unwrap_or(i64::MAX),
-            ),
+            ("rows".to_string(), count("rows", rows)?),
+            ("rows_out".to_string(), count("rows_out", out as u64)?),
         ]))
     }
 }

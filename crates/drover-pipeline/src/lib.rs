@@ -1,5 +1,5 @@
 //! drover-pipeline: the [`Pipeline`] trait, batch sources and the Parquet sink, and the
-//! built-in `noop` and `payroll` pipelines.
+//! built-in `noop`, `payroll` and `exec` (any-language child process) pipelines.
 //!
 //! The worker (and `drover run`) drive every job the same way:
 //!

@@ -6,6 +6,9 @@
 
 mod support;
 
+/// The binary every test drives.
+pub const BIN: &str = env!("CARGO_BIN_EXE_drover");
+
 mod cli;
 mod core;
 mod ledger;

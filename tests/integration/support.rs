@@ -12,7 +12,9 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_drover");
+/// The binary under test, named by the including test crate (`drover` here, a team's own
+/// binary in `examples/`), so one harness serves both.
+pub use crate::BIN;
 
 pub fn amqp_url() -> String {
     std::env::var("DROVER_TEST_AMQP_URL")

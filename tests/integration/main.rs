@@ -9,6 +9,7 @@ mod support;
 mod cli;
 mod core;
 mod ledger;
+mod lifecycle;
 mod observability;
 mod outage;
 mod reliability;

@@ -58,6 +58,11 @@ impl Ledger {
 }
 
 impl RelaySweep {
+    /// A sweep over rows `tx` has locked.
+    pub(crate) fn new(tx: Transaction<'static, Postgres>, due: Vec<DueJob>) -> Self {
+        RelaySweep { tx, due }
+    }
+
     /// Marks the swept jobs `queued` with a confirmed message and releases the locks.
     pub async fn commit(mut self) -> Result<(), LedgerError> {
         let ids: Vec<Uuid> = self.due.iter().map(|d| d.id).collect();

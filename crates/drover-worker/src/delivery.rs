@@ -1,7 +1,7 @@
 //! One delivery: parse, validate, claim (fast or slow path), run, settle.
 
 use crate::attempt::run_attempt;
-use crate::shared::{DbStop, Disposition, Inflight, Shared};
+use crate::shared::{DbStop, Disposition, Shared};
 use drover_broker::Incoming;
 use drover_core::JobMessage;
 use drover_ledger::{Claim, ClaimedJob, LeaseSeen};
@@ -18,6 +18,7 @@ pub(crate) async fn handle_delivery(shared: Arc<Shared>, delivery: Incoming) {
     let result = match disposition {
         Disposition::Ack => delivery.ack().await,
         Disposition::Requeue => delivery.nack_requeue().await,
+        Disposition::Settled => Ok(()),
     };
     if let Err(e) = result {
         // The channel is gone; the broker redelivers and the ledger makes that harmless.
@@ -112,7 +113,7 @@ pub(crate) async fn process(shared: &Arc<Shared>, delivery: &Incoming) -> Dispos
                 }
                 Claim::Held { id, seen } => {
                     let ours = seen.owner.as_deref() == Some(worker.as_str())
-                        || shared.inflight.lock().map(|m| m.contains_key(&id)).unwrap_or(false);
+                        || shared.inflight.contains(&id);
                     if ours {
                         info!("job is running here already; acking duplicate delivery");
                         return Disposition::Ack;
@@ -227,22 +228,26 @@ pub(crate) async fn dead_letter(
     }
 }
 
-/// Runs a claimed job: registers it as in flight, runs the attempt, unregisters it.
+/// Runs a claimed job: registers it as in flight, acks its delivery, runs the attempt,
+/// unregisters it, and publishes the job again if the attempt gave it back.
+///
+/// The delivery is acked as soon as the job is claimed: from then on the ledger holds the
+/// job (its lease, and the rescuer that re-drives it when the lease expires), so the broker
+/// need not hold the message, and a job may run longer than RabbitMQ's `consumer_timeout`
+/// (which closes the channel of a delivery left unacked that long). The worker's
+/// concurrency is bounded by its job slots instead of the unacked count (see `consume`).
 pub(crate) async fn run_job(
     shared: &Arc<Shared>,
     job: ClaimedJob,
     delivery: &Incoming,
 ) -> Disposition {
     let cancel = Arc::new(AtomicBool::new(false));
-    if let Ok(mut m) = shared.inflight.lock() {
-        m.insert(
-            job.id,
-            Inflight {
-                job: job.clone(),
-                cancel: cancel.clone(),
-            },
-        );
-        shared.metrics.set_in_flight(m.len());
+    let running = shared.inflight.insert(job.clone(), cancel.clone());
+    shared.metrics.set_in_flight(running);
+    if let Err(e) = delivery.ack().await {
+        // The channel is gone and the broker redelivers the message: the copy finds the job
+        // running here with a live lease and is acked then.
+        warn!(error = %e, "could not ack the delivery at claim");
     }
     let span = info_span!(
         "attempt",
@@ -253,10 +258,8 @@ pub(crate) async fn run_job(
     let d = run_attempt(shared, &job, &cancel, delivery)
         .instrument(span)
         .await;
-    if let Ok(mut m) = shared.inflight.lock() {
-        m.remove(&job.id);
-        shared.metrics.set_in_flight(m.len());
-    }
+    let running = shared.inflight.remove(&job.id);
+    shared.metrics.set_in_flight(running);
     shared
         .metrics
         .duration(&job.pipeline, started.elapsed().as_secs_f64());
@@ -265,5 +268,9 @@ pub(crate) async fn run_job(
         ?d,
         "attempt over"
     );
-    d
+    if d == Disposition::Requeue {
+        // Released (drain, or a ledger error mid-job): the acked message is gone.
+        crate::rescue::republish(shared, std::slice::from_ref(&job)).await;
+    }
+    Disposition::Settled
 }

@@ -52,6 +52,15 @@ pub struct WorkerArgs {
     /// How often the retry relay looks for due retries, in milliseconds.
     #[arg(long, default_value_t = 500, value_name = "MS", hide = true)]
     relay_interval_ms: u64,
+    /// How long a job may wait queued, while the work queue holds no ready message, before
+    /// its message is presumed lost (purged, dead-lettered) and published again.
+    #[arg(
+        long,
+        env = "DROVER_LOST_AFTER_SECS",
+        value_name = "SECS",
+        default_value_t = 60
+    )]
+    lost_after_secs: u64,
 }
 
 impl WorkerArgs {
@@ -87,6 +96,11 @@ impl WorkerArgs {
             c.worker_id = id;
         }
         c.relay_interval = Duration::from_millis(self.relay_interval_ms.max(50));
+        anyhow::ensure!(
+            self.lost_after_secs >= 1,
+            "--lost-after-secs: must be at least 1, got 0"
+        );
+        c.lost_after = Duration::from_secs(self.lost_after_secs);
         c.retry = ctx.file.retry.clone().unwrap_or_default();
         c.metrics_addr =
             match self.metrics_addr.as_str() {

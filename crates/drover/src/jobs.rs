@@ -125,7 +125,9 @@ fn job_json(j: &JobView) -> serde_json::Value {
         "idempotency_key": j.idempotency_key,
         "id": j.id,
         "pipeline": j.pipeline,
-        "params": j.params.0,
+        // The ledger keeps the real params (the worker connects with them); what is shown
+        // never carries a password.
+        "params": drover_core::config::redact_params(&j.params.0),
         "state": j.state,
         "attempts": j.attempts,
         "max_attempts": j.max_attempts,
@@ -188,7 +190,10 @@ fn print_show(j: &JobView, attempts: &[drover_ledger::AttemptView]) {
     println!("key:        {}", j.idempotency_key);
     println!("id:         {}", j.id);
     println!("pipeline:   {}", j.pipeline);
-    println!("params:     {}", j.params.0);
+    println!(
+        "params:     {}",
+        drover_core::config::redact_params(&j.params.0)
+    );
     println!("state:      {}", j.state);
     println!("attempts:   {} of {}", j.attempts, j.max_attempts);
     println!(

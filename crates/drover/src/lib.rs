@@ -19,6 +19,7 @@
 pub mod cli;
 mod daemon;
 mod demo;
+mod doctor;
 mod jobs;
 mod logging;
 mod publish;

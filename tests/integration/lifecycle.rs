@@ -357,3 +357,88 @@ async fn jobs_whose_messages_were_purged_are_published_again() {
         assert_eq!(outcomes(&env.show(k)), ["succeeded"], "{k} ran once");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_delayed_job_waits_in_the_ledger_and_starts_no_earlier_than_run_at() {
+    let mut env = TestEnv::new().await;
+    env.start_worker(&[]);
+    env.publish_noop("later-1", &["--delay", "3s"]);
+    // The worker receives the message at once, records the time and acks it.
+    let row = env
+        .wait_job("later-1", T, |r| {
+            r.get::<Option<chrono::DateTime<chrono::Utc>>, _>("run_at")
+                .is_some()
+                && r.get::<Option<chrono::DateTime<chrono::Utc>>, _>("enqueued_at")
+                    .is_none()
+        })
+        .await;
+    let run_at: chrono::DateTime<chrono::Utc> = row.get("run_at");
+    assert_eq!(row.get::<String, _>("state"), "queued");
+    let list = env.drover(&["jobs", "list"]);
+    assert!(list.status.success(), "{}", stderr(&list));
+    let shown = run_at.format("%Y-%m-%d %H:%M:%S").to_string();
+    assert!(
+        stdout(&list)
+            .lines()
+            .any(|l| l.contains("later-1") && l.contains(&shown)),
+        "jobs list does not show when it runs: {}",
+        stdout(&list)
+    );
+    let row = env
+        .wait_job("later-1", T, |r| r.get::<String, _>("state") == "succeeded")
+        .await;
+    let started: chrono::DateTime<chrono::Utc> = row.get("started_at");
+    assert!(
+        started >= run_at,
+        "started {started} before run_at {run_at}"
+    );
+    assert_eq!(outcomes(&env.show("later-1")), ["succeeded"]);
+
+    // A producer in another language sets run_at in the message itself.
+    let at = (chrono::Utc::now() + chrono::Duration::seconds(2)).to_rfc3339();
+    let body =
+        format!(r#"{{"v":1,"idempotency_key":"later-2","pipeline":"noop","run_at":"{at}"}}"#);
+    env.publish_raw(body.as_bytes(), None).await;
+    let row = env
+        .wait_job("later-2", T, |r| r.get::<String, _>("state") == "succeeded")
+        .await;
+    let started: chrono::DateTime<chrono::Utc> = row.get("started_at");
+    let at: chrono::DateTime<chrono::Utc> = at.parse().expect("rfc3339");
+    assert!(started >= at, "started {started} before run_at {at}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_attempt_over_its_timeout_fails_transiently_and_says_so() {
+    let mut env = TestEnv::new().await;
+    env.start_worker(&[]);
+    env.publish_noop(
+        "slow-1",
+        &[
+            "--param",
+            "batches=20",
+            "--param",
+            "sleep_ms=300",
+            "--timeout-secs",
+            "1",
+            "--max-attempts",
+            "2",
+        ],
+    );
+    let row = env
+        .wait_job("slow-1", T, |r| r.get::<String, _>("state") == "dead")
+        .await;
+    let error: String = row.get("last_error");
+    assert!(error.contains("timeout_secs = 1"), "{error}");
+    assert_eq!(
+        row.get::<Option<String>, _>("error_kind").as_deref(),
+        Some("transient")
+    );
+    assert_eq!(row.get::<Option<i32>, _>("timeout_secs"), Some(1));
+    let job = env.show("slow-1");
+    assert_eq!(
+        outcomes(&job),
+        ["failed", "dead"],
+        "retried once, like any transient error"
+    );
+    assert!(job["batches_done"].as_i64().unwrap_or(99) < 20);
+}

@@ -123,9 +123,10 @@ impl Ledger {
         let mut tx = self.pool.begin().await?;
         let due: Vec<DueJob> = sqlx::query_as(
             "SELECT id, idempotency_key, pipeline, params, batch_size, max_attempts, trace_id, \
-             EXTRACT(EPOCH FROM now() - updated_at)::float8 AS overdue_secs \
+             timeout_secs, EXTRACT(EPOCH FROM now() - updated_at)::float8 AS overdue_secs \
              FROM drover.jobs \
              WHERE state = 'queued' AND enqueued_at IS NOT NULL \
+               AND (run_at IS NULL OR run_at <= now()) \
                AND updated_at < now() - make_interval(secs => $2) \
              ORDER BY updated_at LIMIT $1 FOR UPDATE SKIP LOCKED",
         )
@@ -155,8 +156,10 @@ impl Ledger {
             "SELECT \
                count(*) FILTER (WHERE state = 'queued'), \
                count(*) FILTER (WHERE state = 'queued' AND enqueued_at IS NULL \
+                                AND (run_at IS NULL OR run_at <= now()) \
                                 AND updated_at < now() - make_interval(secs => $2)), \
-               count(*) FILTER (WHERE state = 'queued' \
+               count(*) FILTER (WHERE state = 'queued' AND enqueued_at IS NOT NULL \
+                                AND (run_at IS NULL OR run_at <= now()) \
                                 AND updated_at < now() - make_interval(secs => $3)), \
                count(*) FILTER (WHERE state = 'running' \
                                 AND heartbeat_at < now() - make_interval(secs => $1)), \

@@ -74,16 +74,20 @@ pub(crate) async fn process(shared: &Arc<Shared>, delivery: &Incoming) -> Dispos
         let worker = shared.config.worker_id.clone();
         // Fast path: a plainly claimable job is claimed in a statement shared with the
         // other deliveries arriving now. Anything else is decided one by one below.
-        match shared
-            .db("claim", || shared.group.claim_ready(msg.idempotency_key.clone()))
-            .await
-        {
-            Ok(Some(job)) => return run_job(shared, job, delivery).await,
-            Ok(None) => {}
-            Err(DbStop::Shutdown) => return Disposition::Requeue,
-            Err(DbStop::Failed(e)) => {
-                error!(error = %e, "claim failed; requeueing");
-                return Disposition::Requeue;
+        // A delayed job's early message goes to the slow path, which records its time.
+        let early = msg.run_at.is_some_and(|t| t > chrono::Utc::now());
+        if !early {
+            match shared
+                .db("claim", || shared.group.claim_ready(msg.idempotency_key.clone()))
+                .await
+            {
+                Ok(Some(job)) => return run_job(shared, timed(shared, job, &msg).await, delivery).await,
+                Ok(None) => {}
+                Err(DbStop::Shutdown) => return Disposition::Requeue,
+                Err(DbStop::Failed(e)) => {
+                    error!(error = %e, "claim failed; requeueing");
+                    return Disposition::Requeue;
+                }
             }
         }
         let mut takeover: Option<LeaseSeen> = None;
@@ -108,7 +112,7 @@ pub(crate) async fn process(shared: &Arc<Shared>, delivery: &Incoming) -> Dispos
                     return Disposition::Ack;
                 }
                 Claim::NotDue { run_at } => {
-                    info!(run_at = ?run_at, "job is scheduled for a later retry; acking early copy");
+                    info!(run_at = ?run_at, "job is not due yet; the ledger holds its time and the relay publishes it then");
                     return Disposition::Ack;
                 }
                 Claim::Held { id, seen } => {
@@ -132,12 +136,31 @@ pub(crate) async fn process(shared: &Arc<Shared>, delivery: &Incoming) -> Dispos
                         LeaseWatch::Shutdown => return Disposition::Requeue,
                     }
                 }
-                Claim::Run(job) => return run_job(shared, job, delivery).await,
+                Claim::Run(job) => return run_job(shared, timed(shared, job, &msg).await, delivery).await,
             }
         }
     }
     .instrument(span)
     .await
+}
+
+/// The claimed job with the message's attempt timeout, recorded in the ledger when the row
+/// lacks it (a producer's insert does not store it) so re-published messages carry it too.
+async fn timed(shared: &Shared, mut job: ClaimedJob, msg: &JobMessage) -> ClaimedJob {
+    let Some(secs) = msg.timeout_secs else {
+        return job;
+    };
+    match i32::try_from(secs) {
+        Ok(secs) if job.timeout_secs != Some(secs) => {
+            job.timeout_secs = Some(secs);
+            if let Err(e) = shared.ledger.record_timeout(job.id, secs).await {
+                warn!(error = %e, "could not record the job's timeout_secs; a retry's message may lack it");
+            }
+        }
+        Ok(_) => {}
+        Err(_) => warn!(timeout_secs = secs, "timeout_secs out of range; ignored"),
+    }
+    job
 }
 
 /// Result of watching another worker's lease.

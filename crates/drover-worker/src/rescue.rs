@@ -153,6 +153,9 @@ pub fn due_message(d: &DueJob) -> Option<OutgoingJob> {
         params,
         batch_size: d.batch_size.and_then(|b| u32::try_from(b).ok()),
         max_attempts: u32::try_from(d.max_attempts).ok(),
+        // Due now: published by the relay only once its time has come.
+        run_at: None,
+        timeout_secs: d.timeout_secs.and_then(|t| u32::try_from(t).ok()),
     };
     Some(OutgoingJob::new(
         d.id,
@@ -177,6 +180,8 @@ pub(crate) fn outgoing_held(job: &ClaimedJob) -> Option<OutgoingJob> {
         params,
         batch_size: job.batch_size.and_then(|b| u32::try_from(b).ok()),
         max_attempts: u32::try_from(job.max_attempts).ok(),
+        run_at: None,
+        timeout_secs: job.timeout_secs.and_then(|t| u32::try_from(t).ok()),
     };
     Some(OutgoingJob::new(
         job.id,

@@ -186,6 +186,7 @@ mod tests {
             max_attempts: 5,
             batches_done: 0,
             trace_id: None,
+            timeout_secs: None,
         }
     }
 

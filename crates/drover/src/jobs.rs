@@ -164,18 +164,22 @@ fn print_table(jobs: &[JobView]) {
         .unwrap_or(3)
         .clamp(3, 48);
     println!(
-        "{:<key_w$}  {:<10}  {:<9}  {:>8}  {:<28}  {:<20}",
-        "KEY", "PIPELINE", "STATE", "ATTEMPTS", "PROGRESS", "CREATED"
+        "{:<key_w$}  {:<10}  {:<9}  {:>8}  {:<28}  {:<20}  {:<20}",
+        "KEY", "PIPELINE", "STATE", "ATTEMPTS", "PROGRESS", "CREATED", "NEXT RUN"
     );
     for j in jobs {
         let key: String = j.idempotency_key.chars().take(key_w).collect();
         println!(
-            "{key:<key_w$}  {:<10}  {:<9}  {:>8}  {:<28}  {:<20}",
+            "{key:<key_w$}  {:<10}  {:<9}  {:>8}  {:<28}  {:<20}  {:<20}",
             j.pipeline,
             j.state,
             format!("{}/{}", j.attempts, j.max_attempts),
             progress_text(j.batches_done, j.batches_total, j.rows_done),
             j.created_at.format("%Y-%m-%d %H:%M:%S"),
+            // A retry's due time, or a delayed job's run_at.
+            j.run_at
+                .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+                .unwrap_or_else(|| "-".into()),
         );
     }
     if jobs.is_empty() {

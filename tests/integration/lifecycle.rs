@@ -442,3 +442,148 @@ async fn an_attempt_over_its_timeout_fails_transiently_and_says_so() {
     );
     assert!(job["batches_done"].as_i64().unwrap_or(99) < 20);
 }
+
+/// Makes a finished job look `days` old.
+async fn age(env: &TestEnv, key: &str, days: i32) {
+    sqlx::query(
+        "UPDATE drover.jobs SET finished_at = now() - make_interval(days => $2) \
+         WHERE idempotency_key = $1",
+    )
+    .bind(key)
+    .bind(days)
+    .execute(&env.pool)
+    .await
+    .expect("age the job");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn prune_deletes_old_finished_jobs_and_outputs_only_when_asked() {
+    let mut env = TestEnv::new().await;
+    let input = generate(&env, 2_000, "acme.parquet");
+    let w = env.start_worker(&["--output-root", "out"]);
+    let input_param = format!("input={}", input.display());
+    for key in ["old-pay", "pay-b"] {
+        let out = env.drover(&[
+            "publish",
+            "--pipeline",
+            "payroll",
+            "--key",
+            key,
+            "--batch-size",
+            "1000",
+            "--param",
+            "client_id=acme",
+            "--param",
+            "period=2026-11",
+            "--param",
+            &input_param,
+        ]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    env.publish_noop("old-noop", &[]);
+    env.publish_noop("new-noop", &[]);
+    env.publish_noop(
+        "old-dead",
+        &[
+            "--param",
+            "fail_attempts=1",
+            "--param",
+            "fail_kind=permanent",
+        ],
+    );
+    for key in ["old-pay", "pay-b", "old-noop", "new-noop"] {
+        env.wait_job(key, T, |r| r.get::<String, _>("state") == "succeeded")
+            .await;
+    }
+    env.wait_job("old-dead", T, |r| r.get::<String, _>("state") == "dead")
+        .await;
+    env.worker(w).kill();
+    for key in ["old-pay", "old-noop", "old-dead"] {
+        age(&env, key, 40).await;
+    }
+    age(&env, "pay-b", 20).await;
+    let out_dir = env.path("out/payroll");
+    let parts = |key: &str| {
+        let dir = out_dir.clone();
+        let mut n = 0;
+        for e in walk(&dir) {
+            if e.to_string_lossy().contains(&key.replace(':', "_"))
+                && e.extension().is_some_and(|x| x == "parquet")
+            {
+                n += 1;
+            }
+        }
+        n
+    };
+    let before = parts("old-pay");
+    assert!(before >= 2, "payroll wrote its parts");
+
+    let out = env.drover(&["prune", "--older-than", "30d", "--dry-run"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("2 job(s)"), "{}", stdout(&out));
+    assert_eq!(
+        env.state("old-noop").await.as_deref(),
+        Some("succeeded"),
+        "a dry run deletes nothing"
+    );
+
+    let out = env.drover(&["prune", "--older-than", "30d", "--state", "running"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("\"running\""), "{}", stderr(&out));
+
+    let out = env.drover(&["prune", "--older-than", "30d", "--state", "succeeded"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("pruned 2 job(s)"), "{}", stdout(&out));
+    for key in ["old-pay", "old-noop"] {
+        assert_eq!(env.state(key).await, None, "{key} pruned");
+    }
+    assert_eq!(env.state("new-noop").await.as_deref(), Some("succeeded"));
+    assert_eq!(
+        env.state("old-dead").await.as_deref(),
+        Some("dead"),
+        "dead kept unless named"
+    );
+    assert_eq!(parts("old-pay"), before, "outputs kept unless asked");
+    let orphans: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM drover.checkpoints c \
+        LEFT JOIN drover.jobs j ON j.id = c.job_id WHERE j.id IS NULL",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .expect("count");
+    assert_eq!(orphans, 0, "checkpoints go with their job");
+
+    // A worker's [retention] applies the same, here with the outputs.
+    let b_parts = parts("pay-b");
+    assert!(b_parts >= 2);
+    age(&env, "new-noop", 40).await;
+    age(&env, "pay-b", 40).await;
+    env.write_config("[retention]\nolder_than = \"30d\"\nstates = [\"succeeded\", \"dead\"]\ndelete_outputs = true\nevery = \"1s\"\n");
+    let w = env.start_worker(&["--output-root", "out"]);
+    env.worker(w).wait_log("retention: pruned finished jobs", T);
+    assert_eq!(env.state("new-noop").await, None);
+    assert_eq!(env.state("old-dead").await, None);
+    assert_eq!(env.state("pay-b").await, None);
+    assert_eq!(parts("pay-b"), 0, "delete_outputs removed its parts");
+    assert_eq!(
+        parts("old-pay"),
+        before,
+        "pruned earlier without its outputs: kept"
+    );
+}
+
+/// Every file under `dir`.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}

@@ -49,6 +49,21 @@ pub struct FileConfig {
     pub namespace: Option<String>,
     pub worker: WorkerFileConfig,
     pub retry: Option<RetryPolicy>,
+    /// `[retention]`: what the workers prune from the ledger (absent: nothing).
+    pub retention: Option<RetentionFileConfig>,
+}
+
+/// `[retention]` table of the TOML file: finished jobs older than `older_than` (a duration
+/// such as `30d`) in one of `states` are deleted from the ledger by the workers, with their
+/// output files only when `delete_outputs` is true.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetentionFileConfig {
+    pub older_than: Option<String>,
+    pub states: Option<Vec<String>>,
+    pub delete_outputs: bool,
+    /// How often a worker prunes (a duration; default `1h`).
+    pub every: Option<String>,
 }
 
 /// `[worker]` table of the TOML file.

@@ -21,6 +21,7 @@
 
 mod error;
 mod group;
+mod prune;
 mod publish;
 mod read;
 mod relay;
@@ -29,6 +30,7 @@ mod transitions;
 
 pub use error::LedgerError;
 pub use group::Group;
+pub use prune::{DEFAULT_PRUNE_STATES, Pruned};
 pub use publish::{InsertOutcome, NewJob};
 pub use read::{AttemptView, DurationStats, JobFilter, JobProgress, JobView, StateCount};
 pub use relay::{DueJob, RelaySweep};

@@ -49,6 +49,8 @@ pub struct WorkerConfig {
     /// How long a job may wait `queued` while `{ns}.jobs` holds no ready message before the
     /// rescuer publishes it again (its message was purged or dead-lettered).
     pub lost_after: Duration,
+    /// What this worker prunes from the ledger, and how often (`None`: nothing).
+    pub retention: Option<crate::Retention>,
     /// Where `/healthz`, `/readyz` and `/metrics` are served (`None`: not served; port 0
     /// picks a free port, logged at start-up).
     pub metrics_addr: Option<SocketAddr>,
@@ -69,6 +71,7 @@ impl WorkerConfig {
             relay_interval: Duration::from_millis(500),
             retry: RetryPolicy::default(),
             lost_after: DEFAULT_LOST_AFTER,
+            retention: None,
             metrics_addr: None,
         }
     }

@@ -44,6 +44,7 @@ mod heartbeat;
 mod metrics;
 mod relay;
 mod rescue;
+mod retention;
 mod shared;
 
 pub use config::{
@@ -52,6 +53,7 @@ pub use config::{
 };
 pub use error::WorkerError;
 pub use rescue::due_message;
+pub use retention::{PRUNE_BATCH, Retention, delete_outputs};
 
 use drover_broker::{Broker, Topology};
 use drover_core::ExposeSecret;
@@ -155,6 +157,11 @@ pub async fn run(
     let heartbeat = tokio::spawn(heartbeat::heartbeat_loop(shared.clone()));
     let relay = tokio::spawn(relay::relay_loop(shared.clone()));
     let rescuer = tokio::spawn(rescue::rescue_loop(shared.clone()));
+    let retention = shared
+        .config
+        .retention
+        .clone()
+        .map(|r| tokio::spawn(retention::retention_loop(shared.clone(), r)));
 
     let mut tasks = JoinSet::new();
     let last_broker = consume::consume_loop(shared.clone(), Some(first), &mut tasks).await;
@@ -179,6 +186,9 @@ pub async fn run(
         release_all(&shared).await;
     }
     rescuer.abort();
+    if let Some(r) = retention {
+        r.abort();
+    }
     relay.abort();
     heartbeat.abort();
     if let Some(h) = http {

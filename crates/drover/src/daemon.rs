@@ -101,6 +101,36 @@ impl WorkerArgs {
             "--lost-after-secs: must be at least 1, got 0"
         );
         c.lost_after = Duration::from_secs(self.lost_after_secs);
+        c.retention = match &ctx.file.retention {
+            None => None,
+            Some(r) => {
+                let older_than = r.older_than.as_deref().ok_or_else(|| {
+                    anyhow::anyhow!("[retention] older_than: required (e.g. \"30d\")")
+                })?;
+                let retention = drover_worker::Retention {
+                    older_than: crate::prune::parse_duration("[retention] older_than", older_than)?,
+                    states: crate::prune::states_or_default(r.states.clone().unwrap_or_default()),
+                    delete_outputs: r.delete_outputs,
+                    every: crate::prune::parse_duration(
+                        "[retention] every",
+                        r.every.as_deref().unwrap_or("1h"),
+                    )?,
+                };
+                if let Some(bad) = retention.states.iter().find(|s| {
+                    !s.parse::<drover_core::JobState>()
+                        .is_ok_and(drover_core::JobState::is_terminal)
+                }) {
+                    anyhow::bail!(
+                        "[retention] states: {bad:?} is not a finished state (succeeded, dead, cancelled, rejected)"
+                    );
+                }
+                anyhow::ensure!(
+                    !retention.every.is_zero(),
+                    "[retention] every: must be more than 0"
+                );
+                Some(retention)
+            }
+        };
         c.retry = ctx.file.retry.clone().unwrap_or_default();
         c.metrics_addr =
             match self.metrics_addr.as_str() {

@@ -12,9 +12,11 @@
 //! relay loop re-publishes due retries. Shutdown flips one flag that every loop and job
 //! watches.
 //!
-//! The invariant every path keeps: a delivery is acked only after the ledger holds the
-//! job's terminal state or its retry schedule; anything else is nacked back to the queue
-//! (or left unacked, which the broker requeues when the connection closes).
+//! The invariant every path keeps: a delivery is acked only once the ledger holds its job
+//! (claimed by this worker, finished, or scheduled); from then on the ledger re-drives it
+//! (a rescuer loop retries jobs whose lease expired and publishes again jobs whose message
+//! was lost). A delivery not yet claimed is nacked back to the queue (or left unacked,
+//! which the broker requeues when the connection closes).
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), drover_worker::WorkerError> {

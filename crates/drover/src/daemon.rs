@@ -15,9 +15,13 @@ use tracing::{info, warn};
 /// `drover worker` arguments (each also settable in the `[worker]` table of the config file).
 #[derive(Debug, Args)]
 #[command(after_help = "\
-The worker acks a message only after the job's terminal state or retry schedule is committed
-in the ledger. SIGTERM/SIGINT: stop consuming, let running jobs reach their next batch
-boundary (within --shutdown-grace-secs), checkpoint, requeue the rest, exit 0.
+The worker acks a message once the ledger holds its job (claimed, finished or scheduled);
+from then on the ledger re-drives it: every worker's rescuer retries a running job whose
+heartbeat is older than two periods, and publishes again a job queued for --lost-after-secs
+while the queue holds no ready message. So a job may run longer than RabbitMQ's
+consumer_timeout. SIGTERM/SIGINT: stop consuming, let running jobs reach their next batch
+boundary (within --shutdown-grace-secs), checkpoint, publish the rest again, exit 0.
+A [retention] table in the config file makes the worker prune finished jobs.
 Broker loss: reconnect with jittered backoff. Postgres loss: stop taking work until it is back.")]
 pub struct WorkerArgs {
     /// Jobs in flight at once (AMQP basic.qos prefetch) [default: 8].

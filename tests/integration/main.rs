@@ -12,6 +12,7 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_drover");
 mod cli;
 mod core;
 mod ledger;
+mod lifecycle;
 mod observability;
 mod outage;
 mod reliability;

@@ -25,9 +25,12 @@ pub enum LedgerError {
     #[error("job {key:?} is {state}: {message}")]
     WrongState {
         key: String,
-        state: String,
+        state: drover_core::JobState,
         message: String,
     },
+    /// A row's `state` is not a state this version knows (a newer schema, or a hand edit).
+    #[error("the ledger holds {0}")]
+    UnknownState(#[from] drover_core::UnknownState),
     #[error("ledger query failed")]
     Db(#[from] sqlx::Error),
     /// A grouped write (see `Group`) failed for every job in its group; `message` is the

@@ -2,23 +2,16 @@
 //! later batches compute, then success, retry or death.
 
 use crate::delivery::dead_letter;
-use crate::shared::{DbStop, Disposition, Shared, reconnect_backoff};
-use backoff::backoff::Backoff;
-use drover_broker::{Broker, Incoming, OutgoingJob};
-use drover_core::JobMessage;
-use drover_ledger::{
-    BatchRecord, Claim, ClaimedJob, Completion, FailOutcome, HeldEnd, LeaseSeen,
-};
+use crate::shared::{DbStop, Disposition, Shared};
+use drover_broker::Incoming;
+use drover_ledger::{BatchRecord, ClaimedJob, Completion, FailOutcome, HeldEnd};
 use drover_pipeline::{BatchOutcome, JobRun, JobSpec, PipelineError, Registry};
 use serde_json::Value;
 use std::future::Future;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
-use tokio::task::JoinSet;
 use tracing::{Instrument, debug, error, info, info_span, warn};
-use uuid::Uuid;
 
 /// Moves a value into the blocking pool for CPU/disk work and back. A panic in the
 /// pipeline becomes a transient error instead of taking the worker down.
@@ -181,7 +174,8 @@ pub(crate) async fn run_attempt(
         None => {
             // Earlier attempts did some batches: their outcomes come from the ledger.
             let mut batches = match gather_batches(shared, job, resume, done_here).await {
-                Ok(b) => b,
+                Ok(Ok(b)) => b,
+                Ok(Err(e)) => return failed(shared, job, e, delivery).await,
                 Err(stop) => return stopped(shared, job, stop).await,
             };
             if let Some(b) = &final_batch {
@@ -303,28 +297,46 @@ pub(crate) async fn gather_batches(
     job: &ClaimedJob,
     resume: u32,
     done_here: Vec<BatchOutcome>,
-) -> Result<Vec<BatchOutcome>, DbStop> {
+) -> Result<Result<Vec<BatchOutcome>, PipelineError>, DbStop> {
     if resume == 0 {
-        return Ok(done_here);
+        return Ok(Ok(done_here));
     }
     let records = shared
         .db("checkpoints", || shared.ledger.checkpoints(job.id))
         .await?;
-    let mut by_index: std::collections::BTreeMap<u32, BatchOutcome> = records
-        .into_iter()
-        .map(|r| {
-            let b = BatchOutcome {
-                index: r.batch_index as u32,
-                rows: r.rows as u64,
+    let mut by_index: std::collections::BTreeMap<u32, BatchOutcome> =
+        std::collections::BTreeMap::new();
+    for r in records {
+        // A summary the ledger cannot give back would make the job's totals wrong: the job
+        // fails rather than succeeding with them.
+        let summary = match serde_json::from_value(r.summary.0) {
+            Ok(s) => s,
+            Err(e) => {
+                return Ok(Err(PipelineError::permanent(format!(
+                    "checkpoint of batch {} has a summary that is not a map of integers ({e}); the job's totals cannot be computed",
+                    r.batch_index
+                ))));
+            }
+        };
+        let (Ok(index), Ok(rows)) = (u32::try_from(r.batch_index), u64::try_from(r.rows)) else {
+            return Ok(Err(PipelineError::permanent(format!(
+                "checkpoint of batch {} records {} rows: not a valid batch",
+                r.batch_index, r.rows
+            ))));
+        };
+        by_index.insert(
+            index,
+            BatchOutcome {
+                index,
+                rows,
                 output: r.output,
                 checksum: r.checksum,
-                summary: serde_json::from_value(r.summary.0).unwrap_or_default(),
-            };
-            (b.index, b)
-        })
-        .collect();
+                summary,
+            },
+        );
+    }
     by_index.extend(done_here.into_iter().map(|b| (b.index, b)));
-    Ok(by_index.into_values().collect())
+    Ok(Ok(by_index.into_values().collect()))
 }
 
 /// What a batch's checkpoint records in the ledger.
@@ -334,7 +346,12 @@ pub(crate) fn record_of(b: &BatchOutcome) -> BatchRecord {
         rows: b.rows as i64,
         output: b.output.clone(),
         checksum: b.checksum.clone(),
-        summary: sqlx::types::Json(serde_json::to_value(&b.summary).unwrap_or_default()),
+        summary: sqlx::types::Json(Value::Object(
+            b.summary
+                .iter()
+                .map(|(k, v)| (k.clone(), Value::from(*v)))
+                .collect(),
+        )),
     }
 }
 
@@ -368,7 +385,8 @@ pub(crate) const MAX_UNCHECKPOINTED: usize = 8;
 
 /// A commit of checkpoints under way: whether cancellation was requested, or why the job
 /// must stop.
-pub(crate) type Commit<'a> = Pin<Box<dyn Future<Output = Result<bool, CheckpointStop>> + Send + 'a>>;
+pub(crate) type Commit<'a> =
+    Pin<Box<dyn Future<Output = Result<bool, CheckpointStop>> + Send + 'a>>;
 
 /// An attempt's batches and their checkpoints. The pipeline does not wait for them: a
 /// batch computes while the ones before it commit, and batches completed during a commit
@@ -570,4 +588,3 @@ pub(crate) async fn failed(
         Err(stop) => stopped(shared, job, stop).await,
     }
 }
-

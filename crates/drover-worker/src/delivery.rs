@@ -1,21 +1,14 @@
 //! One delivery: parse, validate, claim (fast or slow path), run, settle.
 
 use crate::attempt::run_attempt;
-use crate::shared::{DbStop, Disposition, Shared, reconnect_backoff};
-use backoff::backoff::Backoff;
-use drover_broker::{Broker, Incoming, OutgoingJob};
+use crate::shared::{DbStop, Disposition, Inflight, Shared};
+use drover_broker::Incoming;
 use drover_core::JobMessage;
-use drover_ledger::{
-    BatchRecord, Claim, ClaimedJob, Completion, FailOutcome, HeldEnd, LeaseSeen,
-};
-use drover_pipeline::{BatchOutcome, JobRun, JobSpec, PipelineError, Registry};
+use drover_ledger::{Claim, ClaimedJob, LeaseSeen};
 use serde_json::Value;
-use std::future::Future;
-use std::pin::{Pin, pin};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
-use tokio::task::JoinSet;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 use uuid::Uuid;
 
@@ -168,7 +161,7 @@ pub(crate) async fn watch_lease(shared: &Shared, id: Uuid, seen: &LeaseSeen) -> 
             _ = shutdown.changed() => return LeaseWatch::Shutdown,
         }
         match shared.db("lease", || shared.ledger.lease(id)).await {
-            Ok(now) if now.state != "running" => return LeaseWatch::Changed,
+            Ok(now) if now.state != drover_core::JobState::Running => return LeaseWatch::Changed,
             Ok(now) if now.heartbeat_at != seen.heartbeat_at || now.owner != seen.owner => {
                 return LeaseWatch::Alive;
             }
@@ -235,7 +228,11 @@ pub(crate) async fn dead_letter(
 }
 
 /// Runs a claimed job: registers it as in flight, runs the attempt, unregisters it.
-pub(crate) async fn run_job(shared: &Arc<Shared>, job: ClaimedJob, delivery: &Incoming) -> Disposition {
+pub(crate) async fn run_job(
+    shared: &Arc<Shared>,
+    job: ClaimedJob,
+    delivery: &Incoming,
+) -> Disposition {
     let cancel = Arc::new(AtomicBool::new(false));
     if let Ok(mut m) = shared.inflight.lock() {
         m.insert(

@@ -242,8 +242,11 @@ pub async fn run(ctx: &Context, args: PublishArgs) -> anyhow::Result<ExitCode> {
     let errors: Vec<String> = msgs
         .iter()
         .filter_map(|m| {
+            // validate, then the pipeline's publish-time checks (which may read the input,
+            // e.g. `sql` plans its query against the input's columns): nothing is published
+            // unless every message passes.
             registry
-                .validate(&m.pipeline, &Value::Object(m.params.clone()))
+                .preflight(&m.pipeline, &Value::Object(m.params.clone()))
                 .err()
                 .map(|e| format!("{}: {e}", m.idempotency_key))
         })

@@ -50,7 +50,8 @@ pub async fn run(ctx: &Context, args: RunArgs) -> anyhow::Result<ExitCode> {
     }
     let registry = ctx.registry.clone();
     let params = Value::Object(params);
-    registry.validate(&args.pipeline, &params)?;
+    // The same checks as `drover publish` (validate, then the publish-time preflight).
+    registry.preflight(&args.pipeline, &params)?;
     let spec = JobSpec {
         key: args
             .key

@@ -12,3 +12,4 @@ mod ledger;
 mod observability;
 mod outage;
 mod reliability;
+mod sql;

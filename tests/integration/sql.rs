@@ -58,7 +58,15 @@ fn run_locally(env: &TestEnv, key: &str, batch: &str, params: &[String]) -> std:
     let local_s = local.display().to_string();
     let args = with_params(
         vec![
-            "run", "sql", "--key", key, "--batch-size", batch, "--output", &local_s, "--json",
+            "run",
+            "sql",
+            "--key",
+            key,
+            "--batch-size",
+            batch,
+            "--output",
+            &local_s,
+            "--json",
         ],
         params,
     );
@@ -74,7 +82,15 @@ async fn a_worker_writes_what_drover_run_writes() {
     let p = params(&input);
     env.start_worker(&[]);
     let args = with_params(
-        vec!["publish", "--pipeline", "sql", "--key", "sql-1", "--batch-size", "700"],
+        vec![
+            "publish",
+            "--pipeline",
+            "sql",
+            "--key",
+            "sql-1",
+            "--batch-size",
+            "700",
+        ],
         &p,
     );
     let out = env.drover(&args);
@@ -108,14 +124,14 @@ async fn publish_refuses_a_bad_query_and_records_nothing() {
             "SELEKT employee_id FROM batch".to_string(),
             "sql: param \"query\": sql parser error: Expected: an SQL statement, found: SELEKT",
         ),
-        (
-            "SELECT salary FROM batch".to_string(),
-            "salary",
-        ),
+        ("SELECT salary FROM batch".to_string(), "salary"),
     ];
     for (i, (query, want)) in cases.iter().enumerate() {
         let key = format!("bad-{i}");
-        let p = [format!("input={}", input.display()), format!("query={query}")];
+        let p = [
+            format!("input={}", input.display()),
+            format!("query={query}"),
+        ];
         let args = with_params(vec!["publish", "--pipeline", "sql", "--key", &key], &p);
         let out = env.drover(&args);
         assert!(!out.status.success(), "published {query}");
@@ -138,7 +154,15 @@ async fn kill_9_mid_sql_job_and_another_worker_finishes_without_duplicates() {
     let p = params(&input);
     let a = env.start_worker(&["--heartbeat-secs", "1", "--worker-id", "victim"]);
     let args = with_params(
-        vec!["publish", "--pipeline", "sql", "--key", "sql-kill", "--batch-size", "200"],
+        vec![
+            "publish",
+            "--pipeline",
+            "sql",
+            "--key",
+            "sql-kill",
+            "--batch-size",
+            "200",
+        ],
         &p,
     );
     let out = env.drover(&args);
@@ -150,8 +174,10 @@ async fn kill_9_mid_sql_job_and_another_worker_finishes_without_duplicates() {
     env.worker(a).signal("-KILL");
     env.worker(a).wait_exit(Duration::from_secs(10));
     env.start_worker(&["--heartbeat-secs", "1", "--worker-id", "rescuer"]);
-    env.wait_job("sql-kill", T, |r| r.get::<String, _>("state") == "succeeded")
-        .await;
+    env.wait_job("sql-kill", T, |r| {
+        r.get::<String, _>("state") == "succeeded"
+    })
+    .await;
     let job = env.show("sql-kill");
     assert_eq!(outcomes(&job), ["lost", "succeeded"]);
     // Every input row once: the ids' total is 1 + 2 + ... + rows, and the parts hold rows

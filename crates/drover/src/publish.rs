@@ -29,7 +29,9 @@ Examples:
   drover publish --file jobs.jsonl     # one contract-v1 JSON message per line
 
 A --param value is parsed as JSON when it is valid JSON (5, true, \"text\"), else taken as a
-string. Publishing a key that exists prints its state and publishes nothing (exit 0).")]
+string. Publishing a key that exists prints its state and publishes nothing (exit 0).
+Every message's params are checked first, including the pipeline's publish-time checks
+(sql: the query parses and names only existing columns); one failure publishes nothing.")]
 pub struct PublishArgs {
     /// Pipeline name (see `drover pipelines`).
     #[arg(long, required_unless_present = "file", conflicts_with = "file")]

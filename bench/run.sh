@@ -431,6 +431,7 @@ emit "| publish → succeeded | $DONE_P50 | $DONE_P99 |"
 emit ""
 
 verdict() { if "$PY" -c "import sys; sys.exit(0 if ($1) else 1)"; then echo met; else echo "**missed**"; fi; }
+progress "sql pipeline"; "$ROOT/bench/sql.sh" "$DROVER" | tee -a "$DOC"
 emit "## Targets (computed by run.sh)"
 emit ""
 emit "| target | measured | verdict |"

@@ -16,3 +16,4 @@ mod lifecycle;
 mod observability;
 mod outage;
 mod reliability;
+mod sql;

@@ -17,3 +17,4 @@ mod lifecycle;
 mod observability;
 mod outage;
 mod reliability;
+mod sql;

@@ -322,12 +322,14 @@ async fn jobs_whose_messages_were_purged_are_published_again() {
     let deadline = Instant::now() + T;
     let report = loop {
         let out = env.drover(&["doctor", "--lost-after-secs", "1"]);
-        if !out.status.success() {
+        // The three were published one after another: wait until all have waited 1 s.
+        if !out.status.success() && stdout(&out).contains("lost messages: 3 job(s)") {
             break stdout(&out);
         }
         assert!(
             Instant::now() < deadline,
-            "doctor never saw the lost messages"
+            "doctor never saw the three lost messages: {}",
+            stdout(&out)
         );
         std::thread::sleep(Duration::from_millis(300));
     };

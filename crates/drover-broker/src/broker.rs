@@ -2,7 +2,7 @@
 
 use crate::consumer::JobConsumer;
 use crate::endpoint::Endpoint;
-use crate::error::{describe, is_permanent, is_precondition_failed, scrub};
+use crate::error::{describe, is_not_found, is_permanent, is_precondition_failed, scrub};
 use crate::publisher::Publisher;
 use crate::topology::{JOBS_ROUTING_KEY, short};
 use crate::{BrokerError, Topology};
@@ -21,6 +21,15 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long [`Broker::close`] waits for each channel and for the connection to close.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What a passive `queue.declare` says about a queue (see [`Broker::queue_stats`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Messages ready for delivery (not counting unacked ones).
+    pub messages: u32,
+    /// Consumers attached: one per worker (or other consumer) on the queue.
+    pub consumers: u32,
+}
 
 /// One AMQP connection to RabbitMQ.
 ///
@@ -261,6 +270,40 @@ impl Broker {
             queue,
             self.endpoint.clone(),
         ))
+    }
+
+    /// Messages ready in `queue` and consumers attached to it, from a passive `queue.declare`
+    /// on a channel of its own (the AMQP way to ask, so the dashboard needs no management
+    /// plugin). `Ok(None)` when the queue does not exist (404 closes that channel, not the
+    /// connection). Unacked deliveries are not counted by AMQP: they are the jobs running.
+    pub async fn queue_stats(&self, queue: &str) -> Result<Option<QueueStats>, BrokerError> {
+        let name = short("queue name", queue)?;
+        let channel = self
+            .open_channel(&format!("open a channel to inspect queue {queue}"))
+            .await?;
+        let declared = channel
+            .queue_declare(
+                name,
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        match declared {
+            Ok(q) => {
+                if let Err(e) = channel.close(200, "OK".into()).await {
+                    debug!(error = %describe(&e), "closing the inspect channel");
+                }
+                Ok(Some(QueueStats {
+                    messages: q.message_count(),
+                    consumers: q.consumer_count(),
+                }))
+            }
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(self.op_error(format!("inspect queue {queue} (passive declare)"), &e)),
+        }
     }
 
     /// Closes every channel still open (the broker requeues their unacked deliveries), then

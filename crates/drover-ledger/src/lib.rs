@@ -18,6 +18,7 @@
 //! running job is conditioned on still holding that lease (`lease_owner` and `attempts`), so a
 //! worker that lost its lease cannot overwrite the new owner's progress.
 
+mod dashboard;
 mod error;
 mod group;
 mod publish;
@@ -25,6 +26,10 @@ mod read;
 mod relay;
 mod transitions;
 
+pub use dashboard::{
+    ActionView, CheckpointView, Cursor, JobPage, JobRow, ListQuery, MAX_PAGE, MinuteCount,
+    NewAction, RetryCounts, WorkerLeases,
+};
 pub use error::LedgerError;
 pub use group::Group;
 pub use publish::{InsertOutcome, NewJob};

@@ -1,22 +1,11 @@
 //! The retry relay: re-publishes due retries from the ledger.
 
-use crate::shared::{DbStop, Disposition, Shared, reconnect_backoff};
-use backoff::backoff::Backoff;
-use drover_broker::{Broker, Incoming, OutgoingJob};
+use crate::shared::Shared;
+use drover_broker::OutgoingJob;
 use drover_core::JobMessage;
-use drover_ledger::{
-    BatchRecord, Claim, ClaimedJob, Completion, FailOutcome, HeldEnd, LeaseSeen,
-};
-use drover_pipeline::{BatchOutcome, JobRun, JobSpec, PipelineError, Registry};
 use serde_json::Value;
-use std::future::Future;
-use std::pin::{Pin, pin};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
-use tokio::task::JoinSet;
-use tracing::{Instrument, debug, error, info, info_span, warn};
-use uuid::Uuid;
+use tracing::{debug, info, warn};
 
 /// Re-publishes due retries (and jobs whose producer never got a confirm). Every worker runs
 /// it; `FOR UPDATE SKIP LOCKED` splits the work between replicas.

@@ -8,6 +8,7 @@ mod support;
 
 mod cli;
 mod core;
+mod dashboard;
 mod ledger;
 mod observability;
 mod outage;

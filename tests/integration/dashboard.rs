@@ -695,6 +695,7 @@ async fn browse(screenshots: Option<std::path::PathBuf>) {
     wait_text(&b, "#job-state", T, |t| t == "succeeded").await;
     let attempts = text(&b, "#attempts").await;
     assert!(attempts.contains("dead") && attempts.contains("succeeded"), "{attempts}");
+    shot("job-retried").await;
     let row = sqlx::query("SELECT via, user_agent FROM drover.actions WHERE action = 'retry'")
         .fetch_one(&env.pool)
         .await

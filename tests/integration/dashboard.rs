@@ -206,7 +206,7 @@ async fn login(d: &Dashboard) -> (String, String) {
     assert!(session.contains("SameSite=Strict"), "{session}");
     let pair = session.split(';').next().expect("pair").to_string();
     let page = d.get("/", &[("Cookie", &pair)]).await;
-    assert!(page.body.contains("admin"), "logged in page");
+    assert!(page.body.contains("class=\"badge admin\""), "logged in: {}", page.body);
     (pair, csrf_field(&page.body))
 }
 
@@ -675,7 +675,8 @@ async fn browse(screenshots: Option<std::path::PathBuf>) {
     assert!(b.find(Locator::Css("#retry-button")).await.is_err(), "no button before login");
     let status = b
         .execute_async(
-            "const done = arguments[0]; fetch(arguments[1], {method: 'POST'}).then(r => done(r.status));",
+            "const done = arguments[arguments.length - 1]; \
+             fetch(arguments[0], {method: 'POST'}).then(r => done(r.status));",
             vec![json!(format!("/jobs/{}/retry", enc("acme:dead-once")))],
         )
         .await

@@ -83,7 +83,15 @@ async fn record(
             user_agent: origin.user_agent.clone(),
         })
         .await?;
-    tracing::info!(action, jobs = keys.len(), first_key = keys.first().map(String::as_str), outcome, via = via.as_str(), remote_addr = origin.remote_addr.as_deref(), "dashboard action");
+    tracing::info!(
+        action,
+        jobs = keys.len(),
+        first_key = keys.first().map(String::as_str),
+        outcome,
+        via = via.as_str(),
+        remote_addr = origin.remote_addr.as_deref(),
+        "dashboard action"
+    );
     Ok(())
 }
 
@@ -116,7 +124,12 @@ pub async fn retry(app: &AppState, key: &str, via: Via, origin: &Origin) -> Resu
 
 /// Cancels a queued or retrying job at once; flags a running one (its worker stops at the
 /// next batch boundary).
-pub async fn cancel(app: &AppState, key: &str, via: Via, origin: &Origin) -> Result<Done, WebError> {
+pub async fn cancel(
+    app: &AppState,
+    key: &str,
+    via: Via,
+    origin: &Origin,
+) -> Result<Done, WebError> {
     let keys = [key.to_string()];
     match app.ledger.request_cancel(key).await {
         Ok(state) => {
@@ -161,14 +174,32 @@ pub async fn bulk_retry_dead(
                 // Record what was done before the failure, then report it.
                 if !retried.is_empty() {
                     let outcome = format!("retried {} before a ledger error", retried.len());
-                    record(app, "bulk_retry_dead", &retried, Some(filter.clone()), &outcome, via, origin).await?;
+                    record(
+                        app,
+                        "bulk_retry_dead",
+                        &retried,
+                        Some(filter.clone()),
+                        &outcome,
+                        via,
+                        origin,
+                    )
+                    .await?;
                 }
                 return Err(e.into());
             }
         }
     }
     let outcome = format!("retried {}, skipped {}", retried.len(), skipped.len());
-    record(app, "bulk_retry_dead", &retried, Some(filter), &outcome, via, origin).await?;
+    record(
+        app,
+        "bulk_retry_dead",
+        &retried,
+        Some(filter),
+        &outcome,
+        via,
+        origin,
+    )
+    .await?;
     Ok(BulkDone {
         retried,
         skipped,

@@ -52,7 +52,9 @@ fn authorize(app: &AppState, headers: &HeaderMap) -> Result<Via, ApiError> {
     }
     match bearer(headers) {
         Some(t) if app.auth.token_matches(t) => Ok(Via::Bearer),
-        Some(_) => Err(WebError::new(StatusCode::UNAUTHORIZED, Refusal::BadBearer.message()).into()),
+        Some(_) => {
+            Err(WebError::new(StatusCode::UNAUTHORIZED, Refusal::BadBearer.message()).into())
+        }
         None => Err(WebError::new(
             StatusCode::UNAUTHORIZED,
             "send the admin token as Authorization: Bearer TOKEN",
@@ -146,7 +148,9 @@ pub async fn cancel(
     Path(key): Path<String>,
 ) -> ApiResult {
     let via = authorize(&app, &headers)?;
-    Ok(Json(json!(actions::cancel(&app, &key, via, &origin).await?)))
+    Ok(Json(json!(
+        actions::cancel(&app, &key, via, &origin).await?
+    )))
 }
 
 /// `POST /api/bulk/retry-dead?pipeline=&q=&since=&until=`: re-drives the dead jobs

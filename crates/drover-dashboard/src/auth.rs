@@ -64,7 +64,9 @@ impl Refusal {
                  (--admin-token, DROVER_DASHBOARD_TOKEN or DROVER_DASHBOARD_TOKEN_FILE)"
             }
             Refusal::NotLoggedIn => "log in with the admin token to act on jobs",
-            Refusal::BadCsrf => "the form's CSRF token is missing or stale: reload the page and try again",
+            Refusal::BadCsrf => {
+                "the form's CSRF token is missing or stale: reload the page and try again"
+            }
             Refusal::BadBearer => "the bearer token is not the admin token",
         }
     }

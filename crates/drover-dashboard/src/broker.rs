@@ -61,10 +61,7 @@ impl BrokerProbe {
             Err(_) => BrokerStatus {
                 endpoint,
                 queues: Vec::new(),
-                error: Some(format!(
-                    "no answer within {} s",
-                    PROBE_TIMEOUT.as_secs()
-                )),
+                error: Some(format!("no answer within {} s", PROBE_TIMEOUT.as_secs())),
             },
         }
     }

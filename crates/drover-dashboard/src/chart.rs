@@ -95,8 +95,16 @@ mod tests {
     fn bars_scale_to_the_busiest_minute() {
         let t = DateTime::<Utc>::from_timestamp(1_764_000_000, 0).unwrap();
         let minutes = vec![
-            MinuteCount { minute: t, succeeded: 10, failed: 0 },
-            MinuteCount { minute: t, succeeded: 15, failed: 5 },
+            MinuteCount {
+                minute: t,
+                succeeded: 10,
+                failed: 0,
+            },
+            MinuteCount {
+                minute: t,
+                succeeded: 15,
+                failed: 5,
+            },
         ];
         let c = build(&minutes);
         assert_eq!(c.max, 20);

@@ -165,17 +165,30 @@ mod tests {
         assert_eq!(q.key_prefix.as_deref(), Some("acme:"));
         assert_eq!(q.limit, DEFAULT_LIMIT);
         assert_eq!(q.until.unwrap().to_rfc3339(), "2026-12-02T10:30:00+00:00");
-        assert_eq!(p.filter_query(), "state=dead&since=2026-12-01&until=2026-12-02T10%3A30&q=acme%3A");
+        assert_eq!(
+            p.filter_query(),
+            "state=dead&since=2026-12-01&until=2026-12-02T10%3A30&q=acme%3A"
+        );
         let bad = ListParams {
             state: Some("<b>".into()),
             ..ListParams::default()
         };
-        assert!(bad.to_query().unwrap_err().message.contains("state: \"<b>\""));
+        assert!(
+            bad.to_query()
+                .unwrap_err()
+                .message
+                .contains("state: \"<b>\"")
+        );
         let bad = ListParams {
             since: Some("yesterday".into()),
             ..ListParams::default()
         };
-        assert!(bad.to_query().unwrap_err().message.starts_with("since: \"yesterday\""));
+        assert!(
+            bad.to_query()
+                .unwrap_err()
+                .message
+                .starts_with("since: \"yesterday\"")
+        );
         let bad = ListParams {
             limit: Some("9999".into()),
             ..ListParams::default()

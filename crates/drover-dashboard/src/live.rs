@@ -84,10 +84,10 @@ async fn progress(ledger: &Ledger, key: &str) -> Option<Progress> {
         batches_total: job.batches_total,
         rows_done: job.rows_done,
         lease_owner: job.lease_owner,
-        heartbeat_at: job.heartbeat_at.map(|t| t.format("%H:%M:%S UTC").to_string()),
-        last_error: job
-            .last_error
-            .map(|e| crate::redact::redact_urls(&e)),
+        heartbeat_at: job
+            .heartbeat_at
+            .map(|t| t.format("%H:%M:%S UTC").to_string()),
+        last_error: job.last_error.map(|e| crate::redact::redact_urls(&e)),
     })
 }
 

@@ -131,7 +131,10 @@ fn count_rows(counts: &[StateCount]) -> Vec<CountRow> {
         if rows.last().is_none_or(|r| r.pipeline != c.pipeline) {
             rows.push(CountRow {
                 pipeline: c.pipeline.clone(),
-                cells: STATES.iter().map(|s| json!({"state": s, "jobs": 0})).collect(),
+                cells: STATES
+                    .iter()
+                    .map(|s| json!({"state": s, "jobs": 0}))
+                    .collect(),
                 total: 0,
             });
         }
@@ -530,7 +533,8 @@ fn login_page(
         json!({"login_csrf": login_csrf, "error": error}),
     );
     if app.auth.has_token()
-        && let Ok(v) = HeaderValue::from_str(&auth::set_cookie(LOGIN_COOKIE, &login_csrf, "/login", 900))
+        && let Ok(v) =
+            HeaderValue::from_str(&auth::set_cookie(LOGIN_COOKIE, &login_csrf, "/login", 900))
     {
         res.headers_mut().append(header::SET_COOKIE, v);
     }
@@ -569,7 +573,10 @@ pub async fn login(
         );
     }
     if !app.auth.token_matches(form.token.as_deref().unwrap_or("")) {
-        tracing::warn!(remote_addr = origin.remote_addr.as_deref(), "dashboard: login with a wrong token");
+        tracing::warn!(
+            remote_addr = origin.remote_addr.as_deref(),
+            "dashboard: login with a wrong token"
+        );
         return login_page(
             &app,
             &headers,
@@ -578,7 +585,10 @@ pub async fn login(
         );
     }
     let (id, _csrf) = app.auth.create_session();
-    tracing::info!(remote_addr = origin.remote_addr.as_deref(), "dashboard: admin logged in");
+    tracing::info!(
+        remote_addr = origin.remote_addr.as_deref(),
+        "dashboard: admin logged in"
+    );
     let mut res = Redirect::to("/").into_response();
     for c in [
         auth::set_cookie(SESSION_COOKIE, &id, "/", SESSION_TTL.as_secs()),

@@ -118,7 +118,10 @@ mod tests {
             redact_urls("copy from s3://u:p@w@bucket/k and amqp://guest@h/"),
             "copy from s3://u:***@bucket/k and amqp://guest@h/"
         );
-        assert_eq!(redact_urls("https://example.com/a@b"), "https://example.com/a@b");
+        assert_eq!(
+            redact_urls("https://example.com/a@b"),
+            "https://example.com/a@b"
+        );
         assert_eq!(redact_urls("no url"), "no url");
         let r = redact_params(&json!({"input": "https://user:pw@host/file.parquet"}));
         assert_eq!(r["input"], "https://user:***@host/file.parquet");

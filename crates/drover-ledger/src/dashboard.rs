@@ -409,7 +409,13 @@ mod tests {
         assert_eq!(Cursor::decode(&c.encode()).unwrap(), c);
         let k = Cursor::Key("acme:2026-11/x y".into());
         assert_eq!(Cursor::decode(&k.encode()).unwrap(), k);
-        for bad in ["", "x", "c12", "cabc.00000000000000000000000000000000", "c1.nope"] {
+        for bad in [
+            "",
+            "x",
+            "c12",
+            "cabc.00000000000000000000000000000000",
+            "c1.nope",
+        ] {
             assert!(Cursor::decode(bad).is_err(), "{bad}");
         }
     }

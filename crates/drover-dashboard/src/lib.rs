@@ -82,7 +82,7 @@ pub async fn router(config: DashboardConfig) -> Result<Router, DashboardError> {
         Duration::from_secs(10),
     )
     .await?;
-    ledger.check_schema().await?;
+    ledger.check_dashboard_schema().await?;
     let live = live::Live::start(ledger.clone());
     let app = Arc::new(App {
         ledger,

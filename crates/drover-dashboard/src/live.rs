@@ -7,6 +7,7 @@
 use crate::AppState;
 use axum::extract::{Path, State};
 use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
 use drover_ledger::Ledger;
 use futures_util::Stream;
 use serde::Serialize;
@@ -99,11 +100,17 @@ struct Watch {
     done: bool,
 }
 
-/// `GET /jobs/{key}/events`: `progress` events (JSON) until the job is terminal.
-pub async fn job_events(
-    State(app): State<AppState>,
-    Path(key): Path<String>,
-) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+/// `GET /jobs/{key}/events`: `progress` events (JSON) until the job is terminal; 404 for
+/// an unknown key.
+pub async fn job_events(State(app): State<AppState>, Path(key): Path<String>) -> Response {
+    if let Err(e) = app.ledger.get(&key).await {
+        let e = crate::error::WebError::from(e);
+        return (e.status, e.message).into_response();
+    }
+    events(app, key).into_response()
+}
+
+fn events(app: AppState, key: String) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let watch = Watch {
         rx: app.live.subscribe(),
         app,

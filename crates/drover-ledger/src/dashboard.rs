@@ -360,6 +360,23 @@ impl Ledger {
         Ok(b.build_query_scalar().fetch_all(&self.pool).await?)
     }
 
+    /// Checks the dashboard's migration (`drover.actions`, the list indexes) has run, with
+    /// the same hint as [`Ledger::check_schema`] when it has not.
+    pub async fn check_dashboard_schema(&self) -> Result<(), LedgerError> {
+        self.check_schema().await?;
+        let exists: bool =
+            sqlx::query_scalar("SELECT to_regclass('drover.actions') IS NOT NULL")
+                .fetch_one(&self.pool)
+                .await?;
+        if exists {
+            Ok(())
+        } else {
+            Err(LedgerError::NotMigrated {
+                url: drover_core::config::redact(&self.url),
+            })
+        }
+    }
+
     /// Records a dashboard action in `drover.actions`; returns its id.
     pub async fn record_action(&self, a: &NewAction<'_>) -> Result<i64, LedgerError> {
         Ok(sqlx::query_scalar(

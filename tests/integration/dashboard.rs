@@ -881,7 +881,8 @@ async fn browse(screenshots: Option<std::path::PathBuf>) {
         .expect("click");
     assert!(text(&b, "#flash").await.contains("Retry scheduled"));
     wait_text(&b, "#job-state", T, |t| t == "succeeded").await;
-    let attempts = text(&b, "#attempts").await;
+    // The page reloads itself once the job is terminal, with the new attempt.
+    let attempts = wait_text(&b, "#attempts", T, |t| t.contains("#2")).await;
     assert!(
         attempts.contains("dead") && attempts.contains("succeeded"),
         "{attempts}"

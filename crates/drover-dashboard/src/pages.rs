@@ -6,6 +6,7 @@ use crate::error::WebError;
 use crate::filters::{ListParams, STATES, encode};
 use crate::{AppState, chart};
 use axum::Form;
+use axum::extract::rejection::FormRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
@@ -430,8 +431,10 @@ pub async fn retry(
     headers: HeaderMap,
     origin: Origin,
     Path(key): Path<String>,
-    Form(form): Form<CsrfForm>,
+    form: Result<Form<CsrfForm>, FormRejection>,
 ) -> Response {
+    // A missing or malformed body carries no CSRF token (nor token): refused below.
+    let form = form.map(|Form(f)| f).unwrap_or_default();
     let via = match app.auth.authorize(&headers, form.csrf.as_deref()) {
         Ok(v) => v,
         Err(r) => return refused(&app, &headers, r),
@@ -448,8 +451,10 @@ pub async fn cancel(
     headers: HeaderMap,
     origin: Origin,
     Path(key): Path<String>,
-    Form(form): Form<CsrfForm>,
+    form: Result<Form<CsrfForm>, FormRejection>,
 ) -> Response {
+    // A missing or malformed body carries no CSRF token (nor token): refused below.
+    let form = form.map(|Form(f)| f).unwrap_or_default();
     let via = match app.auth.authorize(&headers, form.csrf.as_deref()) {
         Ok(v) => v,
         Err(r) => return refused(&app, &headers, r),
@@ -468,7 +473,7 @@ pub async fn cancel(
 }
 
 /// The bulk retry form: the CSRF token and the list's filters.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Deserialize)]
 pub struct BulkForm {
     #[serde(default)]
     csrf: Option<String>,
@@ -481,13 +486,28 @@ pub async fn bulk_retry_dead(
     State(app): State<AppState>,
     headers: HeaderMap,
     origin: Origin,
-    Form(form): Form<BulkForm>,
+    form: Result<Form<BulkForm>, FormRejection>,
 ) -> Response {
-    let via = match app.auth.authorize(&headers, form.csrf.as_deref()) {
+    // Authorisation first (a missing or malformed body has no CSRF token), then the filter:
+    // an unreadable one is an error, never "no filter" (that would retry every dead job).
+    let (csrf, filters) = match form {
+        Ok(Form(f)) => (f.csrf, Ok(f.filters)),
+        Err(e) => (None, Err(e)),
+    };
+    let via = match app.auth.authorize(&headers, csrf.as_deref()) {
         Ok(v) => v,
         Err(r) => return refused(&app, &headers, r),
     };
-    let mut filters = form.filters;
+    let mut filters = match filters {
+        Ok(f) => f,
+        Err(e) => {
+            return error_page(
+                &app,
+                &headers,
+                WebError::bad_request(format!("the bulk retry form could not be read: {e}")),
+            );
+        }
+    };
     filters.state = None;
     filters.after = None;
     let q = match filters.to_query() {
@@ -555,8 +575,10 @@ pub async fn login(
     State(app): State<AppState>,
     headers: HeaderMap,
     origin: Origin,
-    Form(form): Form<LoginForm>,
+    form: Result<Form<LoginForm>, FormRejection>,
 ) -> Response {
+    // A missing or malformed body carries no CSRF token (nor token): refused below.
+    let form = form.map(|Form(f)| f).unwrap_or_default();
     if !app.auth.has_token() {
         return refused(&app, &headers, Refusal::ReadOnly);
     }
@@ -605,8 +627,10 @@ pub async fn login(
 pub async fn logout(
     State(app): State<AppState>,
     headers: HeaderMap,
-    Form(form): Form<CsrfForm>,
+    form: Result<Form<CsrfForm>, FormRejection>,
 ) -> Response {
+    // A missing or malformed body carries no CSRF token (nor token): refused below.
+    let form = form.map(|Form(f)| f).unwrap_or_default();
     if let Err(r) = app.auth.authorize(&headers, form.csrf.as_deref()) {
         return refused(&app, &headers, r);
     }

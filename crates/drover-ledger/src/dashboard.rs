@@ -364,10 +364,9 @@ impl Ledger {
     /// the same hint as [`Ledger::check_schema`] when it has not.
     pub async fn check_dashboard_schema(&self) -> Result<(), LedgerError> {
         self.check_schema().await?;
-        let exists: bool =
-            sqlx::query_scalar("SELECT to_regclass('drover.actions') IS NOT NULL")
-                .fetch_one(&self.pool)
-                .await?;
+        let exists: bool = sqlx::query_scalar("SELECT to_regclass('drover.actions') IS NOT NULL")
+            .fetch_one(&self.pool)
+            .await?;
         if exists {
             Ok(())
         } else {

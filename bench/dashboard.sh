@@ -43,7 +43,12 @@ log "creating $DB and migrating it"
 "$DROVER" migrate >/dev/null
 log "inserting $ROWS jobs"
 t0=$(date +%s)
-psql -X -q -v ON_ERROR_STOP=1 "$DATABASE_URL" <<SQL
+# In chunks of 250,000 with a CHECKPOINT after each, so the WAL of the insert never holds
+# more than one chunk (the disk may be small).
+chunk=250000
+for ((lo = 1; lo <= ROWS; lo += chunk)); do
+    hi=$((lo + chunk - 1 < ROWS ? lo + chunk - 1 : ROWS))
+    psql -X -q -v ON_ERROR_STOP=1 "$DATABASE_URL" <<SQL
 INSERT INTO drover.jobs (id, idempotency_key, pipeline, params, state, attempts, failures,
     max_attempts, batches_done, batches_total, rows_done, last_error, error_kind, result,
     created_at, started_at, finished_at, lease_owner, heartbeat_at, run_at)
@@ -63,13 +68,15 @@ SELECT gen_random_uuid(),
        CASE WHEN s.state = 'running' THEN 'worker-' || (i % 8) END,
        CASE WHEN s.state = 'running' THEN now() END,
        CASE WHEN s.state = 'retrying' THEN now() + interval '1 minute' END
-FROM generate_series(1, $ROWS) AS i,
+FROM generate_series($lo, $hi) AS i,
      LATERAL (SELECT now() - ($ROWS - i) * interval '2.5 seconds' AS t) c,
      LATERAL (SELECT CASE WHEN i % 100 = 0 THEN 'dead' WHEN i % 250 = 1 THEN 'retrying'
                           WHEN i % 500 = 2 THEN 'queued' WHEN i % 5000 = 3 THEN 'running'
                           WHEN i % 1000 = 4 THEN 'cancelled' ELSE 'succeeded' END AS state) s;
-ANALYZE drover.jobs;
+CHECKPOINT;
 SQL
+done
+psql -X -q -v ON_ERROR_STOP=1 "$DATABASE_URL" -c 'ANALYZE drover.jobs'
 log "inserted in $(($(date +%s) - t0)) s"
 
 cursor=$(psql -X -q -At "$DATABASE_URL" -c "SELECT 'c' || (extract(epoch FROM created_at) * 1000000)::bigint || '.' || replace(id::text, '-', '') FROM drover.jobs WHERE state = 'dead' ORDER BY created_at DESC, id DESC OFFSET 5000 LIMIT 1")

@@ -51,14 +51,13 @@ fn render(
     name: &str,
     title: &str,
     nav: &str,
-    flash: Option<String>,
     page: Value,
 ) -> Response {
     let v = viewer(app, headers);
     let mut ctx = json!({
         "title": title,
         "nav": nav,
-        "flash": flash,
+        "flash": null,
         "admin": v.admin,
         "has_token": v.has_token,
         "csrf": v.csrf,
@@ -90,9 +89,16 @@ fn error_page(app: &AppState, headers: &HeaderMap, e: WebError) -> Response {
         "message.html",
         title,
         "",
-        None,
         json!({"message": e.message, "status": e.status.as_u16()}),
     )
+}
+
+/// `page` with the flash message the base template shows above the content.
+fn with_flash(mut page: Value, flash: Option<String>) -> Value {
+    if let Some(f) = flash {
+        page["flash"] = json!(f);
+    }
+    page
 }
 
 /// A fixed message for a `?done=` code after an action (never text from the request).
@@ -161,7 +167,6 @@ pub async fn overview(State(app): State<AppState>, headers: HeaderMap) -> Respon
                 "overview.html",
                 "Overview",
                 "overview",
-                None,
                 data,
             )
         }
@@ -261,8 +266,7 @@ pub async fn jobs(
             "jobs.html",
             "Jobs",
             "jobs",
-            flash(done.done.as_deref(), done.n),
-            data,
+            with_flash(data, flash(done.done.as_deref(), done.n)),
         ),
         Err(e) => error_page(&app, &headers, e),
     }
@@ -409,8 +413,7 @@ pub async fn job(
         "job.html",
         &j.idempotency_key,
         "jobs",
-        flash(done.done.as_deref(), done.n),
-        data,
+        with_flash(data, flash(done.done.as_deref(), done.n)),
     )
 }
 
@@ -549,7 +552,6 @@ fn login_page(
         "login.html",
         "Log in",
         "",
-        None,
         json!({"login_csrf": login_csrf, "error": error}),
     );
     if app.auth.has_token()

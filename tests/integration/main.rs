@@ -6,10 +6,14 @@
 
 mod support;
 
+/// The binary every test drives.
+pub const BIN: &str = env!("CARGO_BIN_EXE_drover");
+
 mod cli;
 mod core;
 mod dashboard;
 mod ledger;
+mod lifecycle;
 mod observability;
 mod outage;
 mod reliability;

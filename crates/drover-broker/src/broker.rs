@@ -22,12 +22,12 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long [`Broker::close`] waits for each channel and for the connection to close.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// What a passive `queue.declare` says about a queue (see [`Broker::queue_stats`]).
+/// A queue's depth as a passive declare reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct QueueStats {
-    /// Messages ready for delivery (not counting unacked ones).
-    pub messages: u32,
-    /// Consumers attached: one per worker (or other consumer) on the queue.
+pub struct QueueDepth {
+    /// Messages ready for delivery (not counting delivered, unacked ones).
+    pub ready: u32,
+    /// Consumers attached.
     pub consumers: u32,
 }
 
@@ -272,40 +272,6 @@ impl Broker {
         ))
     }
 
-    /// Messages ready in `queue` and consumers attached to it, from a passive `queue.declare`
-    /// on a channel of its own (the AMQP way to ask, so the dashboard needs no management
-    /// plugin). `Ok(None)` when the queue does not exist (404 closes that channel, not the
-    /// connection). Unacked deliveries are not counted by AMQP: they are the jobs running.
-    pub async fn queue_stats(&self, queue: &str) -> Result<Option<QueueStats>, BrokerError> {
-        let name = short("queue name", queue)?;
-        let channel = self
-            .open_channel(&format!("open a channel to inspect queue {queue}"))
-            .await?;
-        let declared = channel
-            .queue_declare(
-                name,
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await;
-        match declared {
-            Ok(q) => {
-                if let Err(e) = channel.close(200, "OK".into()).await {
-                    debug!(error = %describe(&e), "closing the inspect channel");
-                }
-                Ok(Some(QueueStats {
-                    messages: q.message_count(),
-                    consumers: q.consumer_count(),
-                }))
-            }
-            Err(e) if is_not_found(&e) => Ok(None),
-            Err(e) => Err(self.op_error(format!("inspect queue {queue} (passive declare)"), &e)),
-        }
-    }
-
     /// Closes every channel still open (the broker requeues their unacked deliveries), then
     /// the connection, with reply 200 so the broker logs a clean close rather than a lost
     /// client. Each step is bounded by [`CLOSE_TIMEOUT`]. Closing an already lost connection
@@ -359,6 +325,68 @@ impl Broker {
                 warn!(error = %e, "closing the RabbitMQ connection");
                 Err(e)
             }
+        }
+    }
+
+    /// How many messages wait ready in `queue` (e.g. `{ns}.jobs`) and how many consumers it
+    /// has (a passive declare on a channel of its own, closed afterwards). The ready count
+    /// leaves out messages delivered to a consumer and not yet acked. The rescuer and
+    /// `drover doctor` compare it with the ledger's `queued` jobs to find lost messages.
+    pub async fn queue_depth(&self, queue: &str) -> Result<QueueDepth, BrokerError> {
+        let channel = self
+            .open_channel("open a channel to inspect the queue")
+            .await?;
+        let q = channel
+            .queue_declare(
+                short("queue name", queue)?,
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| self.op_error(format!("inspect queue {queue} (passive declare)"), &e))?;
+        if let Err(e) = channel.close(200, "OK".into()).await {
+            debug!(error = %describe(&e), "closing the inspect channel");
+        }
+        Ok(QueueDepth {
+            ready: q.message_count(),
+            consumers: q.consumer_count(),
+        })
+    }
+
+    /// Like [`Broker::queue_depth`], but `Ok(None)` when the queue does not exist (NOT_FOUND
+    /// closes only the inspecting channel), so the dashboard can say "not declared yet".
+    pub async fn queue_depth_if_exists(
+        &self,
+        queue: &str,
+    ) -> Result<Option<QueueDepth>, BrokerError> {
+        let channel = self
+            .open_channel("open a channel to inspect the queue")
+            .await?;
+        let declared = channel
+            .queue_declare(
+                short("queue name", queue)?,
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        match declared {
+            Ok(q) => {
+                if let Err(e) = channel.close(200, "OK".into()).await {
+                    debug!(error = %describe(&e), "closing the inspect channel");
+                }
+                Ok(Some(QueueDepth {
+                    ready: q.message_count(),
+                    consumers: q.consumer_count(),
+                }))
+            }
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(self.op_error(format!("inspect queue {queue} (passive declare)"), &e)),
         }
     }
 

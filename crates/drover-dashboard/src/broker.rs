@@ -75,12 +75,12 @@ impl BrokerProbe {
         let mut out = Vec::new();
         for name in [self.topology.jobs_queue(), self.topology.dead_queue()] {
             // On an error the connection is dropped, so the next call reconnects.
-            let stats = broker.queue_stats(&name).await?;
+            let stats = broker.queue_depth_if_exists(&name).await?;
             out.push(match stats {
                 Some(s) => QueueInfo {
                     name,
                     exists: true,
-                    messages: s.messages,
+                    messages: s.ready,
                     consumers: s.consumers,
                 },
                 None => QueueInfo {

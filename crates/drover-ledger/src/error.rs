@@ -25,7 +25,16 @@ pub enum LedgerError {
     #[error("job {key:?} is {state}: {message}")]
     WrongState {
         key: String,
-        state: String,
+        state: drover_core::JobState,
+        message: String,
+    },
+    /// A row's `state` is not a state this version knows (a newer schema, or a hand edit).
+    #[error("the ledger holds {0}")]
+    UnknownState(#[from] drover_core::UnknownState),
+    /// A caller's argument the ledger refuses, naming the field and the value.
+    #[error("{field}: {message}")]
+    Invalid {
+        field: &'static str,
         message: String,
     },
     /// A caller's input (a filter, a cursor) is not usable; names the field and the value.

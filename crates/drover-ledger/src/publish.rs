@@ -5,7 +5,7 @@
 //! (`enqueued_at IS NULL`) and re-published by the next publish of the same key or by the
 //! relay.
 
-use crate::{Ledger, LedgerError};
+use crate::{JobState, Ledger, LedgerError};
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -30,7 +30,7 @@ pub enum InsertOutcome {
     /// but never got the broker's confirm (crash in between), so it should be published now.
     Exists {
         id: Uuid,
-        state: String,
+        state: JobState,
         needs_publish: bool,
     },
 }
@@ -100,8 +100,11 @@ impl Ledger {
             if row.inserted {
                 out.push(InsertOutcome::Inserted { id: job.id });
             } else {
-                let state = row.state.unwrap_or_else(|| "queued".into());
-                let needs_publish = state == "queued" && row.enqueued == Some(false);
+                let state = match row.state {
+                    Some(s) => s.parse::<JobState>()?,
+                    None => JobState::Queued,
+                };
+                let needs_publish = state == JobState::Queued && row.enqueued == Some(false);
                 out.push(InsertOutcome::Exists {
                     id: row.id.unwrap_or(job.id),
                     state,

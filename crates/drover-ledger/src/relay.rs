@@ -20,6 +20,8 @@ pub struct DueJob {
     pub batch_size: Option<i32>,
     pub max_attempts: i32,
     pub trace_id: Option<String>,
+    /// The attempt timeout the job's messages carry.
+    pub timeout_secs: Option<i32>,
     /// Seconds the job has been due for (relay lag).
     pub overdue_secs: f64,
 }
@@ -32,8 +34,10 @@ pub struct RelaySweep {
 }
 
 impl Ledger {
-    /// Locks up to `limit` due retries (also jobs left `queued` without a confirmed message
-    /// for over `orphan_secs`, e.g. a producer that crashed between ledger and broker).
+    /// Locks up to `limit` due retries and due delayed jobs (`queued` with a `run_at` that
+    /// has come, no message carrying them), also jobs left `queued` without a confirmed
+    /// message for over `orphan_secs` (e.g. a producer that crashed between ledger and
+    /// broker) unless their `run_at` is still to come.
     pub async fn relay_sweep(
         &self,
         limit: i64,
@@ -42,11 +46,14 @@ impl Ledger {
         let mut tx = self.pool.begin().await?;
         let due: Vec<DueJob> = sqlx::query_as(
             "SELECT id, idempotency_key, pipeline, params, batch_size, max_attempts, trace_id, \
+             timeout_secs, \
              EXTRACT(EPOCH FROM now() - COALESCE(run_at, created_at))::float8 AS overdue_secs \
              FROM drover.jobs \
              WHERE (state = 'retrying' AND run_at <= now()) \
                 OR (state = 'queued' AND enqueued_at IS NULL \
-                    AND created_at < now() - make_interval(secs => $2)) \
+                    AND (run_at <= now() \
+                         OR (run_at IS NULL \
+                             AND created_at < now() - make_interval(secs => $2)))) \
              ORDER BY run_at NULLS LAST LIMIT $1 FOR UPDATE SKIP LOCKED",
         )
         .bind(limit)
@@ -58,6 +65,11 @@ impl Ledger {
 }
 
 impl RelaySweep {
+    /// A sweep over rows `tx` has locked.
+    pub(crate) fn new(tx: Transaction<'static, Postgres>, due: Vec<DueJob>) -> Self {
+        RelaySweep { tx, due }
+    }
+
     /// Marks the swept jobs `queued` with a confirmed message and releases the locks.
     pub async fn commit(mut self) -> Result<(), LedgerError> {
         let ids: Vec<Uuid> = self.due.iter().map(|d| d.id).collect();

@@ -4,7 +4,7 @@
 //! (`lease_owner = worker AND attempts = attempt AND state = 'running'`). When the condition
 //! fails the caller gets [`LeaseLost`] and must stop: another worker took the job over.
 
-use crate::{Ledger, LedgerError, is_terminal};
+use crate::{JobState, Ledger, LedgerError};
 use chrono::{DateTime, Utc};
 use drover_core::retry::{GiveUpReason, RetryDecision, RetryPolicy};
 use drover_core::{ErrorKind, JobMessage};
@@ -28,6 +28,8 @@ pub struct ClaimedJob {
     /// Batches already checkpointed by earlier attempts: resume after them.
     pub batches_done: i32,
     pub trace_id: Option<String>,
+    /// Longest an attempt may run, as recorded on the job (the message's `timeout_secs`).
+    pub timeout_secs: Option<i32>,
 }
 
 /// What a delivery should do, decided by the ledger.
@@ -36,8 +38,9 @@ pub enum Claim {
     /// Run it: the lease is ours.
     Run(ClaimedJob),
     /// Terminal already (or just cancelled): ack without running.
-    Done { state: String },
-    /// Scheduled for a later retry; the relay re-publishes it when due. Ack this copy.
+    Done { state: JobState },
+    /// Scheduled for later (a retry, or a delayed job's `run_at`); the relay re-publishes it
+    /// when due. Ack this copy.
     NotDue { run_at: Option<DateTime<Utc>> },
     /// Another worker holds the lease. Watch its heartbeat before deciding.
     Held { id: Uuid, seen: LeaseSeen },
@@ -46,7 +49,7 @@ pub enum Claim {
 /// A lease as one reader saw it: the owner and its last heartbeat.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LeaseSeen {
-    pub state: String,
+    pub state: JobState,
     pub owner: Option<String>,
     pub heartbeat_at: Option<DateTime<Utc>>,
 }
@@ -86,7 +89,8 @@ pub enum FailOutcome {
 #[derive(sqlx::FromRow)]
 struct LockedJob {
     id: Uuid,
-    state: String,
+    #[sqlx(try_from = "String")]
+    state: JobState,
     not_due: bool,
     run_at: Option<DateTime<Utc>>,
     lease_owner: Option<String>,
@@ -125,8 +129,8 @@ impl Ledger {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO drover.jobs (id, idempotency_key, pipeline, params, batch_size, \
-             max_attempts, trace_id, state, enqueued_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, 'queued', now()) \
+             max_attempts, trace_id, state, enqueued_at, timeout_secs) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 'queued', now(), $8) \
              ON CONFLICT (idempotency_key) DO NOTHING",
         )
         .bind(Uuid::new_v4())
@@ -136,6 +140,7 @@ impl Ledger {
         .bind(msg.batch_size.map(|b| b as i32))
         .bind(max_attempts)
         .bind(trace_id)
+        .bind(msg.timeout_secs.and_then(|t| i32::try_from(t).ok()))
         .execute(&mut *tx)
         .await?;
         let job: LockedJob = sqlx::query_as(LOCK_JOB)
@@ -143,15 +148,33 @@ impl Ledger {
             .fetch_one(&mut *tx)
             .await?;
 
-        if is_terminal(&job.state) {
+        if job.state.is_terminal() {
             tx.commit().await?;
             return Ok(Claim::Done { state: job.state });
         }
-        if job.state == "retrying" && job.not_due {
+        if (job.state == JobState::Retrying || job.state == JobState::Queued) && job.not_due {
             tx.commit().await?;
             return Ok(Claim::NotDue { run_at: job.run_at });
         }
-        if job.state == "running" {
+        if job.state == JobState::Queued
+            && let Some(at) = msg.run_at
+        {
+            // A delayed job arriving early: the ledger keeps its time and no message carries
+            // it until the relay publishes it when due.
+            let scheduled: Option<DateTime<Utc>> = sqlx::query_scalar(
+                "UPDATE drover.jobs SET run_at = $2, enqueued_at = NULL, updated_at = now() \
+                 WHERE id = $1 AND $2 > now() RETURNING run_at",
+            )
+            .bind(job.id)
+            .bind(at)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if scheduled.is_some() {
+                tx.commit().await?;
+                return Ok(Claim::NotDue { run_at: scheduled });
+            }
+        }
+        if job.state == JobState::Running {
             let stale = takeover
                 .map(|seen| seen.owner == job.lease_owner && seen.heartbeat_at == job.heartbeat_at)
                 .unwrap_or(false);
@@ -199,7 +222,7 @@ impl Ledger {
                 .await?;
                 tx.commit().await?;
                 return Ok(Claim::Done {
-                    state: "dead".into(),
+                    state: JobState::Dead,
                 });
             }
             sqlx::query("UPDATE drover.jobs SET failures = $2 WHERE id = $1")
@@ -218,12 +241,26 @@ impl Ledger {
             .await?;
             tx.commit().await?;
             return Ok(Claim::Done {
-                state: "cancelled".into(),
+                state: JobState::Cancelled,
             });
         }
         let claimed = start_attempt(&mut tx, job.id, worker).await?;
         tx.commit().await?;
         Ok(Claim::Run(claimed))
+    }
+
+    /// Records a job's attempt timeout (the message's `timeout_secs`) when the row does not
+    /// hold it yet, so a message re-published from the ledger carries it again.
+    pub async fn record_timeout(&self, id: Uuid, secs: i32) -> Result<(), LedgerError> {
+        sqlx::query(
+            "UPDATE drover.jobs SET timeout_secs = $2 \
+             WHERE id = $1 AND timeout_secs IS DISTINCT FROM $2",
+        )
+        .bind(id)
+        .bind(secs)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     /// The current lease of a job, to watch whether its owner is alive.
@@ -236,7 +273,7 @@ impl Ledger {
             .fetch_one(&self.pool)
             .await?;
         Ok(LeaseSeen {
-            state,
+            state: state.parse()?,
             owner,
             heartbeat_at,
         })
@@ -542,7 +579,7 @@ async fn start_attempt(
          enqueued_at = COALESCE(enqueued_at, now()), \
          updated_at = now() WHERE id = $1 \
          RETURNING id, idempotency_key, pipeline, params, batch_size, attempts, max_attempts, \
-         batches_done, trace_id",
+         batches_done, trace_id, timeout_secs",
     )
     .bind(id)
     .bind(worker)
@@ -594,6 +631,7 @@ struct ClaimedRow {
     max_attempts: i32,
     batches_done: i32,
     trace_id: Option<String>,
+    timeout_secs: Option<i32>,
 }
 
 impl From<ClaimedRow> for ClaimedJob {
@@ -608,6 +646,7 @@ impl From<ClaimedRow> for ClaimedJob {
             max_attempts: r.max_attempts,
             batches_done: r.batches_done,
             trace_id: r.trace_id,
+            timeout_secs: r.timeout_secs,
         }
     }
 }
@@ -635,8 +674,8 @@ impl Ledger {
             WITH c AS (
                 SELECT id FROM drover.jobs
                 WHERE idempotency_key = ANY($1)
-                  AND (state = 'queued'
-                       OR (state = 'retrying' AND (run_at IS NULL OR run_at <= now())))
+                  AND state IN ('queued', 'retrying')
+                  AND (run_at IS NULL OR run_at <= now())
                   AND NOT cancel_requested
                 ORDER BY id
                 FOR UPDATE SKIP LOCKED
@@ -648,7 +687,8 @@ impl Ledger {
                     started_at = COALESCE(j.started_at, now()), updated_at = now()
                 FROM c WHERE j.id = c.id
                 RETURNING j.id, j.idempotency_key, j.pipeline, j.params, j.batch_size,
-                          j.attempts, j.max_attempts, j.batches_done, j.trace_id
+                          j.attempts, j.max_attempts, j.batches_done, j.trace_id,
+                          j.timeout_secs
             ), a AS (
                 INSERT INTO drover.attempts (job_id, attempt, worker)
                 SELECT id, attempts, $2 FROM u

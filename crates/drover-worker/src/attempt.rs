@@ -13,6 +13,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
+/// The transient error of an attempt that ran past its `timeout_secs`.
+fn timed_out(secs: u64, batch: u32) -> PipelineError {
+    PipelineError::transient(format!(
+        "timeout: the attempt ran longer than its timeout_secs = {secs} s (stopped at batch {batch})"
+    ))
+}
+
 /// Moves a value into the blocking pool for CPU/disk work and back. A panic in the
 /// pipeline becomes a transient error instead of taking the worker down.
 pub(crate) async fn blocking<T: Send + 'static, R: Send + 'static>(
@@ -72,6 +79,16 @@ pub(crate) async fn run_attempt(
     let mut next_index = resume;
     // This attempt's batches: checkpointed, or computed and not yet checkpointed.
     let mut cps = Checkpoints::new(shared, job);
+    // The message's timeout_secs: past it, the attempt fails as a transient error.
+    let deadline = job
+        .timeout_secs
+        .and_then(|t| u64::try_from(t).ok())
+        .map(|t| {
+            (
+                tokio::time::Instant::now() + std::time::Duration::from_secs(t),
+                t,
+            )
+        });
     let result: Option<Value> = loop {
         if cancel.load(Ordering::SeqCst) {
             if let Err(stop) = cps.settle().await {
@@ -97,6 +114,14 @@ pub(crate) async fn run_attempt(
             shared.metrics.job(&job.pipeline, "released");
             return end_held(shared, job, HeldEnd::Released, "", Disposition::Requeue).await;
         }
+        if let Some((at, secs)) = deadline
+            && tokio::time::Instant::now() >= at
+        {
+            if let Err(stop) = cps.settle().await {
+                return stopped_at_checkpoint(shared, job, stop).await;
+            }
+            return failed(shared, job, timed_out(secs, next_index), delivery).await;
+        }
         // Checkpoints lag by at most a few batches: while Postgres is away, the job pauses
         // instead of running on with nothing recorded (and its lease unrenewed).
         if cps.pending.len() >= MAX_UNCHECKPOINTED
@@ -119,12 +144,25 @@ pub(crate) async fn run_attempt(
         // it is done carries on under the next one.
         let computed = loop {
             cps.start(total);
+            // A batch past the deadline is abandoned: it runs on to its end on its blocking
+            // thread, and any part it writes has the bytes a retry writes for that batch.
+            let expired = async {
+                match deadline {
+                    Some((at, _)) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let too_late = || Err(timed_out(deadline.map_or(0, |d| d.1), next_index));
             let Some(commit) = cps.commit.as_mut() else {
-                break compute.await;
+                tokio::select! {
+                    computed = &mut compute => break computed,
+                    _ = expired => break too_late(),
+                }
             };
             let committed = tokio::select! {
                 computed = &mut compute => Err(computed),
                 committed = commit => Ok(committed),
+                _ = expired => Err(too_late()),
             };
             match committed {
                 Err(computed) => break computed,
@@ -174,7 +212,8 @@ pub(crate) async fn run_attempt(
         None => {
             // Earlier attempts did some batches: their outcomes come from the ledger.
             let mut batches = match gather_batches(shared, job, resume, done_here).await {
-                Ok(b) => b,
+                Ok(Ok(b)) => b,
+                Ok(Err(e)) => return failed(shared, job, e, delivery).await,
                 Err(stop) => return stopped(shared, job, stop).await,
             };
             if let Some(b) = &final_batch {
@@ -296,28 +335,46 @@ pub(crate) async fn gather_batches(
     job: &ClaimedJob,
     resume: u32,
     done_here: Vec<BatchOutcome>,
-) -> Result<Vec<BatchOutcome>, DbStop> {
+) -> Result<Result<Vec<BatchOutcome>, PipelineError>, DbStop> {
     if resume == 0 {
-        return Ok(done_here);
+        return Ok(Ok(done_here));
     }
     let records = shared
         .db("checkpoints", || shared.ledger.checkpoints(job.id))
         .await?;
-    let mut by_index: std::collections::BTreeMap<u32, BatchOutcome> = records
-        .into_iter()
-        .map(|r| {
-            let b = BatchOutcome {
-                index: r.batch_index as u32,
-                rows: r.rows as u64,
+    let mut by_index: std::collections::BTreeMap<u32, BatchOutcome> =
+        std::collections::BTreeMap::new();
+    for r in records {
+        // A summary the ledger cannot give back would make the job's totals wrong: the job
+        // fails rather than succeeding with them.
+        let summary = match serde_json::from_value(r.summary.0) {
+            Ok(s) => s,
+            Err(e) => {
+                return Ok(Err(PipelineError::permanent(format!(
+                    "checkpoint of batch {} has a summary that is not a map of integers ({e}); the job's totals cannot be computed",
+                    r.batch_index
+                ))));
+            }
+        };
+        let (Ok(index), Ok(rows)) = (u32::try_from(r.batch_index), u64::try_from(r.rows)) else {
+            return Ok(Err(PipelineError::permanent(format!(
+                "checkpoint of batch {} records {} rows: not a valid batch",
+                r.batch_index, r.rows
+            ))));
+        };
+        by_index.insert(
+            index,
+            BatchOutcome {
+                index,
+                rows,
                 output: r.output,
                 checksum: r.checksum,
-                summary: serde_json::from_value(r.summary.0).unwrap_or_default(),
-            };
-            (b.index, b)
-        })
-        .collect();
+                summary,
+            },
+        );
+    }
     by_index.extend(done_here.into_iter().map(|b| (b.index, b)));
-    Ok(by_index.into_values().collect())
+    Ok(Ok(by_index.into_values().collect()))
 }
 
 /// What a batch's checkpoint records in the ledger.
@@ -327,7 +384,12 @@ pub(crate) fn record_of(b: &BatchOutcome) -> BatchRecord {
         rows: b.rows as i64,
         output: b.output.clone(),
         checksum: b.checksum.clone(),
-        summary: sqlx::types::Json(serde_json::to_value(&b.summary).unwrap_or_default()),
+        summary: sqlx::types::Json(Value::Object(
+            b.summary
+                .iter()
+                .map(|(k, v)| (k.clone(), Value::from(*v)))
+                .collect(),
+        )),
     }
 }
 

@@ -2,8 +2,6 @@
 
 use crate::shared::Shared;
 use drover_broker::OutgoingJob;
-use drover_core::JobMessage;
-use serde_json::Value;
 use std::sync::Arc;
 use tracing::{debug, info, warn};
 
@@ -32,21 +30,7 @@ pub(crate) async fn relay_loop(shared: Arc<Shared>) {
             let out: Vec<OutgoingJob> = sweep
                 .due
                 .iter()
-                .map(|d| {
-                    let params = match &d.params.0 {
-                        Value::Object(m) => m.clone(),
-                        _ => Default::default(),
-                    };
-                    let msg = JobMessage {
-                        v: drover_core::message::CONTRACT_VERSION,
-                        idempotency_key: d.idempotency_key.clone(),
-                        pipeline: d.pipeline.clone(),
-                        params,
-                        batch_size: d.batch_size.map(|b| b as u32),
-                        max_attempts: Some(d.max_attempts as u32),
-                    };
-                    OutgoingJob::new(d.id, &msg, None)
-                })
+                .filter_map(crate::rescue::due_message)
                 .collect();
             let lag = sweep.due.iter().map(|d| d.overdue_secs).fold(0.0, f64::max);
             match publisher.publish_jobs(&out).await {

@@ -1,25 +1,13 @@
 //! `drover jobs`: list, show, wait for, cancel and retry jobs in the ledger.
 
 use crate::cli::Context;
-use anyhow::bail;
 use clap::Subcommand;
-use drover_ledger::{JobFilter, JobProgress, JobView, Ledger};
+use drover_ledger::{JobFilter, JobProgress, JobState, JobView, Ledger};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
-
-/// States a job can be in, for `--state`.
-const STATES: [&str; 7] = [
-    "queued",
-    "running",
-    "retrying",
-    "succeeded",
-    "dead",
-    "rejected",
-    "cancelled",
-];
 
 /// `drover jobs` subcommands.
 #[derive(Debug, Subcommand)]
@@ -29,7 +17,7 @@ pub enum JobsCommand {
         /// Only jobs in this state (queued, running, retrying, succeeded, dead, rejected,
         /// cancelled).
         #[arg(long)]
-        state: Option<String>,
+        state: Option<JobState>,
         /// Only jobs of this pipeline.
         #[arg(long)]
         pipeline: Option<String>,
@@ -80,11 +68,6 @@ pub async fn run(ctx: &Context, cmd: JobsCommand) -> anyhow::Result<ExitCode> {
             limit,
             json,
         } => {
-            if let Some(s) = &state
-                && !STATES.contains(&s.as_str())
-            {
-                bail!("--state {s:?}: not a state (one of {})", STATES.join(", "));
-            }
             let jobs = ledger
                 .list(&JobFilter {
                     state,
@@ -117,7 +100,7 @@ pub async fn run(ctx: &Context, cmd: JobsCommand) -> anyhow::Result<ExitCode> {
         }
         JobsCommand::Cancel { key } => {
             let state = ledger.request_cancel(&key).await?;
-            if state == "cancelled" {
+            if state == JobState::Cancelled {
                 println!("{key}: cancelled");
             } else {
                 println!(
@@ -142,7 +125,9 @@ fn job_json(j: &JobView) -> serde_json::Value {
         "idempotency_key": j.idempotency_key,
         "id": j.id,
         "pipeline": j.pipeline,
-        "params": j.params.0,
+        // The ledger keeps the real params (the worker connects with them); what is shown
+        // never carries a password.
+        "params": drover_core::config::redact_params(&j.params.0),
         "state": j.state,
         "attempts": j.attempts,
         "max_attempts": j.max_attempts,
@@ -179,18 +164,22 @@ fn print_table(jobs: &[JobView]) {
         .unwrap_or(3)
         .clamp(3, 48);
     println!(
-        "{:<key_w$}  {:<10}  {:<9}  {:>8}  {:<28}  {:<20}",
-        "KEY", "PIPELINE", "STATE", "ATTEMPTS", "PROGRESS", "CREATED"
+        "{:<key_w$}  {:<10}  {:<9}  {:>8}  {:<28}  {:<20}  {:<20}",
+        "KEY", "PIPELINE", "STATE", "ATTEMPTS", "PROGRESS", "CREATED", "NEXT RUN"
     );
     for j in jobs {
         let key: String = j.idempotency_key.chars().take(key_w).collect();
         println!(
-            "{key:<key_w$}  {:<10}  {:<9}  {:>8}  {:<28}  {:<20}",
+            "{key:<key_w$}  {:<10}  {:<9}  {:>8}  {:<28}  {:<20}  {:<20}",
             j.pipeline,
             j.state,
             format!("{}/{}", j.attempts, j.max_attempts),
             progress_text(j.batches_done, j.batches_total, j.rows_done),
             j.created_at.format("%Y-%m-%d %H:%M:%S"),
+            // A retry's due time, or a delayed job's run_at.
+            j.run_at
+                .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+                .unwrap_or_else(|| "-".into()),
         );
     }
     if jobs.is_empty() {
@@ -205,7 +194,10 @@ fn print_show(j: &JobView, attempts: &[drover_ledger::AttemptView]) {
     println!("key:        {}", j.idempotency_key);
     println!("id:         {}", j.id);
     println!("pipeline:   {}", j.pipeline);
-    println!("params:     {}", j.params.0);
+    println!(
+        "params:     {}",
+        drover_core::config::redact_params(&j.params.0)
+    );
     println!("state:      {}", j.state);
     println!("attempts:   {} of {}", j.attempts, j.max_attempts);
     println!(
@@ -253,8 +245,8 @@ fn print_show(j: &JobView, attempts: &[drover_ledger::AttemptView]) {
 /// A terminal progress bar for one job: `[#####-----] 5/10 batches, 50000 rows  running`.
 fn bar_line(p: &JobProgress) -> String {
     const WIDTH: usize = 24;
-    let filled = match (p.batches_total, p.state.as_str()) {
-        (_, "succeeded") => WIDTH,
+    let filled = match (p.batches_total, p.state) {
+        (_, JobState::Succeeded) => WIDTH,
         (Some(t), _) if t > 0 => (p.batches_done.max(0) as usize * WIDTH / t as usize).min(WIDTH),
         _ => 0,
     };
@@ -282,13 +274,15 @@ fn progress_line(p: &JobProgress) -> String {
         progress_text(p.batches_done, p.batches_total, p.rows_done),
         p.attempts
     );
-    if p.state == "retrying"
+    if p.state == JobState::Retrying
         && let Some(r) = p.run_at
     {
         s.push_str(&format!(", next attempt at {}", r.format("%H:%M:%S")));
     }
-    if !matches!(p.state.as_str(), "succeeded" | "running" | "queued")
-        && let Some(e) = &p.last_error
+    if !matches!(
+        p.state,
+        JobState::Succeeded | JobState::Running | JobState::Queued
+    ) && let Some(e) = &p.last_error
     {
         s.push_str(&format!(": {e}"));
     }
@@ -350,7 +344,7 @@ async fn wait(ledger: &Ledger, keys: &[String], timeout: Duration) -> anyhow::Re
         if all_terminal {
             let failed: Vec<&str> = rows
                 .iter()
-                .filter(|p| p.state != "succeeded")
+                .filter(|p| p.state != JobState::Succeeded)
                 .map(|p| p.idempotency_key.as_str())
                 .collect();
             if failed.is_empty() {

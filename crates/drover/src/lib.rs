@@ -20,8 +20,10 @@ pub mod cli;
 mod daemon;
 mod dashboard;
 mod demo;
+mod doctor;
 mod jobs;
 mod logging;
+mod prune;
 mod publish;
 mod run;
 

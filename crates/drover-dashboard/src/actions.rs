@@ -133,7 +133,7 @@ pub async fn cancel(
     let keys = [key.to_string()];
     match app.ledger.request_cancel(key).await {
         Ok(state) => {
-            let outcome = if state == "cancelled" {
+            let outcome = if state == drover_ledger::JobState::Cancelled {
                 "cancelled".to_string()
             } else {
                 format!("cancel requested ({state})")
@@ -142,7 +142,7 @@ pub async fn cancel(
             Ok(Done {
                 key: key.into(),
                 action: "cancel",
-                state,
+                state: state.to_string(),
             })
         }
         Err(e) => {

@@ -77,8 +77,8 @@ pub struct Progress {
 async fn progress(ledger: &Ledger, key: &str) -> Option<Progress> {
     let job = ledger.get(key).await.ok()?;
     Some(Progress {
-        terminal: drover_ledger::is_terminal(&job.state),
-        state: job.state,
+        terminal: job.state.is_terminal(),
+        state: job.state.to_string(),
         attempts: job.attempts,
         max_attempts: job.max_attempts,
         batches_done: job.batches_done,

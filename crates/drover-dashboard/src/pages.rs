@@ -146,7 +146,7 @@ fn count_rows(counts: &[StateCount]) -> Vec<CountRow> {
             });
         }
         if let Some(row) = rows.last_mut() {
-            if let Some(i) = STATES.iter().position(|s| *s == c.state) {
+            if let Some(i) = STATES.iter().position(|s| *s == c.state.as_str()) {
                 row.cells[i]["jobs"] = json!(c.jobs);
             }
             row.total += c.jobs;
@@ -341,7 +341,7 @@ pub async fn job(
         Err(e) => return error_page(&app, &headers, e),
     };
     let j = &d.job;
-    let terminal = drover_ledger::is_terminal(&j.state);
+    let terminal = j.state.is_terminal();
     let attempts: Vec<Value> = d
         .attempts
         .iter()

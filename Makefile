@@ -53,7 +53,9 @@ check-deploy: ## static checks of deploy/ (systemd, Docker, compose, Kubernetes)
 test: services browser ## start the services, lint, check deploy/, run every test against them
 	$(MAKE) lint
 	$(MAKE) check-deploy
-	@if [[ $(NEXTEST) == 1 ]] || { [[ $(NEXTEST) == auto ]] && $(CARGO) nextest --version >/dev/null 2>&1; }; then \
+	@# The exec pipeline's test children (tests/exec/*.py) run with this venv's python.
+	@DROVER_TEST_PYTHON="$$(scripts/ensure-python.sh | tail -n 1)"; export DROVER_TEST_PYTHON; \
+	if [[ $(NEXTEST) == 1 ]] || { [[ $(NEXTEST) == auto ]] && $(CARGO) nextest --version >/dev/null 2>&1; }; then \
 	    echo '$(CARGO) nextest run --workspace && $(CARGO) test --workspace --doc'; \
 	    $(CARGO) nextest run --workspace; \
 	    $(CARGO) test --workspace --doc; \

@@ -432,7 +432,11 @@ emit "| publish → start | $LAT_P50 | $LAT_P99 |"
 emit "| publish → succeeded | $DONE_P50 | $DONE_P99 |"
 emit ""
 
+# ---- exec pipeline: its own script, which appends its section ----------------------------------
+BENCH_DOC=$DOC PY=$PY EXEC_IN=$IN EXEC_IN_BIG=$IN_BIG BENCH_ROWS=$ROWS BENCH_ROWS_BIG=$ROWS_BIG "$ROOT/bench/exec.sh" "$DROVER"
+
 verdict() { if "$PY" -c "import sys; sys.exit(0 if ($1) else 1)"; then echo met; else echo "**missed**"; fi; }
+progress "sql pipeline"; "$ROOT/bench/sql.sh" "$DROVER" | tee -a "$DOC"
 emit "## Targets (computed by run.sh)"
 emit ""
 emit "| target | measured | verdict |"

@@ -405,3 +405,20 @@ async fn payroll_reads_a_clients_rows_from_a_postgres_table_by_keyset_pages() {
     assert!(!bad.status.success());
     assert!(stderr(&bad).contains("no_such_table"), "{}", stderr(&bad));
 }
+
+/// One configuration for every command: with a non-default `delivery_limit` in the config
+/// file, `drover publish` declares the queue exactly as the worker does (RabbitMQ refuses a
+/// redeclaration with other arguments, which broke publishing before).
+#[tokio::test(flavor = "multi_thread")]
+async fn publish_and_worker_agree_on_a_configured_delivery_limit() {
+    let mut env = TestEnv::new().await;
+    env.write_config("[worker]\ndelivery_limit = 7\n");
+    env.start_worker(&[]);
+    env.publish_noop("limit-1", &[]);
+    env.wait_job("limit-1", T, |r| r.get::<String, _>("state") == "succeeded")
+        .await;
+    // Publishing again (a fresh key) redeclares the same queue without a conflict.
+    env.publish_noop("limit-2", &[]);
+    env.wait_job("limit-2", T, |r| r.get::<String, _>("state") == "succeeded")
+        .await;
+}

@@ -9,7 +9,7 @@ use std::time::Duration;
 const T: Duration = Duration::from_secs(90);
 
 /// Fast retries so tests do not wait for production delays.
-const FAST_RETRY: &str =
+pub(crate) const FAST_RETRY: &str =
     "[retry]\ninitial_delay_ms = 200\nmultiplier = 2.0\nmax_delay_ms = 2000\nbudget_secs = 600\n";
 
 #[tokio::test(flavor = "multi_thread")]

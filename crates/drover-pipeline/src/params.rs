@@ -47,6 +47,12 @@ impl<'a> ParamReader<'a> {
         ))
     }
 
+    /// An optional param as raw JSON (absent or null gives `None`), for shapes the typed
+    /// readers do not cover (objects, arrays); the caller checks it and names the param.
+    pub fn optional_json(&mut self, name: &'static str) -> Option<&'a Value> {
+        self.get(name)
+    }
+
     /// A required non-empty string.
     pub fn required_str(&mut self, name: &'static str) -> Result<&'a str, PipelineError> {
         match self.optional_str(name)? {
@@ -86,6 +92,12 @@ impl<'a> ParamReader<'a> {
                 _ => Err(self.bad(name, &format!("an integer in {min}..={max}"), v)),
             },
         }
+    }
+
+    /// An optional param of any JSON type (absent or null gives `None`), for params whose
+    /// shape the pipeline checks itself (an argv array, an object of strings).
+    pub fn optional_value(&mut self, name: &'static str) -> Option<&'a Value> {
+        self.get(name)
     }
 
     /// Refuses any param that was not read: the error names every unknown one and lists the

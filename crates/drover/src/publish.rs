@@ -31,7 +31,9 @@ Examples:
   drover publish --pipeline noop --key at-9 --run-at 2026-12-04T09:00:00Z --timeout-secs 600
 
 A --param value is parsed as JSON when it is valid JSON (5, true, \"text\"), else taken as a
-string. Publishing a key that exists prints its state and publishes nothing (exit 0).")]
+string. Publishing a key that exists prints its state and publishes nothing (exit 0).
+Every message's params are checked first, including the pipeline's publish-time checks
+(sql: the query parses and names only existing columns); one failure publishes nothing.")]
 pub struct PublishArgs {
     /// Pipeline name (see `drover pipelines`).
     #[arg(long, required_unless_present = "file", conflicts_with = "file")]
@@ -276,8 +278,11 @@ pub async fn run(ctx: &Context, args: PublishArgs) -> anyhow::Result<ExitCode> {
     let errors: Vec<String> = msgs
         .iter()
         .filter_map(|m| {
+            // validate, then the pipeline's publish-time checks (which may read the input,
+            // e.g. `sql` plans its query against the input's columns): nothing is published
+            // unless every message passes.
             registry
-                .validate(&m.pipeline, &Value::Object(m.params.clone()))
+                .preflight(&m.pipeline, &Value::Object(m.params.clone()))
                 .err()
                 .map(|e| format!("{}: {e}", m.idempotency_key))
         })

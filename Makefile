@@ -25,7 +25,7 @@ export DROVER_TEST_AMQP_URL DROVER_TEST_DATABASE_URL
 # Test runner: cargo-nextest when installed (NEXTEST=auto), or force it with NEXTEST=1 / 0.
 NEXTEST ?= auto
 
-.PHONY: help services build build-dev lint fmt check-deploy test test-outage migrate demo clean-demo bench
+.PHONY: help services browser build build-dev lint fmt check-deploy test test-outage migrate demo clean-demo bench bench-dashboard dashboard-screenshots
 
 help: ## list the targets
 	@echo 'usage: make <target>   (builds in $(CARGO_TARGET_DIR))'
@@ -33,6 +33,9 @@ help: ## list the targets
 
 services: ## start RabbitMQ and Postgres if needed (installs them with apt-get when absent)
 	scripts/ensure-services.sh
+
+browser: ## install Debian's chromium and chromium-driver if missing (the dashboard's browser tests)
+	scripts/ensure-browser.sh
 
 build: ## build the release binary (cargo build --release -p drover)
 	$(CARGO) build --release -p drover
@@ -47,7 +50,7 @@ fmt: ## format the workspace (cargo fmt)
 check-deploy: ## static checks of deploy/ (systemd, Docker, compose, Kubernetes)
 	scripts/check-deploy.sh
 
-test: services ## start the services, lint, check deploy/, run every test against them
+test: services browser ## start the services, lint, check deploy/, run every test against them
 	$(MAKE) lint
 	$(MAKE) check-deploy
 	@# The exec pipeline's test children (tests/exec/*.py) run with this venv's python.
@@ -77,6 +80,12 @@ demo: services build-dev ## start the services, run a worker and real jobs, show
 
 clean-demo: ## remove the demo's data and output (./demo-data)
 	rm -rf demo-data
+
+dashboard-screenshots: services browser ## screenshots of the dashboard's pages into docs/dashboard/*.png (headless Chromium)
+	DROVER_SCREENSHOT_DIR=$(CURDIR)/docs/dashboard $(CARGO) test -p drover --test integration dashboard::screenshots -- --ignored --exact
+
+bench-dashboard: services build-dev ## time the dashboard's pages on a throwaway ledger of 1,000,000 jobs (bench/dashboard.sh; updates docs/benchmarks.md)
+	bench/dashboard.sh $(DROVER)
 
 bench: services ## build the release binary and run the benchmarks (bench/run.sh; rewrites docs/benchmarks.md)
 	$(CARGO) build --release -p drover

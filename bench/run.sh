@@ -109,6 +109,8 @@ else
     CMD="bench/run.sh $*"
 fi
 mkdir -p "$(dirname "$DOC")"
+# bench/dashboard.sh's section (between its markers) survives this rewrite.
+DASH_SECTION=$(sed -n '/<!-- dashboard-bench:start -->/,/<!-- dashboard-bench:end -->/p' "$DOC" 2>/dev/null || true)
 {
     echo "# drover benchmarks"
     echo
@@ -448,4 +450,7 @@ emit "| e2e noop >= 5,000 jobs/s, one worker | $(fmt_int "$B1") jobs/s | $(verdi
 emit "| noop >= 5,000 jobs/s, one worker draining a backlog | $(fmt_int "$BB") jobs/s | $(verdict "$BB >= 5000") |"
 emit "| publish → start latency, idle worker | p50 $LAT_P50 ms, p99 $LAT_P99 ms | (reported; no target) |"
 emit ""
+if [[ -n $DASH_SECTION ]]; then
+    printf '\n%s\n' "$DASH_SECTION" >>"$DOC"
+fi
 progress "done in $(($(date +%s) - T_START)) s; wrote $DOC"

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # scripts/demo.sh: what `make demo` shows a newcomer, end to end, on real services.
 #
-# Migrates the ledger, generates two payroll inputs, starts a worker in the background, publishes
+# Migrates the ledger, starts the dashboard (`drover dashboard`, read-only, on
+# DEMO_DASHBOARD_ADDR) and prints its URL, generates two payroll inputs, starts a worker in the
+# background, publishes
 # payroll and noop jobs (one retried after a transient failure, one published twice to show the
 # duplicate refused), waits for them, shows the ledger and the output files, then stops the
 # worker with SIGTERM and checks that it drained and exited 0.
@@ -13,7 +15,9 @@
 #
 # Environment: DROVER (the binary; default $CARGO_TARGET_DIR/debug/drover), DEMO_TIMEOUT
 # (seconds to wait for the jobs, default 300), DEMO_METRICS_ADDR (the worker's HTTP port,
-# default 127.0.0.1:9465, away from a worker you may run on the default 9464).
+# default 127.0.0.1:9465, away from a worker you may run on the default 9464), DEMO_DASHBOARD_ADDR
+# (the dashboard, default 127.0.0.1:8080; "off" skips it). On a terminal the demo keeps the
+# dashboard up at the end until you press Enter; otherwise it stops it.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -22,6 +26,7 @@ root=$PWD
 DROVER=${DROVER:-${CARGO_TARGET_DIR:-$HOME/.cache/drover-target}/debug/drover}
 DEMO_TIMEOUT=${DEMO_TIMEOUT:-300}
 DEMO_METRICS_ADDR=${DEMO_METRICS_ADDR:-127.0.0.1:9465}
+DEMO_DASHBOARD_ADDR=${DEMO_DASHBOARD_ADDR:-127.0.0.1:8080}
 STOP_WAIT_SECS=40
 PERIOD=2026-11
 
@@ -36,6 +41,7 @@ data=$root/demo-data
 input=$data/input
 output=$data/output
 worker_log=$data/worker.log
+dashboard_log=$data/dashboard.log
 
 step() { printf '\n==> %s\n' "$*"; }
 # drover ARGS...: runs the binary, showing the command the way a user would type it.
@@ -76,6 +82,23 @@ stop_worker() {
     fi
     echo "demo: worker (pid $pid) stopped, exit status $worker_status"
 }
+# ---- the dashboard -----------------------------------------------------------------------------
+dashboard_pid=
+dashboard_url=
+stop_dashboard() {
+    [[ -n $dashboard_pid ]] || return 0
+    local pid=$dashboard_pid
+    dashboard_pid=
+    kill -TERM "$pid" 2>/dev/null || true
+    local deadline=$((SECONDS + 10))
+    while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.2; done
+    kill -KILL "$pid" 2>/dev/null || true
+    if wait "$pid" 2>/dev/null; then
+        echo "demo: dashboard (pid $pid) stopped"
+    else
+        echo "demo: dashboard (pid $pid) stopped (exit status $?)"
+    fi
+}
 on_exit() {
     local status=$?
     trap - EXIT
@@ -84,6 +107,7 @@ on_exit() {
         echo "demo: stopping the worker"
         stop_worker
     fi
+    stop_dashboard
     if ((status != 0)); then
         echo
         echo "demo: FAILED (exit status $status)"
@@ -114,6 +138,28 @@ EOF
 
 step "migrating the ledger (creates database drover if absent; idempotent)"
 drover migrate
+
+if [[ $DEMO_DASHBOARD_ADDR != off ]]; then
+    step "starting the dashboard in the background (read-only; its log: ${dashboard_log#"$root"/})"
+    printf '$ drover dashboard --addr %s 2>%s &\n' "$DEMO_DASHBOARD_ADDR" "${dashboard_log#"$root"/}"
+    "$DROVER" dashboard --addr "$DEMO_DASHBOARD_ADDR" >"$dashboard_log.out" 2>"$dashboard_log" &
+    dashboard_pid=$!
+    deadline=$((SECONDS + 30))
+    until grep -q '^drover dashboard: http' "$dashboard_log.out" 2>/dev/null; do
+        if ! kill -0 "$dashboard_pid" 2>/dev/null || ((SECONDS >= deadline)); then
+            echo "demo: the dashboard did not start (is $DEMO_DASHBOARD_ADDR taken? set DEMO_DASHBOARD_ADDR, or off); its log:"
+            tail -n 5 "$dashboard_log" || true
+            stop_dashboard
+            break
+        fi
+        sleep 0.2
+    done
+    if [[ -n $dashboard_pid ]]; then
+        dashboard_url=$(sed -n 's/^drover dashboard: \(http[^ ]*\).*/\1/p' "$dashboard_log.out" | head -n1)
+        echo "dashboard: open $dashboard_url in a browser to watch the jobs below run (from another"
+        echo "machine: ssh -L 8080:$DEMO_DASHBOARD_ADDR this-host, then http://127.0.0.1:8080/)"
+    fi
+fi
 
 step "generating sample payroll input for $PERIOD"
 acme=$input/acme-$PERIOD.parquet
@@ -221,4 +267,15 @@ Look further:
   the flaky job   $DROVER jobs show '$k_flaky'
   the ledger      $ledger_sql
   rerun           make demo   (fresh keys each run; make clean-demo removes ${data#"$root"/})
+  the dashboard   DROVER_NAMESPACE=$DROVER_NAMESPACE $DROVER dashboard   (then http://$DEMO_DASHBOARD_ADDR/)
 EOF
+
+if [[ -n $dashboard_pid ]]; then
+    echo
+    echo "The dashboard shows this run's jobs, their attempts and progress: $dashboard_url"
+    echo "  this run's jobs   ${dashboard_url}jobs?q=$run_id"
+    if [[ -t 0 && -t 1 ]]; then
+        read -r -p "Press Enter to stop the dashboard and end the demo. " _ || true
+    fi
+    stop_dashboard
+fi

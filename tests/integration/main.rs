@@ -11,6 +11,7 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_drover");
 
 mod cli;
 mod core;
+mod dashboard;
 mod exec;
 mod ledger;
 mod lifecycle;

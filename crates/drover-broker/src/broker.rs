@@ -2,7 +2,7 @@
 
 use crate::consumer::JobConsumer;
 use crate::endpoint::Endpoint;
-use crate::error::{describe, is_permanent, is_precondition_failed, scrub};
+use crate::error::{describe, is_not_found, is_permanent, is_precondition_failed, scrub};
 use crate::publisher::Publisher;
 use crate::topology::{JOBS_ROUTING_KEY, short};
 use crate::{BrokerError, Topology};
@@ -354,6 +354,40 @@ impl Broker {
             ready: q.message_count(),
             consumers: q.consumer_count(),
         })
+    }
+
+    /// Like [`Broker::queue_depth`], but `Ok(None)` when the queue does not exist (NOT_FOUND
+    /// closes only the inspecting channel), so the dashboard can say "not declared yet".
+    pub async fn queue_depth_if_exists(
+        &self,
+        queue: &str,
+    ) -> Result<Option<QueueDepth>, BrokerError> {
+        let channel = self
+            .open_channel("open a channel to inspect the queue")
+            .await?;
+        let declared = channel
+            .queue_declare(
+                short("queue name", queue)?,
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        match declared {
+            Ok(q) => {
+                if let Err(e) = channel.close(200, "OK".into()).await {
+                    debug!(error = %describe(&e), "closing the inspect channel");
+                }
+                Ok(Some(QueueDepth {
+                    ready: q.message_count(),
+                    consumers: q.consumer_count(),
+                }))
+            }
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(self.op_error(format!("inspect queue {queue} (passive declare)"), &e)),
+        }
     }
 
     async fn open_channel(&self, purpose: &str) -> Result<Channel, BrokerError> {

@@ -134,6 +134,16 @@ pub(crate) fn describe(e: &lapin::Error) -> String {
     }
 }
 
+/// True when the broker answered NOT_FOUND (404), e.g. to a passive declare of a queue that
+/// does not exist.
+pub(crate) fn is_not_found(e: &lapin::Error) -> bool {
+    matches!(
+        e.kind(),
+        lapin::ErrorKind::ProtocolError(amqp)
+            if matches!(amqp.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND))
+    )
+}
+
 /// True when the broker refused for a reason retrying will not fix.
 pub(crate) fn is_permanent(e: &lapin::Error) -> bool {
     match e.kind() {

@@ -37,6 +37,12 @@ pub enum LedgerError {
         field: &'static str,
         message: String,
     },
+    /// A caller's input (a filter, a cursor) is not usable; names the field and the value.
+    #[error("{field}: {message}")]
+    BadInput {
+        field: &'static str,
+        message: String,
+    },
     #[error("ledger query failed")]
     Db(#[from] sqlx::Error),
     /// A grouped write (see `Group`) failed for every job in its group; `message` is the

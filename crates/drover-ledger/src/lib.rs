@@ -19,6 +19,7 @@
 //! running job is conditioned on still holding that lease (`lease_owner` and `attempts`), so a
 //! worker that lost its lease cannot overwrite the new owner's progress.
 
+mod dashboard;
 mod error;
 mod group;
 mod prune;
@@ -28,6 +29,10 @@ mod relay;
 mod rescue;
 mod transitions;
 
+pub use dashboard::{
+    ActionView, CheckpointView, Cursor, JobPage, JobRow, ListQuery, MAX_PAGE, MinuteCount,
+    NewAction, RetryCounts, WorkerLeases,
+};
 pub use error::LedgerError;
 pub use group::Group;
 pub use prune::{DEFAULT_PRUNE_STATES, Pruned};

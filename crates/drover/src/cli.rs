@@ -101,6 +101,9 @@ pub enum Command {
     Stats(crate::jobs::StatsArgs),
     /// List the pipelines this binary knows.
     Pipelines,
+    /// Serve the web dashboard: overview, jobs, job detail (live), retry/cancel with the
+    /// admin token, JSON under /api/.
+    Dashboard(crate::dashboard::DashboardArgs),
     /// Demo helpers.
     #[command(subcommand)]
     Demo(crate::demo::DemoCommand),
@@ -172,5 +175,6 @@ pub async fn dispatch(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> 
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo(cmd) => crate::demo::run(cmd).await,
+        Command::Dashboard(args) => crate::dashboard::run(&ctx, args).await,
     }
 }

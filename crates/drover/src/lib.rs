@@ -1,4 +1,4 @@
-//! `drover` as a library: the whole CLI (worker, publish, jobs, run, migrate, ...) over a
+//! `drover` as a library: the whole CLI (worker, publish, jobs, run, migrate, dashboard, ...) over a
 //! registry of pipelines, so a team's binary with its own pipelines is a `main` of a few
 //! lines:
 //!
@@ -18,6 +18,7 @@
 
 pub mod cli;
 mod daemon;
+mod dashboard;
 mod demo;
 mod doctor;
 mod jobs;

@@ -430,6 +430,13 @@ emit "| publish → start | $LAT_P50 | $LAT_P99 |"
 emit "| publish → succeeded | $DONE_P50 | $DONE_P99 |"
 emit ""
 
+progress "6/6 producers: publish_many throughput (Python, Rust) and enqueue -> start latency"
+CLIENT_PY=$("$ROOT/scripts/ensure-python.sh" 2>/dev/null | tail -n 1)
+"$CLIENT_PY" "$ROOT/bench/producers.py" --drover "$DROVER" >"$WORK/producers.md" \
+    || die "bench/producers.py"
+emit "$(cat "$WORK/producers.md")"
+emit ""
+
 verdict() { if "$PY" -c "import sys; sys.exit(0 if ($1) else 1)"; then echo met; else echo "**missed**"; fi; }
 emit "## Targets (computed by run.sh)"
 emit ""

@@ -11,4 +11,5 @@ mod core;
 mod ledger;
 mod observability;
 mod outage;
+mod producers;
 mod reliability;

@@ -28,6 +28,13 @@ pub enum LedgerError {
         state: String,
         message: String,
     },
+    /// The key exists for a different request (`drover.enqueue` raised
+    /// `drover_idempotency_conflict`); the message names the key and what differs.
+    #[error("{message}")]
+    Conflict { key: String, message: String },
+    /// `drover.enqueue` refused its input; the message names the field and the value.
+    #[error("{message}")]
+    Invalid { message: String },
     #[error("ledger query failed")]
     Db(#[from] sqlx::Error),
     /// A grouped write (see `Group`) failed for every job in its group; `message` is the

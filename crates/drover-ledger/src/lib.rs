@@ -27,9 +27,9 @@ mod transitions;
 
 pub use error::LedgerError;
 pub use group::Group;
-pub use publish::{InsertOutcome, NewJob};
+pub use publish::{EnqueueJob, InsertOutcome, NewJob, enqueue};
 pub use read::{AttemptView, DurationStats, JobFilter, JobProgress, JobView, StateCount};
-pub use relay::{DueJob, RelaySweep};
+pub use relay::{DueJob, ENQUEUE_CHANNEL, RelaySweep};
 pub use transitions::{
     BatchRecord, Claim, ClaimedJob, Completion, FailOutcome, HeldEnd, LeaseLost, LeaseSeen,
 };

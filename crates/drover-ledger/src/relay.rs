@@ -5,10 +5,19 @@
 //! with confirms, and only then move to `queued`: a crash in between leaves them `retrying`
 //! and due, so the next sweep publishes them again (a duplicate message is harmless, the
 //! ledger acks it without running).
+//!
+//! The same sweep publishes jobs recorded but never confirmed: at once for jobs inserted by
+//! `drover.enqueue()` (origin `enqueue`: nobody else will publish them; `run_at` delays
+//! them), after a grace period for jobs whose producer publishes them itself (origin
+//! `publish`: the grace protects a publish still in flight). Workers LISTEN on
+//! [`ENQUEUE_CHANNEL`] to sweep as soon as an enqueueing transaction commits.
 
 use crate::{Ledger, LedgerError};
 use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
+
+/// The channel `drover.enqueue()` notifies (payload: the key) when its transaction commits.
+pub const ENQUEUE_CHANNEL: &str = "drover_enqueue";
 
 /// A retry that is due, with what its message needs.
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -19,6 +28,9 @@ pub struct DueJob {
     pub params: sqlx::types::Json<serde_json::Value>,
     pub batch_size: Option<i32>,
     pub max_attempts: i32,
+    /// The request named no `max_attempts` (`max_attempts` holds a default), so the
+    /// message leaves it out too.
+    pub max_attempts_default: bool,
     pub trace_id: Option<String>,
     /// Seconds the job has been due for (relay lag).
     pub overdue_secs: f64,
@@ -32,8 +44,9 @@ pub struct RelaySweep {
 }
 
 impl Ledger {
-    /// Locks up to `limit` due retries (also jobs left `queued` without a confirmed message
-    /// for over `orphan_secs`, e.g. a producer that crashed between ledger and broker).
+    /// Locks up to `limit` due retries, jobs enqueued in SQL and due, and jobs left `queued`
+    /// without a confirmed message for over `orphan_secs` (a producer that crashed between
+    /// ledger and broker).
     pub async fn relay_sweep(
         &self,
         limit: i64,
@@ -41,12 +54,14 @@ impl Ledger {
     ) -> Result<RelaySweep, LedgerError> {
         let mut tx = self.pool.begin().await?;
         let due: Vec<DueJob> = sqlx::query_as(
-            "SELECT id, idempotency_key, pipeline, params, batch_size, max_attempts, trace_id, \
+            "SELECT id, idempotency_key, pipeline, params, batch_size, max_attempts, \
+             max_attempts_default, trace_id, \
              EXTRACT(EPOCH FROM now() - COALESCE(run_at, created_at))::float8 AS overdue_secs \
              FROM drover.jobs \
              WHERE (state = 'retrying' AND run_at <= now()) \
                 OR (state = 'queued' AND enqueued_at IS NULL \
-                    AND created_at < now() - make_interval(secs => $2)) \
+                    AND ((origin = 'enqueue' AND (run_at IS NULL OR run_at <= now())) \
+                         OR created_at < now() - make_interval(secs => $2))) \
              ORDER BY run_at NULLS LAST LIMIT $1 FOR UPDATE SKIP LOCKED",
         )
         .bind(limit)
@@ -54,6 +69,16 @@ impl Ledger {
         .fetch_all(&mut *tx)
         .await?;
         Ok(RelaySweep { tx, due })
+    }
+}
+
+impl Ledger {
+    /// A LISTEN connection on [`ENQUEUE_CHANNEL`], so the relay wakes when an enqueueing
+    /// transaction commits instead of at its next periodic sweep.
+    pub async fn enqueue_listener(&self) -> Result<sqlx::postgres::PgListener, LedgerError> {
+        let mut l = sqlx::postgres::PgListener::connect_with(&self.pool).await?;
+        l.listen(ENQUEUE_CHANNEL).await?;
+        Ok(l)
     }
 }
 

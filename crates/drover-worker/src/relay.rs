@@ -1,83 +1,131 @@
-//! The retry relay: re-publishes due retries from the ledger.
+//! The relay: publishes from the ledger what is due and not yet on the broker — retries
+//! whose delay is over, jobs enqueued in SQL, jobs whose producer never got a confirm.
 
-use crate::shared::{DbStop, Disposition, Shared, reconnect_backoff};
-use backoff::backoff::Backoff;
-use drover_broker::{Broker, Incoming, OutgoingJob};
+use crate::shared::Shared;
+use drover_broker::OutgoingJob;
 use drover_core::JobMessage;
-use drover_ledger::{
-    BatchRecord, Claim, ClaimedJob, Completion, FailOutcome, HeldEnd, LeaseSeen,
-};
-use drover_pipeline::{BatchOutcome, JobRun, JobSpec, PipelineError, Registry};
 use serde_json::Value;
-use std::future::Future;
-use std::pin::{Pin, pin};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
-use tokio::task::JoinSet;
-use tracing::{Instrument, debug, error, info, info_span, warn};
-use uuid::Uuid;
+use tracing::{debug, info, warn};
 
-/// Re-publishes due retries (and jobs whose producer never got a confirm). Every worker runs
-/// it; `FOR UPDATE SKIP LOCKED` splits the work between replicas.
+/// How long a job recorded by a producer that publishes it itself may stay unconfirmed
+/// before the relay publishes it instead (its producer likely crashed in between).
+const ORPHAN_GRACE_SECS: f64 = 30.0;
+
+/// Jobs locked and published per relay round trip.
+const SWEEP_LIMIT: i64 = 500;
+
+/// Re-publishes due retries, jobs enqueued in SQL (`drover.enqueue`) and jobs whose producer
+/// never got a confirm. Every worker runs it; `FOR UPDATE SKIP LOCKED` splits the work
+/// between replicas.
+///
+/// It sweeps every `relay_interval`, and at once when an enqueueing transaction commits
+/// (LISTEN on the ledger's enqueue channel). The periodic sweep is the fallback: a lost
+/// notification, or a LISTEN connection that is down, only delays a job by one interval.
 pub(crate) async fn relay_loop(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(shared.config.relay_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut listener: Option<sqlx::postgres::PgListener> = None;
     loop {
-        tick.tick().await;
-        let Some(publisher) = shared.publisher().await else {
-            continue;
-        };
-        loop {
-            let sweep = match shared.ledger.relay_sweep(500, 30.0).await {
-                Ok(s) => s,
+        if listener.is_none() {
+            // LISTEN before sweeping, so a commit between the sweep and the wait still wakes
+            // the next one.
+            listener = match shared.ledger.enqueue_listener().await {
+                Ok(l) => Some(l),
                 Err(e) => {
-                    debug!(error = %e, "relay sweep failed");
-                    break;
+                    debug!(error = %e, "LISTEN for enqueued jobs unavailable; sweeping periodically");
+                    None
                 }
             };
-            if sweep.due.is_empty() {
-                break;
+        }
+        sweep(&shared).await;
+        let woke = match listener.as_mut() {
+            Some(l) => tokio::select! {
+                _ = tick.tick() => Ok(()),
+                n = l.try_recv() => n.map(|_| ()),
+            },
+            None => {
+                tick.tick().await;
+                Ok(())
             }
-            let full = sweep.due.len() == 500;
-            let out: Vec<OutgoingJob> = sweep
-                .due
-                .iter()
-                .map(|d| {
-                    let params = match &d.params.0 {
-                        Value::Object(m) => m.clone(),
-                        _ => Default::default(),
-                    };
-                    let msg = JobMessage {
-                        v: drover_core::message::CONTRACT_VERSION,
-                        idempotency_key: d.idempotency_key.clone(),
-                        pipeline: d.pipeline.clone(),
-                        params,
-                        batch_size: d.batch_size.map(|b| b as u32),
-                        max_attempts: Some(d.max_attempts as u32),
-                    };
-                    OutgoingJob::new(d.id, &msg, None)
-                })
-                .collect();
-            let lag = sweep.due.iter().map(|d| d.overdue_secs).fold(0.0, f64::max);
-            match publisher.publish_jobs(&out).await {
-                Ok(()) => match sweep.commit().await {
-                    Ok(()) => {
-                        shared.metrics.relayed(out.len(), lag);
-                        info!(jobs = out.len(), max_lag_secs = lag, "relayed due retries");
-                    }
-                    Err(e) => {
-                        warn!(error = %e, "relay commit failed; the retries will be published again")
-                    }
-                },
-                Err(e) => {
-                    warn!(error = %e, "relay publish failed; will retry");
-                    break;
+        };
+        match woke {
+            Ok(()) => {
+                // One sweep covers every notification that arrived meanwhile.
+                if let Some(l) = listener.as_mut() {
+                    while l.next_buffered().is_some() {}
                 }
             }
-            if !full {
-                break;
+            Err(e) => {
+                debug!(error = %e, "LISTEN connection for enqueued jobs lost; reconnecting");
+                listener = None;
+                tick.tick().await;
             }
+        }
+    }
+}
+
+/// Publishes everything that is due now, [`SWEEP_LIMIT`] jobs at a time.
+async fn sweep(shared: &Shared) {
+    let Some(publisher) = shared.publisher().await else {
+        return;
+    };
+    loop {
+        let sweep = match shared.ledger.relay_sweep(SWEEP_LIMIT, ORPHAN_GRACE_SECS).await {
+            Ok(s) => s,
+            Err(e) => {
+                debug!(error = %e, "relay sweep failed");
+                return;
+            }
+        };
+        if sweep.due.is_empty() {
+            return;
+        }
+        let full = sweep.due.len() as i64 == SWEEP_LIMIT;
+        let out: Vec<OutgoingJob> = sweep
+            .due
+            .iter()
+            .map(|d| {
+                // The ledger's CHECK constraints and drover.enqueue() keep these in range
+                // and params an object; a row that is not is published as it is and the
+                // worker rejects it, naming the field.
+                let params = match &d.params.0 {
+                    Value::Object(m) => m.clone(),
+                    _ => Default::default(),
+                };
+                let msg = JobMessage {
+                    v: drover_core::message::CONTRACT_VERSION,
+                    idempotency_key: d.idempotency_key.clone(),
+                    pipeline: d.pipeline.clone(),
+                    params,
+                    batch_size: d.batch_size.and_then(|b| u32::try_from(b).ok()),
+                    max_attempts: if d.max_attempts_default {
+                        None
+                    } else {
+                        u32::try_from(d.max_attempts).ok()
+                    },
+                };
+                OutgoingJob::new(d.id, &msg, None)
+            })
+            .collect();
+        let lag = sweep.due.iter().map(|d| d.overdue_secs).fold(0.0, f64::max);
+        match publisher.publish_jobs(&out).await {
+            Ok(()) => match sweep.commit().await {
+                Ok(()) => {
+                    shared.metrics.relayed(out.len(), lag);
+                    info!(jobs = out.len(), max_lag_secs = lag, "relayed due jobs");
+                }
+                Err(e) => {
+                    warn!(error = %e, "relay commit failed; the jobs will be published again")
+                }
+            },
+            Err(e) => {
+                warn!(error = %e, "relay publish failed; will retry");
+                return;
+            }
+        }
+        if !full {
+            return;
         }
     }
 }

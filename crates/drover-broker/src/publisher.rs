@@ -40,7 +40,11 @@ pub struct OutgoingJob {
 impl OutgoingJob {
     /// The message of job `id` (its ledger row id, sent as `message_id`), with the producer's
     /// trace context when there is one.
-    pub fn new(id: impl std::fmt::Display, msg: &drover_core::JobMessage, traceparent: Option<String>) -> Self {
+    pub fn new(
+        id: impl std::fmt::Display,
+        msg: &drover_core::JobMessage,
+        traceparent: Option<String>,
+    ) -> Self {
         OutgoingJob {
             message_id: id.to_string(),
             body: msg.to_body(),

@@ -134,7 +134,7 @@ impl Connections {
                 field: "amqp url (--amqp-url / DROVER_AMQP_URL)",
                 message: format!(
                     "{:?} does not start with amqp:// or amqps://",
-                    redact(&c.amqp_url)
+                    redact(c.amqp_url)
                 ),
             });
         }
@@ -145,7 +145,7 @@ impl Connections {
                 field: "database url (--database-url / DATABASE_URL)",
                 message: format!(
                     "{:?} does not start with postgres:// or postgresql://",
-                    redact(&c.database_url)
+                    redact(c.database_url)
                 ),
             });
         }

@@ -2,23 +2,16 @@
 //! later batches compute, then success, retry or death.
 
 use crate::delivery::dead_letter;
-use crate::shared::{DbStop, Disposition, Shared, reconnect_backoff};
-use backoff::backoff::Backoff;
-use drover_broker::{Broker, Incoming, OutgoingJob};
-use drover_core::JobMessage;
-use drover_ledger::{
-    BatchRecord, Claim, ClaimedJob, Completion, FailOutcome, HeldEnd, LeaseSeen,
-};
+use crate::shared::{DbStop, Disposition, Shared};
+use drover_broker::Incoming;
+use drover_ledger::{BatchRecord, ClaimedJob, Completion, FailOutcome, HeldEnd};
 use drover_pipeline::{BatchOutcome, JobRun, JobSpec, PipelineError, Registry};
 use serde_json::Value;
 use std::future::Future;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
-use tokio::task::JoinSet;
 use tracing::{Instrument, debug, error, info, info_span, warn};
-use uuid::Uuid;
 
 /// Moves a value into the blocking pool for CPU/disk work and back. A panic in the
 /// pipeline becomes a transient error instead of taking the worker down.
@@ -368,7 +361,8 @@ pub(crate) const MAX_UNCHECKPOINTED: usize = 8;
 
 /// A commit of checkpoints under way: whether cancellation was requested, or why the job
 /// must stop.
-pub(crate) type Commit<'a> = Pin<Box<dyn Future<Output = Result<bool, CheckpointStop>> + Send + 'a>>;
+pub(crate) type Commit<'a> =
+    Pin<Box<dyn Future<Output = Result<bool, CheckpointStop>> + Send + 'a>>;
 
 /// An attempt's batches and their checkpoints. The pipeline does not wait for them: a
 /// batch computes while the ones before it commit, and batches completed during a commit
@@ -570,4 +564,3 @@ pub(crate) async fn failed(
         Err(stop) => stopped(shared, job, stop).await,
     }
 }
-

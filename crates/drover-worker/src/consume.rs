@@ -1,23 +1,15 @@
 //! The consumer loop: connect, declare, consume; reconnect with jittered backoff.
 
 use crate::delivery::handle_delivery;
-use crate::shared::{DbStop, Disposition, Shared, reconnect_backoff};
+use crate::shared::{Shared, reconnect_backoff};
 use backoff::backoff::Backoff;
-use drover_broker::{Broker, Incoming, OutgoingJob};
-use drover_core::{ExposeSecret, JobMessage};
-use drover_ledger::{
-    BatchRecord, Claim, ClaimedJob, Completion, FailOutcome, HeldEnd, LeaseSeen,
-};
-use drover_pipeline::{BatchOutcome, JobRun, JobSpec, PipelineError, Registry};
-use serde_json::Value;
-use std::future::Future;
-use std::pin::{Pin, pin};
+use drover_broker::Broker;
+use drover_core::ExposeSecret;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::task::JoinSet;
-use tracing::{Instrument, debug, error, info, info_span, warn};
-use uuid::Uuid;
+use tracing::{info, warn};
 
 /// Connects, declares, consumes; reconnects with jittered backoff when the broker goes away.
 /// Returns the connection still open at shutdown (to be closed after draining).
@@ -34,7 +26,12 @@ pub(crate) async fn consume_loop(
         }
         let broker = match first.take() {
             Some(b) => b,
-            None => match Broker::connect(shared.config.conns.amqp_url.expose_secret(), &shared.config.worker_id).await {
+            None => match Broker::connect(
+                shared.config.conns.amqp_url.expose_secret(),
+                &shared.config.worker_id,
+            )
+            .await
+            {
                 Ok(b) => b,
                 Err(e) => {
                     let wait = backoff.next_backoff().unwrap_or(Duration::from_secs(15));

@@ -1,21 +1,14 @@
 //! One delivery: parse, validate, claim (fast or slow path), run, settle.
 
 use crate::attempt::run_attempt;
-use crate::shared::{DbStop, Disposition, Shared, reconnect_backoff};
-use backoff::backoff::Backoff;
-use drover_broker::{Broker, Incoming, OutgoingJob};
+use crate::shared::{DbStop, Disposition, Inflight, Shared};
+use drover_broker::Incoming;
 use drover_core::JobMessage;
-use drover_ledger::{
-    BatchRecord, Claim, ClaimedJob, Completion, FailOutcome, HeldEnd, LeaseSeen,
-};
-use drover_pipeline::{BatchOutcome, JobRun, JobSpec, PipelineError, Registry};
+use drover_ledger::{Claim, ClaimedJob, LeaseSeen};
 use serde_json::Value;
-use std::future::Future;
-use std::pin::{Pin, pin};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
-use tokio::task::JoinSet;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 use uuid::Uuid;
 
@@ -235,7 +228,11 @@ pub(crate) async fn dead_letter(
 }
 
 /// Runs a claimed job: registers it as in flight, runs the attempt, unregisters it.
-pub(crate) async fn run_job(shared: &Arc<Shared>, job: ClaimedJob, delivery: &Incoming) -> Disposition {
+pub(crate) async fn run_job(
+    shared: &Arc<Shared>,
+    job: ClaimedJob,
+    delivery: &Incoming,
+) -> Disposition {
     let cancel = Arc::new(AtomicBool::new(false));
     if let Ok(mut m) = shared.inflight.lock() {
         m.insert(

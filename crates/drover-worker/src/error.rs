@@ -24,7 +24,9 @@ pub enum WorkerError {
         message: String,
     },
     /// The HTTP port for health and metrics could not be bound.
-    #[error("--metrics-addr {addr}: cannot listen: {source} (another worker on this host? use port 0 for a free port, or \"off\")")]
+    #[error(
+        "--metrics-addr {addr}: cannot listen: {source} (another worker on this host? use port 0 for a free port, or \"off\")"
+    )]
     Listen {
         /// The address asked for.
         addr: SocketAddr,

@@ -1,22 +1,9 @@
 //! Lease renewal for in-flight jobs, and operator cancellation.
 
-use crate::shared::{DbStop, Disposition, Shared, reconnect_backoff};
-use backoff::backoff::Backoff;
-use drover_broker::{Broker, Incoming, OutgoingJob};
-use drover_core::JobMessage;
-use drover_ledger::{
-    BatchRecord, Claim, ClaimedJob, Completion, FailOutcome, HeldEnd, LeaseSeen,
-};
-use drover_pipeline::{BatchOutcome, JobRun, JobSpec, PipelineError, Registry};
-use serde_json::Value;
-use std::future::Future;
-use std::pin::{Pin, pin};
+use crate::shared::Shared;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
-use tokio::task::JoinSet;
-use tracing::{Instrument, debug, error, info, info_span, warn};
-use uuid::Uuid;
+use std::sync::atomic::Ordering;
+use tracing::warn;
 
 /// Renews the leases of in-flight jobs and picks up operator cancellations.
 pub(crate) async fn heartbeat_loop(shared: Arc<Shared>) {

@@ -3,8 +3,8 @@
 use crate::logging::LogFormat;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
-use drover_core::config::{Connections, FileConfig};
 use drover_core::ExposeSecret;
+use drover_core::config::{Connections, FileConfig};
 use drover_ledger::Ledger;
 use drover_pipeline::Registry;
 use std::path::PathBuf;
@@ -150,10 +150,7 @@ pub async fn dispatch(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> 
         Command::Migrate => {
             let ledger = ctx.ledger(true, 2).await?;
             ledger.migrate().await.context("drover migrate")?;
-            println!(
-                "ledger migrated: {}",
-                ctx.conns.database_shown()
-            );
+            println!("ledger migrated: {}", ctx.conns.database_shown());
             Ok(ExitCode::SUCCESS)
         }
         Command::Publish(args) => crate::publish::run(&ctx, args).await,

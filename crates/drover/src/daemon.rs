@@ -88,12 +88,13 @@ impl WorkerArgs {
         }
         c.relay_interval = Duration::from_millis(self.relay_interval_ms.max(50));
         c.retry = ctx.file.retry.clone().unwrap_or_default();
-        c.metrics_addr = match self.metrics_addr.as_str() {
-            "off" | "none" | "" => None,
-            a => Some(a.parse().map_err(|e| {
-                anyhow::anyhow!("--metrics-addr {a:?}: expected host:port ({e})")
-            })?),
-        };
+        c.metrics_addr =
+            match self.metrics_addr.as_str() {
+                "off" | "none" | "" => None,
+                a => Some(a.parse().map_err(|e| {
+                    anyhow::anyhow!("--metrics-addr {a:?}: expected host:port ({e})")
+                })?),
+            };
         Ok(c)
     }
 }

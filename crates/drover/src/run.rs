@@ -1,10 +1,10 @@
 //! `drover run`: a pipeline in-process, without broker or ledger, through the same
 //! `JobRun` the worker drives batch by batch.
 
+use crate::cli::Context;
 use anyhow::bail;
 use clap::Args;
 use drover_core::message::parse_param;
-use crate::cli::Context;
 use drover_pipeline::JobSpec;
 use serde_json::{Map, Value};
 use std::io::IsTerminal;

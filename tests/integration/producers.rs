@@ -31,24 +31,24 @@ fn noop(key: &str, params: serde_json::Value) -> JobMessage {
 async fn cli_same_request_is_harmless_a_different_one_is_a_conflict() {
     let env = TestEnv::new().await;
     let first = env.drover(&["publish", "--pipeline", "noop", "--key", "acme:2026-11",
-        "--param", "period=2026-11"]);
+        "--param", "batches=1"]);
     assert!(first.status.success(), "{}", stderr(&first));
     // No spurious lapin error while the publisher exits.
     assert!(!stderr(&first).contains("ERROR"), "{}", stderr(&first));
     assert!(!stderr(&first).contains("invalid channel state"), "{}", stderr(&first));
 
     let same = env.drover(&["publish", "--pipeline", "noop", "--key", "acme:2026-11",
-        "--param", "period=2026-11"]);
+        "--params-json", r#"{"batches": 1}"#]);
     assert!(same.status.success(), "{}", stderr(&same));
     assert!(stdout(&same).contains("acme:2026-11: already exists (queued); nothing published"));
 
     let other = env.drover(&["publish", "--pipeline", "noop", "--key", "acme:2026-11",
-        "--param", "period=2026-12", "--batch-size", "10"]);
+        "--param", "batches=2", "--batch-size", "10"]);
     assert_eq!(other.status.code(), Some(1), "{}", stderr(&other));
     assert!(
         stderr(&other).contains(
-            "acme:2026-11: already exists (queued) with different params \
-             (period: \"2026-11\" vs \"2026-12\"), batch_size (not given vs 10); nothing published"
+            "acme:2026-11: already exists (queued) with different params (batches: 1 vs 2), \
+             batch_size (not given vs 10); nothing published"
         ),
         "{}",
         stderr(&other)
@@ -58,7 +58,7 @@ async fn cli_same_request_is_harmless_a_different_one_is_a_conflict() {
             .fetch_one(&env.pool)
             .await
             .expect("row");
-    assert_eq!(params, json!({"period": "2026-11"}));
+    assert_eq!(params, json!({"batches": 1}));
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -313,7 +313,7 @@ impl Client {
                     .iter()
                     .filter(|k| !by_key.get(*k).is_some_and(JobProgress::is_terminal))
                     .map(|k| {
-                        let state = by_key.get(k).map_or("not in the ledger", |p| &p.state);
+                        let state = by_key.get(k).map_or("not in the ledger", |p| p.state.as_str());
                         format!("{k} ({state})")
                     })
                     .collect();

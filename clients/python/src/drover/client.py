@@ -18,13 +18,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
-import pika
-import pika.exceptions
 import psycopg
 from psycopg import errors as pg_errors
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
+from ._amqp import ConfirmPublisher
 from .errors import Conflict, DroverError, InvalidJob, WaitTimeout
 from .schema import validate_message
 
@@ -158,25 +157,15 @@ class Client:
         self.namespace = namespace or os.environ.get("DROVER_NAMESPACE") or DEFAULT_NAMESPACE
         self.pipelines = frozenset(pipelines) if pipelines is not None else None
         self._db = psycopg.connect(self.database_url, autocommit=True)
-        self._amqp: pika.BlockingConnection | None = None
-        self._channel: Any = None
+        self._publisher: ConfirmPublisher | None = None
 
     # -- connections ---------------------------------------------------------------------
 
-    def _broker(self) -> Any:
-        if self._channel is None or not self._channel.is_open:
-            params = pika.URLParameters(self.amqp_url)
-            self._amqp = pika.BlockingConnection(params)
-            self._channel = self._amqp.channel()
-            self._channel.confirm_delivery()
-        return self._channel
-
     def close(self) -> None:
         """Closes the broker channel and connection cleanly, then the database connection."""
-        if self._amqp is not None and self._amqp.is_open:
-            self._amqp.close()
-        self._amqp = None
-        self._channel = None
+        if self._publisher is not None:
+            self._publisher.close()
+            self._publisher = None
         self._db.close()
 
     def __enter__(self) -> Client:
@@ -276,29 +265,19 @@ class Client:
         return outcomes
 
     def _send(self, messages: Sequence[tuple[uuid.UUID, bytes]]) -> None:
-        channel = self._broker()
-        routing_key = f"{self.namespace}.jobs"
-        now = int(time.time())
-        for job_id, body in messages:
-            props = pika.BasicProperties(
-                delivery_mode=2,
-                content_type="application/json",
-                message_id=str(job_id),
-                timestamp=now,
+        if self._publisher is None or not self._publisher.is_open:
+            self._publisher = ConfirmPublisher(self.amqp_url, _redact(self.amqp_url))
+        try:
+            self._publisher.publish(
+                f"{self.namespace}.jobs",
+                [(str(job_id), body) for job_id, body in messages],
+                int(time.time()),
             )
-            try:
-                channel.basic_publish("", routing_key, body, props, mandatory=True)
-            except pika.exceptions.UnroutableError as e:
-                raise DroverError(
-                    f"queue {routing_key} does not exist on {_redact(self.amqp_url)}: start a "
-                    "`drover worker` with this namespace once (it declares the queues); the "
-                    "jobs are recorded and the worker's relay publishes them"
-                ) from e
-            except pika.exceptions.NackError as e:
-                raise DroverError(
-                    f"the broker refused a message for {routing_key}; the job is recorded and "
-                    "the workers' relay publishes it later"
-                ) from e
+        except DroverError as e:
+            raise DroverError(
+                f"{e}; the jobs are recorded in the ledger and the workers' relay publishes "
+                "them (or publish them again)"
+            ) from e
 
     # -- enqueue in the caller's transaction ---------------------------------------------
 

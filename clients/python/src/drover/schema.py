@@ -56,12 +56,12 @@ def validate_message(message: dict[str, Any]) -> bytes:
         err = errors[0]
         if err.path:
             field = str(err.path[0])
-            value = message.get(field)
-            reason = (
-                f"{err.message} (got {_show(value)})"
-                if field == "idempotency_key"
-                else (f"{_short(err.message)}")
-            )
+            reason = _short(err.message)
+            if field == "idempotency_key":
+                # Do not repeat a bad key as the message's prefix.
+                shown_key = None
+                if err.validator == "maxLength" and isinstance(key, str):
+                    reason = f"{len(key)} characters, at most {MAX_KEY_BYTES} allowed"
         elif err.validator == "required":
             field = str(err.message).split("'")[1] if "'" in err.message else "?"
             reason = "missing"
@@ -93,4 +93,5 @@ def validate_message(message: dict[str, Any]) -> bytes:
 
 
 def _short(text: str) -> str:
-    return text if len(text) <= 200 else f"{text[:200]}… ({len(text)} chars)"
+    """Cuts a message that quotes a huge value, saying how long it was."""
+    return text if len(text) <= 160 else f"{text[:160]}… ({len(text)} chars)"

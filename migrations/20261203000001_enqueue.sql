@@ -96,7 +96,8 @@ $$;
 -- The limits are the message contract's (crates/drover-core/src/message.rs): key 1-256
 -- bytes without control characters, pipeline 1-64 of [A-Za-z0-9_.-], params an object,
 -- batch_size 1-10000000, max_attempts 1-100, the whole message at most 1 MiB. A job that
--- names no max_attempts gets 5, the worker's default.
+-- names no max_attempts stores 5 until the relay that publishes it resolves the pipeline's
+-- default or the worker's setting.
 CREATE FUNCTION drover.enqueue(
     key text,
     pipeline text,

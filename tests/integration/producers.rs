@@ -30,20 +30,47 @@ fn noop(key: &str, params: serde_json::Value) -> JobMessage {
 #[tokio::test(flavor = "multi_thread")]
 async fn cli_same_request_is_harmless_a_different_one_is_a_conflict() {
     let env = TestEnv::new().await;
-    let first = env.drover(&["publish", "--pipeline", "noop", "--key", "acme:2026-11",
-        "--param", "batches=1"]);
+    let first = env.drover(&[
+        "publish",
+        "--pipeline",
+        "noop",
+        "--key",
+        "acme:2026-11",
+        "--param",
+        "batches=1",
+    ]);
     assert!(first.status.success(), "{}", stderr(&first));
     // No spurious lapin error while the publisher exits.
     assert!(!stderr(&first).contains("ERROR"), "{}", stderr(&first));
-    assert!(!stderr(&first).contains("invalid channel state"), "{}", stderr(&first));
+    assert!(
+        !stderr(&first).contains("invalid channel state"),
+        "{}",
+        stderr(&first)
+    );
 
-    let same = env.drover(&["publish", "--pipeline", "noop", "--key", "acme:2026-11",
-        "--params-json", r#"{"batches": 1}"#]);
+    let same = env.drover(&[
+        "publish",
+        "--pipeline",
+        "noop",
+        "--key",
+        "acme:2026-11",
+        "--params-json",
+        r#"{"batches": 1}"#,
+    ]);
     assert!(same.status.success(), "{}", stderr(&same));
     assert!(stdout(&same).contains("acme:2026-11: already exists (queued); nothing published"));
 
-    let other = env.drover(&["publish", "--pipeline", "noop", "--key", "acme:2026-11",
-        "--param", "batches=2", "--batch-size", "10"]);
+    let other = env.drover(&[
+        "publish",
+        "--pipeline",
+        "noop",
+        "--key",
+        "acme:2026-11",
+        "--param",
+        "batches=2",
+        "--batch-size",
+        "10",
+    ]);
     assert_eq!(other.status.code(), Some(1), "{}", stderr(&other));
     assert!(
         stderr(&other).contains(
@@ -101,7 +128,8 @@ async fn enqueue_commit_runs_within_a_second_rollback_never() {
     );
     // The worker published it on the NOTIFY, not on the 30 s orphan sweep, and the relay
     // says so in its log.
-    env.worker(0).wait_log("relayed due jobs", Duration::from_secs(5));
+    env.worker(0)
+        .wait_log("relayed due jobs", Duration::from_secs(5));
     assert_eq!(env.state("rolled-back").await, None);
 }
 
@@ -128,7 +156,10 @@ async fn enqueue_conflict_and_invalid_input_are_sql_errors_naming_the_field() {
     drop(tx);
 
     for (sql, message) in [
-        ("SELECT drover.enqueue('', 'noop')", "field \"idempotency_key\": must not be empty"),
+        (
+            "SELECT drover.enqueue('', 'noop')",
+            "field \"idempotency_key\": must not be empty",
+        ),
         (
             "SELECT drover.enqueue(repeat('x', 257), 'noop')",
             "field \"idempotency_key\": 257 bytes, at most 256 allowed",
@@ -172,11 +203,15 @@ async fn enqueued_without_a_worker_runs_when_one_starts() {
         .expect("enqueue");
     tx.commit().await.expect("commit");
     let t0 = Instant::now();
+    // The job names no max_attempts: the relay stores this worker's setting for it.
+    env.write_config("[worker]\nmax_attempts = 2\n");
     env.start_worker(&[]);
-    env.wait_job("early", Duration::from_secs(30), |r| {
-        r.get::<String, _>("state") == "succeeded"
-    })
-    .await;
+    let row = env
+        .wait_job("early", Duration::from_secs(30), |r| {
+            r.get::<String, _>("state") == "succeeded"
+        })
+        .await;
+    assert_eq!(row.get::<i32, _>("max_attempts"), 2);
     // Well inside the 30 s grace that applies to producers that publish themselves.
     assert!(t0.elapsed() < Duration::from_secs(20), "{:?}", t0.elapsed());
 }
@@ -192,7 +227,10 @@ async fn client_publish_many_job_and_wait() {
     let out = client.publish_many(&jobs).await.expect("publish many");
     assert!(out.iter().all(|o| matches!(o, Outcome::Published { .. })));
     let keys: Vec<String> = jobs.iter().map(|j| j.idempotency_key.clone()).collect();
-    let done = client.wait(&keys, Duration::from_secs(60)).await.expect("wait");
+    let done = client
+        .wait(&keys, Duration::from_secs(60))
+        .await
+        .expect("wait");
     assert!(done.iter().all(|p| p.state == "succeeded"), "{done:?}");
     let job = client.job("many-7").await.expect("job").expect("exists");
     assert_eq!(job.rows_done, 1);
@@ -223,7 +261,9 @@ async fn client_publish_many_job_and_wait() {
         .await
         .expect_err("timeout");
     assert!(
-        timeout.to_string().contains("never-published (not in the ledger)"),
+        timeout
+            .to_string()
+            .contains("never-published (not in the ledger)"),
         "{timeout}"
     );
     client.close().await.expect("close");

@@ -10,8 +10,8 @@
 //! own database and namespace.
 
 use drover_client::{Client, JobMessage, enqueue};
-use drover_core::config::{Connections, FileConfig};
 use drover_core::ExposeSecret;
+use drover_core::config::{Connections, FileConfig};
 use serde_json::json;
 use std::time::Duration;
 
@@ -24,7 +24,10 @@ pub async fn produce(conns: &Connections, prefix: &str) -> anyhow::Result<Vec<St
     let report = JobMessage::new(
         format!("{prefix}:report"),
         "noop",
-        json!({ "batches": 2 }).as_object().cloned().unwrap_or_default(),
+        json!({ "batches": 2 })
+            .as_object()
+            .cloned()
+            .unwrap_or_default(),
         None,
         None,
     )?;
@@ -35,7 +38,13 @@ pub async fn produce(conns: &Connections, prefix: &str) -> anyhow::Result<Vec<St
     sqlx::query("CREATE TABLE IF NOT EXISTS example_orders (id text PRIMARY KEY)")
         .execute(&pool)
         .await?;
-    let invoice = JobMessage::new(format!("{prefix}:invoice"), "noop", Default::default(), None, None)?;
+    let invoice = JobMessage::new(
+        format!("{prefix}:invoice"),
+        "noop",
+        Default::default(),
+        None,
+        None,
+    )?;
     let mut tx = pool.begin().await?;
     sqlx::query("INSERT INTO example_orders (id) VALUES ($1)")
         .bind(prefix)
@@ -45,7 +54,10 @@ pub async fn produce(conns: &Connections, prefix: &str) -> anyhow::Result<Vec<St
     tx.commit().await?;
 
     // 3. Wait for both (LISTEN/NOTIFY, with a polling fallback).
-    let keys = [report.idempotency_key.clone(), invoice.idempotency_key.clone()];
+    let keys = [
+        report.idempotency_key.clone(),
+        invoice.idempotency_key.clone(),
+    ];
     let done = client.wait(&keys, Duration::from_secs(60)).await?;
     client.close().await?;
     pool.close().await;

@@ -8,11 +8,19 @@ pub enum ClientError {
     /// The job is not a valid contract-v1 message, or a pre-publish check refused it; the
     /// message names the key, the field and the value.
     #[error("{key}: {reason}")]
-    Invalid { key: String, reason: String },
+    Invalid {
+        /// The job's idempotency key (as given, even when it is the invalid field).
+        key: String,
+        /// What is wrong, naming the field and the value.
+        reason: String,
+    },
     /// Several jobs of one call were refused (each line `key: reason`); nothing was
     /// recorded or published.
     #[error("{} invalid jobs; nothing was published:\n{}", .problems.len(), .problems.join("\n"))]
-    Refused { problems: Vec<String> },
+    Refused {
+        /// One `key: reason` line per refused job.
+        problems: Vec<String>,
+    },
     /// The keys exist already for different requests. Nothing was published for them; the
     /// other jobs of the same call were (see `outcomes`).
     #[error("{}", conflict_text(.conflicts))]
@@ -31,7 +39,12 @@ pub enum ClientError {
     Broker(#[from] drover_broker::BrokerError),
     /// [`Client::wait`](crate::Client::wait) gave up; `pending` lists `key (state)`.
     #[error("timed out after {secs}s waiting for {}", .pending.join(", "))]
-    Timeout { secs: u64, pending: Vec<String> },
+    Timeout {
+        /// The timeout that passed.
+        secs: u64,
+        /// `key (state)` of every job not terminal yet.
+        pending: Vec<String>,
+    },
 }
 
 /// One key refused because it exists for another request.

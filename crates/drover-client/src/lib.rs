@@ -81,14 +81,36 @@ pub trait Preflight: Send + Sync {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// A new job, recorded and confirmed by the broker.
-    Published { key: String, id: Uuid },
+    Published {
+        /// The idempotency key.
+        key: String,
+        /// The ledger id, also the message's `message_id`.
+        id: Uuid,
+    },
     /// Recorded by an earlier publish that never got the broker's confirm (a crash in
     /// between); published now.
-    Republished { key: String, id: Uuid },
+    Republished {
+        /// The idempotency key.
+        key: String,
+        /// The ledger id, also the message's `message_id`.
+        id: Uuid,
+    },
     /// The same request was recorded before; nothing published.
-    Exists { key: String, id: Uuid, state: String },
+    Exists {
+        /// The idempotency key.
+        key: String,
+        /// The stored job's id.
+        id: Uuid,
+        /// The stored job's state.
+        state: String,
+    },
     /// The key exists for a different request; nothing published.
-    Conflict { id: Uuid, conflict: Conflict },
+    Conflict {
+        /// The stored job's id.
+        id: Uuid,
+        /// What differs.
+        conflict: Conflict,
+    },
 }
 
 impl Outcome {
@@ -200,7 +222,11 @@ impl Client {
         self.check(jobs)?;
         // One span per call; a caller's span (e.g. from $TRACEPARENT) is its parent, and its
         // trace continues in the workers through each message's traceparent header.
-        let span = tracing::info_span!("publish", jobs = jobs.len(), trace_id = tracing::field::Empty);
+        let span = tracing::info_span!(
+            "publish",
+            jobs = jobs.len(),
+            trace_id = tracing::field::Empty
+        );
         let traceparent = drover_broker::trace::traceparent_of(&span);
         let trace_id = drover_broker::trace::trace_id_of(&span);
         if let Some(t) = &trace_id {
@@ -213,7 +239,11 @@ impl Client {
                 .iter()
                 .map(|m| self.new_job(m, trace_id.clone()))
                 .collect::<Result<_, _>>()?;
-            let recorded = self.ledger.insert_queued(&new).instrument(span.clone()).await?;
+            let recorded = self
+                .ledger
+                .insert_queued(&new)
+                .instrument(span.clone())
+                .await?;
             let mut out = Vec::new();
             let mut ids = Vec::new();
             for (m, o) in chunk.iter().zip(recorded) {
@@ -313,7 +343,9 @@ impl Client {
                     .iter()
                     .filter(|k| !by_key.get(*k).is_some_and(JobProgress::is_terminal))
                     .map(|k| {
-                        let state = by_key.get(k).map_or("not in the ledger", |p| p.state.as_str());
+                        let state = by_key
+                            .get(k)
+                            .map_or("not in the ledger", |p| p.state.as_str());
                         format!("{k} ({state})")
                     })
                     .collect();
@@ -400,7 +432,11 @@ impl Client {
         };
         let max_attempts = m
             .max_attempts
-            .or_else(|| self.preflight.as_ref().and_then(|p| p.default_max_attempts(m)))
+            .or_else(|| {
+                self.preflight
+                    .as_ref()
+                    .and_then(|p| p.default_max_attempts(m))
+            })
             .unwrap_or(self.default_max_attempts);
         Ok(NewJob {
             id: Uuid::new_v4(),
@@ -452,7 +488,10 @@ pub async fn enqueue_at(
         pipeline: &job.pipeline,
         params: &params,
         batch_size: job.batch_size.map(|b| int("batch_size", b)).transpose()?,
-        max_attempts: job.max_attempts.map(|n| int("max_attempts", n)).transpose()?,
+        max_attempts: job
+            .max_attempts
+            .map(|n| int("max_attempts", n))
+            .transpose()?,
         run_at,
     };
     drover_ledger::enqueue(&mut **tx, &req)
@@ -473,7 +512,9 @@ pub async fn enqueue_at(
 /// Rebuilds a [`Conflict`] from `drover.enqueue`'s message,
 /// `KEY: already exists (STATE) with different DIFFERS; nothing enqueued`.
 fn conflict_from_message(key: String, message: &str) -> Conflict {
-    let rest = message.strip_prefix(&format!("{key}: already exists (")).unwrap_or(message);
+    let rest = message
+        .strip_prefix(&format!("{key}: already exists ("))
+        .unwrap_or(message);
     let (state, rest) = rest.split_once(") with different ").unwrap_or(("?", rest));
     let differs = rest.strip_suffix("; nothing enqueued").unwrap_or(rest);
     Conflict {

@@ -44,8 +44,9 @@ pub async fn enqueue(
         .fetch_one(conn)
         .await
         .map_err(|e| match &e {
-            sqlx::Error::Database(db) if db.code().as_deref() == Some("23505")
-                && db.constraint() == Some("drover_idempotency_conflict") =>
+            sqlx::Error::Database(db)
+                if db.code().as_deref() == Some("23505")
+                    && db.constraint() == Some("drover_idempotency_conflict") =>
             {
                 LedgerError::Conflict {
                     key: job.key.to_string(),

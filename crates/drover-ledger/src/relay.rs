@@ -31,6 +31,8 @@ pub struct DueJob {
     /// The request named no `max_attempts` (`max_attempts` holds a default), so the
     /// message leaves it out too.
     pub max_attempts_default: bool,
+    /// Attempts started so far (0: it never ran).
+    pub attempts: i32,
     pub trace_id: Option<String>,
     /// Seconds the job has been due for (relay lag).
     pub overdue_secs: f64,
@@ -55,7 +57,7 @@ impl Ledger {
         let mut tx = self.pool.begin().await?;
         let due: Vec<DueJob> = sqlx::query_as(
             "SELECT id, idempotency_key, pipeline, params, batch_size, max_attempts, \
-             max_attempts_default, trace_id, \
+             max_attempts_default, attempts, trace_id, \
              EXTRACT(EPOCH FROM now() - COALESCE(run_at, created_at))::float8 AS overdue_secs \
              FROM drover.jobs \
              WHERE (state = 'retrying' AND run_at <= now()) \
@@ -83,6 +85,28 @@ impl Ledger {
 }
 
 impl RelaySweep {
+    /// Stores the attempt limits a worker resolved (a pipeline's default, else the worker's
+    /// setting) for swept jobs that never ran and whose request named none: `drover.enqueue`
+    /// cannot know them and stores a placeholder. Part of the sweep's transaction.
+    pub async fn resolve_max_attempts(
+        &mut self,
+        limits: &[(Uuid, i32)],
+    ) -> Result<(), LedgerError> {
+        if limits.is_empty() {
+            return Ok(());
+        }
+        let (ids, ns): (Vec<Uuid>, Vec<i32>) = limits.iter().copied().unzip();
+        sqlx::query(
+            "UPDATE drover.jobs j SET max_attempts = r.n FROM UNNEST($1::uuid[], $2::int[]) \
+             AS r(id, n) WHERE j.id = r.id AND j.max_attempts_default AND j.attempts = 0",
+        )
+        .bind(&ids)
+        .bind(&ns)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
     /// Marks the swept jobs `queued` with a confirmed message and releases the locks.
     pub async fn commit(mut self) -> Result<(), LedgerError> {
         let ids: Vec<Uuid> = self.due.iter().map(|d| d.id).collect();

@@ -71,7 +71,11 @@ async fn sweep(shared: &Shared) {
         return;
     };
     loop {
-        let sweep = match shared.ledger.relay_sweep(SWEEP_LIMIT, ORPHAN_GRACE_SECS).await {
+        let sweep = match shared
+            .ledger
+            .relay_sweep(SWEEP_LIMIT, ORPHAN_GRACE_SECS)
+            .await
+        {
             Ok(s) => s,
             Err(e) => {
                 debug!(error = %e, "relay sweep failed");
@@ -82,7 +86,7 @@ async fn sweep(shared: &Shared) {
             return;
         }
         let full = sweep.due.len() as i64 == SWEEP_LIMIT;
-        let out: Vec<OutgoingJob> = sweep
+        let msgs: Vec<JobMessage> = sweep
             .due
             .iter()
             .map(|d| {
@@ -93,7 +97,7 @@ async fn sweep(shared: &Shared) {
                     Value::Object(m) => m.clone(),
                     _ => Default::default(),
                 };
-                let msg = JobMessage {
+                JobMessage {
                     v: drover_core::message::CONTRACT_VERSION,
                     idempotency_key: d.idempotency_key.clone(),
                     pipeline: d.pipeline.clone(),
@@ -104,13 +108,41 @@ async fn sweep(shared: &Shared) {
                     } else {
                         u32::try_from(d.max_attempts).ok()
                     },
-                };
-                OutgoingJob::new(d.id, &msg, None)
+                }
             })
             .collect();
+        let out: Vec<OutgoingJob> = sweep
+            .due
+            .iter()
+            .zip(&msgs)
+            .map(|(d, m)| OutgoingJob::new(d.id, m, None))
+            .collect();
+        // Jobs enqueued in SQL without max_attempts get this worker's resolution (the
+        // pipeline's default, else the configured one) before their first attempt.
+        let limits: Vec<(uuid::Uuid, i32)> = sweep
+            .due
+            .iter()
+            .zip(&msgs)
+            .filter(|(d, _)| d.max_attempts_default && d.attempts == 0)
+            .filter_map(|(d, m)| {
+                let n = shared
+                    .registry
+                    .max_attempts_for(m, shared.config.max_attempts);
+                i32::try_from(n)
+                    .ok()
+                    .filter(|n| *n != d.max_attempts)
+                    .map(|n| (d.id, n))
+            })
+            .collect();
+        let mut sweep = sweep;
         let lag = sweep.due.iter().map(|d| d.overdue_secs).fold(0.0, f64::max);
         match publisher.publish_jobs(&out).await {
-            Ok(()) => match sweep.commit().await {
+            Ok(()) => match async {
+                sweep.resolve_max_attempts(&limits).await?;
+                sweep.commit().await
+            }
+            .await
+            {
                 Ok(()) => {
                     shared.metrics.relayed(out.len(), lag);
                     info!(jobs = out.len(), max_lag_secs = lag, "relayed due jobs");

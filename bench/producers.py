@@ -18,12 +18,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import drover
 import pika
 import psycopg
 
-import drover
-
-ADMIN = os.environ.get("BENCH_ADMIN_DB_URL", "postgres://postgres@127.0.0.1:5432/postgres")
+ADMIN = os.environ.get(
+    "BENCH_ADMIN_DB_URL", "postgres://postgres@127.0.0.1:5432/postgres"
+)
 AMQP = os.environ.get("DROVER_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")
 DB = "drover_bench_producers"
 
@@ -31,14 +32,24 @@ DB = "drover_bench_producers"
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--drover", required=True)
-    ap.add_argument("--jobs", type=int, default=int(os.environ.get("BENCH_PUBLISH_JOBS", 20000)))
-    ap.add_argument("--latency-jobs", type=int,
-                    default=int(os.environ.get("BENCH_ENQUEUE_JOBS", 200)))
+    ap.add_argument(
+        "--jobs", type=int, default=int(os.environ.get("BENCH_PUBLISH_JOBS", "20000"))
+    )
+    ap.add_argument(
+        "--latency-jobs",
+        type=int,
+        default=int(os.environ.get("BENCH_ENQUEUE_JOBS", "200")),
+    )
     args = ap.parse_args()
     db_url = f"{ADMIN.rsplit('/', 1)[0]}/{DB}"
     prefix = f"bench-prod-{os.getpid()}"
-    env = dict(os.environ, DATABASE_URL=db_url, DROVER_AMQP_URL=AMQP, DROVER_LOG_FORMAT="json",
-               DROVER_METRICS_ADDR="127.0.0.1:0")
+    env = dict(
+        os.environ,
+        DATABASE_URL=db_url,
+        DROVER_AMQP_URL=AMQP,
+        DROVER_LOG_FORMAT="json",
+        DROVER_METRICS_ADDR="127.0.0.1:0",
+    )
     env.pop("DROVER_CONFIG", None)
     namespaces: list[str] = []
     worker: subprocess.Popen[bytes] | None = None
@@ -51,19 +62,31 @@ def main() -> None:
         namespaces.append(ns)
         with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as f:
             for i in range(args.jobs):
-                f.write(json.dumps({"v": 1, "idempotency_key": f"r-{i}", "pipeline": "noop"})
-                        + "\n")
+                f.write(
+                    json.dumps(
+                        {"v": 1, "idempotency_key": f"r-{i}", "pipeline": "noop"}
+                    )
+                    + "\n"
+                )
         t0 = time.perf_counter()
-        subprocess.run([args.drover, "publish", "--file", f.name, "-q"],
-                       env=dict(env, DROVER_NAMESPACE=ns), check=True, capture_output=True)
+        subprocess.run(
+            [args.drover, "publish", "--file", f.name, "-q"],
+            env=dict(env, DROVER_NAMESPACE=ns),
+            check=True,
+            capture_output=True,
+        )
         rust_s = time.perf_counter() - t0
         os.unlink(f.name)
 
         # 2. Python Client.publish_many, N jobs (queues declared by a first drover publish).
         ns = f"{prefix}-py"
         namespaces.append(ns)
-        subprocess.run([args.drover, "publish", "--pipeline", "noop", "--key", "py-warm", "-q"],
-                       env=dict(env, DROVER_NAMESPACE=ns), check=True, capture_output=True)
+        subprocess.run(
+            [args.drover, "publish", "--pipeline", "noop", "--key", "py-warm", "-q"],
+            env=dict(env, DROVER_NAMESPACE=ns),
+            check=True,
+            capture_output=True,
+        )
         jobs = [drover.Job(f"p-{i}", "noop") for i in range(args.jobs)]
         with drover.Client(amqp_url=AMQP, database_url=db_url, namespace=ns) as c:
             t0 = time.perf_counter()
@@ -74,17 +97,25 @@ def main() -> None:
         # 3. enqueue -> start: one job per transaction, the next once the previous finished.
         ns = f"{prefix}-enq"
         namespaces.append(ns)
-        worker = subprocess.Popen([args.drover, "worker", "--prefetch", "16"],
-                                  env=dict(env, DROVER_NAMESPACE=ns),
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        assert worker.stderr is not None
-        for line in worker.stderr:
-            if b'"consuming"' in line:
-                break
+        # The worker logs to a file (an unread pipe would fill up and block it).
+        log = Path(tempfile.mkdtemp()) / "worker.log"
+        with log.open("wb") as log_file:
+            worker = subprocess.Popen(
+                [args.drover, "worker", "--prefetch", "16"],
+                env=dict(env, DROVER_NAMESPACE=ns),
+                stdout=subprocess.DEVNULL,
+                stderr=log_file,
+            )
+        deadline = time.monotonic() + 60
+        while b'"consuming"' not in log.read_bytes():
+            if worker.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"worker did not start consuming:\n{log.read_text()}")
+            time.sleep(0.05)
         delays: list[float] = []
-        with psycopg.connect(db_url) as conn, drover.Client(
-            amqp_url=AMQP, database_url=db_url, namespace=ns
-        ) as c:
+        with (
+            psycopg.connect(db_url) as conn,
+            drover.Client(amqp_url=AMQP, database_url=db_url, namespace=ns) as c,
+        ):
             for i in range(args.latency_jobs):
                 key = f"e-{i}"
                 with conn.transaction():
@@ -113,16 +144,26 @@ def main() -> None:
     n = args.jobs
     print(f"## 6. Producers ({n:,} noop jobs; {args.latency_jobs} enqueues)")
     print()
-    print("Throughput: ledger insert (`drover.record_jobs`, 1,000 per statement), publish with")
-    print("publisher confirms, `drover.mark_published`; no worker running. Latency: one")
-    print("`drover.enqueue` per transaction, the next after the previous job succeeded; from")
-    print("`created_at` (the enqueueing transaction's start) to `started_at` (the worker's")
+    print(
+        "Throughput: ledger insert (`drover.record_jobs`, 1,000 per statement), publish with"
+    )
+    print(
+        "publisher confirms, `drover.mark_published`; no worker running. Latency: one"
+    )
+    print(
+        "`drover.enqueue` per transaction, the next after the previous job succeeded; from"
+    )
+    print(
+        "`created_at` (the enqueueing transaction's start) to `started_at` (the worker's"
+    )
     print("claim), both from the ledger's clock.")
     print()
     print("| producer | wall s | jobs/s |")
     print("| --- | ---: | ---: |")
-    print(f"| `drover publish --file` (Rust client, incl. process start) | {rust_s:.2f} "
-          f"| {n / rust_s:,.0f} |")
+    print(
+        f"| `drover publish --file` (Rust client, incl. process start) | {rust_s:.2f} "
+        f"| {n / rust_s:,.0f} |"
+    )
     print(f"| Python `Client.publish_many` | {py_s:.2f} | {n / py_s:,.0f} |")
     print()
     print("| interval | p50 ms | p99 ms |")

@@ -494,19 +494,17 @@ pub async fn enqueue_at(
             .transpose()?,
         run_at,
     };
-    drover_ledger::enqueue(&mut **tx, &req)
-        .await
-        .map_err(|e| match e {
-            LedgerError::Conflict { key, message } => ClientError::Conflict {
-                conflicts: vec![conflict_from_message(key, &message)],
-                outcomes: Vec::new(),
-            },
-            LedgerError::Invalid { message } => ClientError::Invalid {
-                key: job.idempotency_key.clone(),
-                reason: message,
-            },
-            other => other.into(),
-        })
+    drover_ledger::enqueue(tx, &req).await.map_err(|e| match e {
+        LedgerError::Conflict { key, message } => ClientError::Conflict {
+            conflicts: vec![conflict_from_message(key, &message)],
+            outcomes: Vec::new(),
+        },
+        LedgerError::Invalid { message } => ClientError::Invalid {
+            key: job.idempotency_key.clone(),
+            reason: message,
+        },
+        other => other.into(),
+    })
 }
 
 /// Rebuilds a [`Conflict`] from `drover.enqueue`'s message,

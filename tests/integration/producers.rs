@@ -231,7 +231,11 @@ async fn client_publish_many_job_and_wait() {
         .wait(&keys, Duration::from_secs(60))
         .await
         .expect("wait");
-    assert!(done.iter().all(|p| p.state == "succeeded"), "{done:?}");
+    assert!(
+        done.iter()
+            .all(|p| p.state == drover_client::JobState::Succeeded),
+        "{done:?}"
+    );
     let job = client.job("many-7").await.expect("job").expect("exists");
     assert_eq!(job.rows_done, 1);
     assert!(client.job("absent").await.expect("job").is_none());

@@ -61,7 +61,7 @@ pub async fn produce(conns: &Connections, prefix: &str) -> anyhow::Result<Vec<St
     let done = client.wait(&keys, Duration::from_secs(60)).await?;
     client.close().await?;
     pool.close().await;
-    Ok(done.into_iter().map(|p| p.state).collect())
+    Ok(done.into_iter().map(|p| p.state.to_string()).collect())
 }
 
 #[tokio::main]

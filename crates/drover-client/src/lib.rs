@@ -23,7 +23,7 @@
 //!     .map_err(|e| drover_client::ClientError::Invalid { key: "hello-1".into(), reason: e.reason })?;
 //! client.publish(&job).await?;
 //! let done = client.wait(&["hello-1".to_string()], Duration::from_secs(60)).await?;
-//! assert_eq!(done[0].state, "succeeded");
+//! assert_eq!(done[0].state, drover_client::JobState::Succeeded);
 //! client.close().await?;
 //! # Ok(())
 //! # }
@@ -33,7 +33,7 @@
 
 mod error;
 
-pub use drover_core::JobMessage;
+pub use drover_core::{JobMessage, JobState};
 pub use drover_ledger::{JobProgress, JobView};
 pub use error::{ClientError, Conflict};
 
@@ -102,7 +102,7 @@ pub enum Outcome {
         /// The stored job's id.
         id: Uuid,
         /// The stored job's state.
-        state: String,
+        state: JobState,
     },
     /// The key exists for a different request; nothing published.
     Conflict {
@@ -259,7 +259,7 @@ impl Client {
                     InsertOutcome::Conflict { id, state, differs } => {
                         let conflict = Conflict {
                             key,
-                            state,
+                            state: state.to_string(),
                             differs,
                         };
                         conflicts.push(conflict.clone());

@@ -8,8 +8,10 @@ pub mod config;
 pub mod error;
 pub mod message;
 pub mod retry;
+pub mod state;
 
 pub use error::ErrorKind;
 pub use message::{ContractError, JobMessage};
 pub use retry::{RetryDecision, RetryPolicy};
 pub use secrecy::{ExposeSecret, SecretString};
+pub use state::{JobState, UnknownState};

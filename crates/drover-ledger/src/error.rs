@@ -25,7 +25,7 @@ pub enum LedgerError {
     #[error("job {key:?} is {state}: {message}")]
     WrongState {
         key: String,
-        state: String,
+        state: drover_core::JobState,
         message: String,
     },
     /// The key exists for a different request (`drover.enqueue` raised
@@ -35,6 +35,9 @@ pub enum LedgerError {
     /// `drover.enqueue` refused its input; the message names the field and the value.
     #[error("{message}")]
     Invalid { message: String },
+    /// A row's `state` is not a state this version knows (a newer schema, or a hand edit).
+    #[error("the ledger holds {0}")]
+    UnknownState(#[from] drover_core::UnknownState),
     #[error("ledger query failed")]
     Db(#[from] sqlx::Error),
     /// A grouped write (see `Group`) failed for every job in its group; `message` is the

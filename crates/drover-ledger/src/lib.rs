@@ -42,13 +42,7 @@ use std::time::Duration;
 /// The migrations in the workspace's top-level `migrations/` directory, embedded.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
 
-/// States after which nothing more happens to a job.
-pub const TERMINAL_STATES: [&str; 4] = ["succeeded", "dead", "cancelled", "rejected"];
-
-/// Whether `state` is terminal.
-pub fn is_terminal(state: &str) -> bool {
-    TERMINAL_STATES.contains(&state)
-}
+pub use drover_core::JobState;
 
 /// A handle on the ledger: a connection pool plus the operations on it.
 #[derive(Clone, Debug)]

@@ -5,7 +5,7 @@
 //! (`enqueued_at IS NULL`) and re-published by the next publish of the same key or by the
 //! relay.
 
-use crate::{Ledger, LedgerError};
+use crate::{JobState, Ledger, LedgerError};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use uuid::Uuid;
@@ -88,7 +88,7 @@ pub enum InsertOutcome {
     /// so it should be published now.
     Exists {
         id: Uuid,
-        state: String,
+        state: JobState,
         needs_publish: bool,
     },
     /// The key existed already for a different request: nothing is published. `differs`
@@ -96,7 +96,7 @@ pub enum InsertOutcome {
     /// "2026-12")`).
     Conflict {
         id: Uuid,
-        state: String,
+        state: JobState,
         differs: String,
     },
 }
@@ -145,19 +145,20 @@ impl Ledger {
         let mut out = Vec::with_capacity(rows.len());
         for (row, job) in rows.into_iter().zip(jobs) {
             debug_assert_eq!(row.idempotency_key, job.key);
+            let state: JobState = row.state.parse()?;
             out.push(if row.inserted {
                 InsertOutcome::Inserted { id: job.id }
             } else if let Some(differs) = row.differs {
                 InsertOutcome::Conflict {
                     id: row.id,
-                    state: row.state,
+                    state,
                     differs,
                 }
             } else {
-                let needs_publish = row.state == "queued" && !row.enqueued;
+                let needs_publish = state == JobState::Queued && !row.enqueued;
                 InsertOutcome::Exists {
                     id: row.id,
-                    state: row.state,
+                    state,
                     needs_publish,
                 }
             });

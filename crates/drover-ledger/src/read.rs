@@ -1,7 +1,7 @@
 //! What the CLI shows: jobs as rows, one job with its attempt history, progress for `wait`,
 //! and the two operator transitions (cancel, retry).
 
-use crate::{Ledger, LedgerError, is_terminal};
+use crate::{JobState, Ledger, LedgerError};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
@@ -14,7 +14,8 @@ pub struct JobView {
     pub idempotency_key: String,
     pub pipeline: String,
     pub params: sqlx::types::Json<Value>,
-    pub state: String,
+    #[sqlx(try_from = "String")]
+    pub state: JobState,
     pub attempts: i32,
     pub max_attempts: i32,
     pub batch_size: Option<i32>,
@@ -48,7 +49,7 @@ pub struct AttemptView {
 /// Filters for `jobs list`.
 #[derive(Debug, Clone, Default)]
 pub struct JobFilter {
-    pub state: Option<String>,
+    pub state: Option<JobState>,
     pub pipeline: Option<String>,
     pub limit: i64,
 }
@@ -57,7 +58,8 @@ pub struct JobFilter {
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
 pub struct JobProgress {
     pub idempotency_key: String,
-    pub state: String,
+    #[sqlx(try_from = "String")]
+    pub state: JobState,
     pub attempts: i32,
     pub batches_done: i32,
     pub batches_total: Option<i32>,
@@ -69,7 +71,7 @@ pub struct JobProgress {
 impl JobProgress {
     /// Whether nothing more will happen to the job.
     pub fn is_terminal(&self) -> bool {
-        is_terminal(&self.state)
+        self.state.is_terminal()
     }
 }
 
@@ -86,7 +88,7 @@ impl Ledger {
              ORDER BY created_at DESC, idempotency_key LIMIT $3"
         );
         Ok(sqlx::query_as(sqlx::AssertSqlSafe(sql))
-            .bind(&f.state)
+            .bind(f.state.map(JobState::as_str))
             .bind(&f.pipeline)
             .bind(f.limit)
             .fetch_all(&self.pool)
@@ -127,7 +129,7 @@ impl Ledger {
 
     /// Operator cancel: a queued or retrying job is cancelled at once; a running one is
     /// flagged and its worker stops at the next batch boundary. Returns the resulting state.
-    pub async fn request_cancel(&self, key: &str) -> Result<String, LedgerError> {
+    pub async fn request_cancel(&self, key: &str) -> Result<JobState, LedgerError> {
         let row: Option<(String,)> = sqlx::query_as(
             "UPDATE drover.jobs SET \
                state = CASE WHEN state IN ('queued', 'retrying') THEN 'cancelled' ELSE state END, \
@@ -140,7 +142,7 @@ impl Ledger {
         .fetch_optional(&self.pool)
         .await?;
         match row {
-            Some((state,)) => Ok(state),
+            Some((state,)) => Ok(state.parse()?),
             None => {
                 let job = self.get(key).await?;
                 Err(LedgerError::WrongState {
@@ -182,7 +184,8 @@ impl Ledger {
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct StateCount {
     pub pipeline: String,
-    pub state: String,
+    #[sqlx(try_from = "String")]
+    pub state: JobState,
     pub jobs: i64,
 }
 

@@ -4,7 +4,7 @@
 //! (`lease_owner = worker AND attempts = attempt AND state = 'running'`). When the condition
 //! fails the caller gets [`LeaseLost`] and must stop: another worker took the job over.
 
-use crate::{Ledger, LedgerError, is_terminal};
+use crate::{JobState, Ledger, LedgerError};
 use chrono::{DateTime, Utc};
 use drover_core::retry::{GiveUpReason, RetryDecision, RetryPolicy};
 use drover_core::{ErrorKind, JobMessage};
@@ -36,7 +36,7 @@ pub enum Claim {
     /// Run it: the lease is ours.
     Run(ClaimedJob),
     /// Terminal already (or just cancelled): ack without running.
-    Done { state: String },
+    Done { state: JobState },
     /// Scheduled for a later retry; the relay re-publishes it when due. Ack this copy.
     NotDue { run_at: Option<DateTime<Utc>> },
     /// Another worker holds the lease. Watch its heartbeat before deciding.
@@ -46,7 +46,7 @@ pub enum Claim {
 /// A lease as one reader saw it: the owner and its last heartbeat.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LeaseSeen {
-    pub state: String,
+    pub state: JobState,
     pub owner: Option<String>,
     pub heartbeat_at: Option<DateTime<Utc>>,
 }
@@ -86,7 +86,8 @@ pub enum FailOutcome {
 #[derive(sqlx::FromRow)]
 struct LockedJob {
     id: Uuid,
-    state: String,
+    #[sqlx(try_from = "String")]
+    state: JobState,
     not_due: bool,
     run_at: Option<DateTime<Utc>>,
     lease_owner: Option<String>,
@@ -143,15 +144,15 @@ impl Ledger {
             .fetch_one(&mut *tx)
             .await?;
 
-        if is_terminal(&job.state) {
+        if job.state.is_terminal() {
             tx.commit().await?;
             return Ok(Claim::Done { state: job.state });
         }
-        if job.state == "retrying" && job.not_due {
+        if job.state == JobState::Retrying && job.not_due {
             tx.commit().await?;
             return Ok(Claim::NotDue { run_at: job.run_at });
         }
-        if job.state == "running" {
+        if job.state == JobState::Running {
             let stale = takeover
                 .map(|seen| seen.owner == job.lease_owner && seen.heartbeat_at == job.heartbeat_at)
                 .unwrap_or(false);
@@ -199,7 +200,7 @@ impl Ledger {
                 .await?;
                 tx.commit().await?;
                 return Ok(Claim::Done {
-                    state: "dead".into(),
+                    state: JobState::Dead,
                 });
             }
             sqlx::query("UPDATE drover.jobs SET failures = $2 WHERE id = $1")
@@ -218,7 +219,7 @@ impl Ledger {
             .await?;
             tx.commit().await?;
             return Ok(Claim::Done {
-                state: "cancelled".into(),
+                state: JobState::Cancelled,
             });
         }
         let claimed = start_attempt(&mut tx, job.id, worker).await?;
@@ -236,7 +237,7 @@ impl Ledger {
             .fetch_one(&self.pool)
             .await?;
         Ok(LeaseSeen {
-            state,
+            state: state.parse()?,
             owner,
             heartbeat_at,
         })

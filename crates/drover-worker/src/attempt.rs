@@ -174,7 +174,8 @@ pub(crate) async fn run_attempt(
         None => {
             // Earlier attempts did some batches: their outcomes come from the ledger.
             let mut batches = match gather_batches(shared, job, resume, done_here).await {
-                Ok(b) => b,
+                Ok(Ok(b)) => b,
+                Ok(Err(e)) => return failed(shared, job, e, delivery).await,
                 Err(stop) => return stopped(shared, job, stop).await,
             };
             if let Some(b) = &final_batch {
@@ -296,28 +297,46 @@ pub(crate) async fn gather_batches(
     job: &ClaimedJob,
     resume: u32,
     done_here: Vec<BatchOutcome>,
-) -> Result<Vec<BatchOutcome>, DbStop> {
+) -> Result<Result<Vec<BatchOutcome>, PipelineError>, DbStop> {
     if resume == 0 {
-        return Ok(done_here);
+        return Ok(Ok(done_here));
     }
     let records = shared
         .db("checkpoints", || shared.ledger.checkpoints(job.id))
         .await?;
-    let mut by_index: std::collections::BTreeMap<u32, BatchOutcome> = records
-        .into_iter()
-        .map(|r| {
-            let b = BatchOutcome {
-                index: r.batch_index as u32,
-                rows: r.rows as u64,
+    let mut by_index: std::collections::BTreeMap<u32, BatchOutcome> =
+        std::collections::BTreeMap::new();
+    for r in records {
+        // A summary the ledger cannot give back would make the job's totals wrong: the job
+        // fails rather than succeeding with them.
+        let summary = match serde_json::from_value(r.summary.0) {
+            Ok(s) => s,
+            Err(e) => {
+                return Ok(Err(PipelineError::permanent(format!(
+                    "checkpoint of batch {} has a summary that is not a map of integers ({e}); the job's totals cannot be computed",
+                    r.batch_index
+                ))));
+            }
+        };
+        let (Ok(index), Ok(rows)) = (u32::try_from(r.batch_index), u64::try_from(r.rows)) else {
+            return Ok(Err(PipelineError::permanent(format!(
+                "checkpoint of batch {} records {} rows: not a valid batch",
+                r.batch_index, r.rows
+            ))));
+        };
+        by_index.insert(
+            index,
+            BatchOutcome {
+                index,
+                rows,
                 output: r.output,
                 checksum: r.checksum,
-                summary: serde_json::from_value(r.summary.0).unwrap_or_default(),
-            };
-            (b.index, b)
-        })
-        .collect();
+                summary,
+            },
+        );
+    }
     by_index.extend(done_here.into_iter().map(|b| (b.index, b)));
-    Ok(by_index.into_values().collect())
+    Ok(Ok(by_index.into_values().collect()))
 }
 
 /// What a batch's checkpoint records in the ledger.
@@ -327,7 +346,12 @@ pub(crate) fn record_of(b: &BatchOutcome) -> BatchRecord {
         rows: b.rows as i64,
         output: b.output.clone(),
         checksum: b.checksum.clone(),
-        summary: sqlx::types::Json(serde_json::to_value(&b.summary).unwrap_or_default()),
+        summary: sqlx::types::Json(Value::Object(
+            b.summary
+                .iter()
+                .map(|(k, v)| (k.clone(), Value::from(*v)))
+                .collect(),
+        )),
     }
 }
 

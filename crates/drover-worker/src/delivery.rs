@@ -161,7 +161,7 @@ pub(crate) async fn watch_lease(shared: &Shared, id: Uuid, seen: &LeaseSeen) -> 
             _ = shutdown.changed() => return LeaseWatch::Shutdown,
         }
         match shared.db("lease", || shared.ledger.lease(id)).await {
-            Ok(now) if now.state != "running" => return LeaseWatch::Changed,
+            Ok(now) if now.state != drover_core::JobState::Running => return LeaseWatch::Changed,
             Ok(now) if now.heartbeat_at != seen.heartbeat_at || now.owner != seen.owner => {
                 return LeaseWatch::Alive;
             }

@@ -1,25 +1,13 @@
 //! `drover jobs`: list, show, wait for, cancel and retry jobs in the ledger.
 
 use crate::cli::Context;
-use anyhow::bail;
 use clap::Subcommand;
-use drover_ledger::{JobFilter, JobProgress, JobView, Ledger};
+use drover_ledger::{JobFilter, JobProgress, JobState, JobView, Ledger};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
-
-/// States a job can be in, for `--state`.
-const STATES: [&str; 7] = [
-    "queued",
-    "running",
-    "retrying",
-    "succeeded",
-    "dead",
-    "rejected",
-    "cancelled",
-];
 
 /// `drover jobs` subcommands.
 #[derive(Debug, Subcommand)]
@@ -29,7 +17,7 @@ pub enum JobsCommand {
         /// Only jobs in this state (queued, running, retrying, succeeded, dead, rejected,
         /// cancelled).
         #[arg(long)]
-        state: Option<String>,
+        state: Option<JobState>,
         /// Only jobs of this pipeline.
         #[arg(long)]
         pipeline: Option<String>,
@@ -80,11 +68,6 @@ pub async fn run(ctx: &Context, cmd: JobsCommand) -> anyhow::Result<ExitCode> {
             limit,
             json,
         } => {
-            if let Some(s) = &state
-                && !STATES.contains(&s.as_str())
-            {
-                bail!("--state {s:?}: not a state (one of {})", STATES.join(", "));
-            }
             let jobs = ledger
                 .list(&JobFilter {
                     state,
@@ -117,7 +100,7 @@ pub async fn run(ctx: &Context, cmd: JobsCommand) -> anyhow::Result<ExitCode> {
         }
         JobsCommand::Cancel { key } => {
             let state = ledger.request_cancel(&key).await?;
-            if state == "cancelled" {
+            if state == JobState::Cancelled {
                 println!("{key}: cancelled");
             } else {
                 println!(
@@ -253,8 +236,8 @@ fn print_show(j: &JobView, attempts: &[drover_ledger::AttemptView]) {
 /// A terminal progress bar for one job: `[#####-----] 5/10 batches, 50000 rows  running`.
 fn bar_line(p: &JobProgress) -> String {
     const WIDTH: usize = 24;
-    let filled = match (p.batches_total, p.state.as_str()) {
-        (_, "succeeded") => WIDTH,
+    let filled = match (p.batches_total, p.state) {
+        (_, JobState::Succeeded) => WIDTH,
         (Some(t), _) if t > 0 => (p.batches_done.max(0) as usize * WIDTH / t as usize).min(WIDTH),
         _ => 0,
     };
@@ -282,13 +265,15 @@ fn progress_line(p: &JobProgress) -> String {
         progress_text(p.batches_done, p.batches_total, p.rows_done),
         p.attempts
     );
-    if p.state == "retrying"
+    if p.state == JobState::Retrying
         && let Some(r) = p.run_at
     {
         s.push_str(&format!(", next attempt at {}", r.format("%H:%M:%S")));
     }
-    if !matches!(p.state.as_str(), "succeeded" | "running" | "queued")
-        && let Some(e) = &p.last_error
+    if !matches!(
+        p.state,
+        JobState::Succeeded | JobState::Running | JobState::Queued
+    ) && let Some(e) = &p.last_error
     {
         s.push_str(&format!(": {e}"));
     }
@@ -350,7 +335,7 @@ async fn wait(ledger: &Ledger, keys: &[String], timeout: Duration) -> anyhow::Re
         if all_terminal {
             let failed: Vec<&str> = rows
                 .iter()
-                .filter(|p| p.state != "succeeded")
+                .filter(|p| p.state != JobState::Succeeded)
                 .map(|p| p.idempotency_key.as_str())
                 .collect();
             if failed.is_empty() {

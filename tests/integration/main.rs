@@ -6,9 +6,13 @@
 
 mod support;
 
+/// The binary every test drives.
+pub const BIN: &str = env!("CARGO_BIN_EXE_drover");
+
 mod cli;
 mod core;
 mod ledger;
+mod lifecycle;
 mod observability;
 mod outage;
 mod producers;

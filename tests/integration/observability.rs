@@ -5,30 +5,9 @@ use crate::support::*;
 use serde_json::Value;
 use sqlx::Row;
 use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::Duration;
 
 const T: Duration = Duration::from_secs(90);
-
-/// A plain HTTP/1.0 GET; returns (status, body).
-fn get(addr: &str, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).expect("connect metrics port");
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("write");
-    let mut text = String::new();
-    s.read_to_string(&mut text).expect("read");
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn health_readiness_and_metrics_over_http() {
@@ -38,9 +17,9 @@ async fn health_readiness_and_metrics_over_http() {
     let v: Value = serde_json::from_str(&line).expect("json log line");
     let addr = v["addr"].as_str().expect("addr field").to_string();
 
-    let (status, body) = get(&addr, "/healthz");
+    let (status, body) = http_get(&addr, "/healthz");
     assert_eq!(status, 200, "{body}");
-    let (status, body) = get(&addr, "/readyz");
+    let (status, body) = http_get(&addr, "/readyz");
     assert_eq!(status, 200, "{body}");
     assert!(
         body.contains("consuming") && body.contains("postgres: up"),
@@ -61,7 +40,7 @@ async fn health_readiness_and_metrics_over_http() {
     ];
     let deadline = std::time::Instant::now() + T;
     loop {
-        let (status, metrics) = get(&addr, "/metrics");
+        let (status, metrics) = http_get(&addr, "/metrics");
         assert_eq!(status, 200);
         let missing: Vec<&str> = needles
             .iter()
@@ -77,7 +56,7 @@ async fn health_readiness_and_metrics_over_http() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let (status, _) = get(&addr, "/nope");
+    let (status, _) = http_get(&addr, "/nope");
     assert_eq!(status, 404);
 }
 

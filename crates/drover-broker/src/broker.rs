@@ -22,6 +22,15 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long [`Broker::close`] waits for each channel and for the connection to close.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// A queue's depth as a passive declare reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueDepth {
+    /// Messages ready for delivery (not counting delivered, unacked ones).
+    pub ready: u32,
+    /// Consumers attached.
+    pub consumers: u32,
+}
+
 /// One AMQP connection to RabbitMQ.
 ///
 /// A worker opens one per (re)connection and takes a [`Publisher`] and a [`JobConsumer`] from
@@ -317,6 +326,34 @@ impl Broker {
                 Err(e)
             }
         }
+    }
+
+    /// How many messages wait ready in `queue` (e.g. `{ns}.jobs`) and how many consumers it
+    /// has (a passive declare on a channel of its own, closed afterwards). The ready count
+    /// leaves out messages delivered to a consumer and not yet acked. The rescuer and
+    /// `drover doctor` compare it with the ledger's `queued` jobs to find lost messages.
+    pub async fn queue_depth(&self, queue: &str) -> Result<QueueDepth, BrokerError> {
+        let channel = self
+            .open_channel("open a channel to inspect the queue")
+            .await?;
+        let q = channel
+            .queue_declare(
+                short("queue name", queue)?,
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| self.op_error(format!("inspect queue {queue} (passive declare)"), &e))?;
+        if let Err(e) = channel.close(200, "OK".into()).await {
+            debug!(error = %describe(&e), "closing the inspect channel");
+        }
+        Ok(QueueDepth {
+            ready: q.message_count(),
+            consumers: q.consumer_count(),
+        })
     }
 
     async fn open_channel(&self, purpose: &str) -> Result<Channel, BrokerError> {

@@ -27,7 +27,7 @@ mod publisher;
 mod topology;
 pub mod trace;
 
-pub use broker::{Broker, CLOSE_TIMEOUT, CONNECT_TIMEOUT};
+pub use broker::{Broker, CLOSE_TIMEOUT, CONNECT_TIMEOUT, QueueDepth};
 pub use consumer::{DELIVERY_COUNT_HEADER, Incoming, JobConsumer};
 pub use endpoint::redact_url;
 pub use error::BrokerError;

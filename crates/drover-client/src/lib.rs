@@ -499,7 +499,7 @@ pub async fn enqueue_at(
             conflicts: vec![conflict_from_message(key, &message)],
             outcomes: Vec::new(),
         },
-        LedgerError::Invalid { message } => ClientError::Invalid {
+        LedgerError::EnqueueRefused { message } => ClientError::Invalid {
             key: job.idempotency_key.clone(),
             reason: message,
         },

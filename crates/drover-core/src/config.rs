@@ -49,6 +49,21 @@ pub struct FileConfig {
     pub namespace: Option<String>,
     pub worker: WorkerFileConfig,
     pub retry: Option<RetryPolicy>,
+    /// `[retention]`: what the workers prune from the ledger (absent: nothing).
+    pub retention: Option<RetentionFileConfig>,
+}
+
+/// `[retention]` table of the TOML file: finished jobs older than `older_than` (a duration
+/// such as `30d`) in one of `states` are deleted from the ledger by the workers, with their
+/// output files only when `delete_outputs` is true.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetentionFileConfig {
+    pub older_than: Option<String>,
+    pub states: Option<Vec<String>>,
+    pub delete_outputs: bool,
+    /// How often a worker prunes (a duration; default `1h`).
+    pub every: Option<String>,
 }
 
 /// `[worker]` table of the TOML file.
@@ -193,6 +208,38 @@ struct Plain<'a> {
     namespace: String,
 }
 
+/// Param names whose values are secrets whatever their shape; shown as `***`.
+const SECRET_PARAM_NAMES: [&str; 5] = ["password", "secret", "token", "api_key", "credentials"];
+
+/// A job's params as they may be shown (`jobs show`, logs, the dashboard): every string that
+/// is a URL with a password has it replaced by `***` (a Postgres input URL carries one), and
+/// the value of any field whose name contains `password`, `secret`, `token`, `api_key` or
+/// `credentials` is replaced whole. The ledger keeps the real params, since the worker
+/// needs them to connect; only what is displayed is redacted.
+pub fn redact_params(params: &serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match params {
+        Value::String(s) if s.contains("://") => Value::String(redact(s)),
+        Value::Array(items) => Value::Array(items.iter().map(redact_params).collect()),
+        Value::Object(fields) => Value::Object(
+            fields
+                .iter()
+                .map(|(name, v)| {
+                    let lower = name.to_ascii_lowercase();
+                    let secret = SECRET_PARAM_NAMES.iter().any(|s| lower.contains(s));
+                    let shown = if secret && !v.is_null() {
+                        Value::String("***".into())
+                    } else {
+                        redact_params(v)
+                    };
+                    (name.clone(), shown)
+                })
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
 /// Hides the password of a `scheme://user:password@host/...` URL for messages and logs.
 pub fn redact(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
@@ -268,6 +315,26 @@ mod tests {
         let file: FileConfig = toml::from_str("[worker]\ndelivery_limit = 0\n").unwrap();
         let e = Connections::resolve(None, None, None, &file).unwrap_err();
         assert!(e.to_string().contains("delivery_limit"), "{e}");
+    }
+
+    #[test]
+    fn params_never_show_a_password() {
+        let params = serde_json::json!({
+            "input": "postgres://app:hunter2@db:5432/payroll",
+            "nested": [{"url": "postgresql://u:pw@h/d"}],
+            "api_token": "abc",
+            "client_id": "acme",
+        });
+        let shown = redact_params(&params).to_string();
+        assert!(
+            !shown.contains("hunter2") && !shown.contains(":pw@") && !shown.contains("abc"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("postgres://app:***@db:5432/payroll"),
+            "{shown}"
+        );
+        assert!(shown.contains("acme"), "{shown}");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! and precise about why it refuses: every rejection names the field and the value, and keeps
 //! the idempotency key when one could be read so the ledger can record the rejection.
 
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use thiserror::Error;
@@ -18,6 +19,8 @@ pub const MAX_KEY_LEN: usize = 256;
 pub const MAX_BATCH_SIZE: u64 = 10_000_000;
 /// Upper bound for a `max_attempts` override.
 pub const MAX_ATTEMPTS_LIMIT: u64 = 100;
+/// Upper bound for `timeout_secs`: a week.
+pub const MAX_TIMEOUT_SECS: u64 = 7 * 24 * 3600;
 
 /// A job message as published to `{ns}.jobs`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -37,6 +40,15 @@ pub struct JobMessage {
     /// Attempts before `dead`, overriding the pipeline and config defaults.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_attempts: Option<u32>,
+    /// Do not start the job before this time (RFC 3339). The worker that receives the
+    /// message early records it in the ledger and acks it; the relay publishes the job again
+    /// when it is due.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_at: Option<DateTime<Utc>>,
+    /// Longest an attempt may run, in seconds; past it the attempt fails as a transient
+    /// error that says so (and is retried like any other).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_secs: Option<u32>,
 }
 
 /// Why a message body is not a valid contract-v1 job.
@@ -136,9 +148,30 @@ impl JobMessage {
             params,
             batch_size,
             max_attempts,
+            run_at: None,
+            timeout_secs: None,
         };
         let body = serde_json::to_vec(&msg).map_err(|e| ContractError::new(e.to_string()))?;
         JobMessage::parse(&body)
+    }
+
+    /// The same message, not to start before `run_at` (`None`: as soon as possible).
+    pub fn with_run_at(mut self, run_at: Option<DateTime<Utc>>) -> Self {
+        self.run_at = run_at;
+        self
+    }
+
+    /// The same message with an attempt timeout, checked like [`JobMessage::parse`] does.
+    pub fn with_timeout_secs(mut self, secs: Option<u32>) -> Result<Self, ContractError> {
+        if let Some(s) = secs
+            && !(1..=MAX_TIMEOUT_SECS).contains(&u64::from(s))
+        {
+            return Err(ContractError::new(format!(
+                "field \"timeout_secs\": expected an integer from 1 to {MAX_TIMEOUT_SECS}, got {s}"
+            )));
+        }
+        self.timeout_secs = secs;
+        Ok(self)
     }
 
     /// Parses and validates a message body.
@@ -234,13 +267,36 @@ impl JobMessage {
         };
         let batch_size = optional_u32(&obj, "batch_size", MAX_BATCH_SIZE).map_err(&fail)?;
         let max_attempts = optional_u32(&obj, "max_attempts", MAX_ATTEMPTS_LIMIT).map_err(&fail)?;
-        const KNOWN: [&str; 6] = [
+        let timeout_secs = optional_u32(&obj, "timeout_secs", MAX_TIMEOUT_SECS).map_err(&fail)?;
+        let run_at = match obj.get("run_at") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(t)) => Some(
+                DateTime::parse_from_rfc3339(t)
+                    .map_err(|e| {
+                        fail(format!(
+                            "field \"run_at\": expected an RFC 3339 time such as \
+                             2026-12-03T09:30:00Z, got {} ({e})",
+                            show(&Value::String(t.clone()))
+                        ))
+                    })?
+                    .with_timezone(&Utc),
+            ),
+            Some(other) => {
+                return Err(fail(format!(
+                    "field \"run_at\": expected an RFC 3339 time string, got {}",
+                    show(other)
+                )));
+            }
+        };
+        const KNOWN: [&str; 8] = [
             "v",
             "idempotency_key",
             "pipeline",
             "params",
             "batch_size",
             "max_attempts",
+            "run_at",
+            "timeout_secs",
         ];
         if let Some(extra) = obj.keys().find(|k| !KNOWN.contains(&k.as_str())) {
             return Err(fail(format!(
@@ -254,6 +310,8 @@ impl JobMessage {
             params,
             batch_size,
             max_attempts,
+            run_at,
+            timeout_secs,
         })
     }
 
@@ -284,6 +342,31 @@ mod tests {
 
     fn parse(s: &str) -> Result<JobMessage, ContractError> {
         JobMessage::parse(s.as_bytes())
+    }
+
+    #[test]
+    fn run_at_and_timeout_are_checked_and_round_trip() {
+        let m = parse(
+            r#"{"v":1,"idempotency_key":"k","pipeline":"noop",
+                "run_at":"2026-12-03T10:00:00+01:00","timeout_secs":30}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            m.run_at.map(|t| t.to_rfc3339()),
+            Some("2026-12-03T09:00:00+00:00".to_string())
+        );
+        assert_eq!(m.timeout_secs, Some(30));
+        assert_eq!(JobMessage::parse(&m.to_body()).unwrap(), m);
+        let e = parse(r#"{"v":1,"idempotency_key":"k","pipeline":"noop","run_at":"tomorrow"}"#)
+            .unwrap_err();
+        assert!(
+            e.reason.contains("field \"run_at\"") && e.reason.contains("tomorrow"),
+            "{e}"
+        );
+        assert_eq!(e.key.as_deref(), Some("k"));
+        let e = parse(r#"{"v":1,"idempotency_key":"k","pipeline":"noop","timeout_secs":0}"#)
+            .unwrap_err();
+        assert!(e.reason.contains("field \"timeout_secs\""), "{e}");
     }
 
     #[test]

@@ -34,10 +34,16 @@ pub enum LedgerError {
     Conflict { key: String, message: String },
     /// `drover.enqueue` refused its input; the message names the field and the value.
     #[error("{message}")]
-    Invalid { message: String },
+    EnqueueRefused { message: String },
     /// A row's `state` is not a state this version knows (a newer schema, or a hand edit).
     #[error("the ledger holds {0}")]
     UnknownState(#[from] drover_core::UnknownState),
+    /// A caller's argument the ledger refuses, naming the field and the value.
+    #[error("{field}: {message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
     #[error("ledger query failed")]
     Db(#[from] sqlx::Error),
     /// A grouped write (see `Group`) failed for every job in its group; `message` is the

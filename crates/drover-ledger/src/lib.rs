@@ -12,6 +12,7 @@
 //! rejected                                   (invalid message)
 //! running → cancelled                        (operator, at a batch boundary)
 //! running → queued                           (graceful shutdown released it)
+//! running → retrying (due now) | dead        (lease expired: the rescuer re-drives it)
 //! ```
 //!
 //! Invariants: a running job has exactly one lease owner; every write a worker makes about a
@@ -20,16 +21,20 @@
 
 mod error;
 mod group;
+mod prune;
 mod publish;
 mod read;
 mod relay;
+mod rescue;
 mod transitions;
 
 pub use error::LedgerError;
 pub use group::Group;
+pub use prune::{DEFAULT_PRUNE_STATES, Pruned};
 pub use publish::{EnqueueJob, InsertOutcome, NewJob, enqueue};
 pub use read::{AttemptView, DurationStats, JobFilter, JobProgress, JobView, StateCount};
 pub use relay::{DueJob, ENQUEUE_CHANNEL, RelaySweep};
+pub use rescue::{LedgerDrift, Rescued};
 pub use transitions::{
     BatchRecord, Claim, ClaimedJob, Completion, FailOutcome, HeldEnd, LeaseLost, LeaseSeen,
 };
@@ -61,12 +66,31 @@ impl Ledger {
         max_connections: u32,
         connect_timeout: Duration,
     ) -> Result<Ledger, LedgerError> {
+        Ledger::connect_with(url, create_database, max_connections, connect_timeout, None).await
+    }
+
+    /// [`connect`](Self::connect), and with `idle_in_transaction` every session of the pool
+    /// is ended by Postgres when it sits idle inside a transaction for that long. Workers
+    /// set it to their heartbeat period: a worker frozen (SIGSTOP, a paused VM) in the
+    /// middle of a checkpoint would otherwise hold its job's row lock for as long as it is
+    /// frozen, and the rescuer, which skips locked rows, could never re-drive the job.
+    pub async fn connect_with(
+        url: &str,
+        create_database: bool,
+        max_connections: u32,
+        connect_timeout: Duration,
+        idle_in_transaction: Option<Duration>,
+    ) -> Result<Ledger, LedgerError> {
         let shown = drover_core::config::redact(url);
         let opts = PgConnectOptions::from_str(url).map_err(|e| LedgerError::BadUrl {
             url: shown.clone(),
             message: e.to_string(),
         })?;
-        let opts = opts.log_statements(tracing::log::LevelFilter::Trace);
+        let mut opts = opts.log_statements(tracing::log::LevelFilter::Trace);
+        if let Some(t) = idle_in_transaction {
+            let ms = t.as_millis().max(1).to_string();
+            opts = opts.options([("idle_in_transaction_session_timeout", ms.as_str())]);
+        }
         if create_database {
             ensure_database(url, &shown, connect_timeout).await?;
         }

@@ -27,7 +27,7 @@ pub struct EnqueueJob<'a> {
 /// job exists, and is published by a worker, only if that transaction commits. Returns
 /// true when the key is new, false when the same request was recorded before.
 ///
-/// Errors: [`LedgerError::Invalid`] naming the field and value, [`LedgerError::Conflict`]
+/// Errors: [`LedgerError::EnqueueRefused`] naming the field and value, [`LedgerError::Conflict`]
 /// when the key exists for a different request (the transaction is then aborted, as after
 /// any SQL error).
 pub async fn enqueue(
@@ -54,7 +54,7 @@ pub async fn enqueue(
                 }
             }
             sqlx::Error::Database(db) if db.code().as_deref() == Some("22023") => {
-                LedgerError::Invalid {
+                LedgerError::EnqueueRefused {
                     message: db.message().to_string(),
                 }
             }

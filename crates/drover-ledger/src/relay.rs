@@ -34,6 +34,8 @@ pub struct DueJob {
     /// Attempts started so far (0: it never ran).
     pub attempts: i32,
     pub trace_id: Option<String>,
+    /// The attempt timeout the job's messages carry.
+    pub timeout_secs: Option<i32>,
     /// Seconds the job has been due for (relay lag).
     pub overdue_secs: f64,
 }
@@ -46,9 +48,11 @@ pub struct RelaySweep {
 }
 
 impl Ledger {
-    /// Locks up to `limit` due retries, jobs enqueued in SQL and due, and jobs left `queued`
-    /// without a confirmed message for over `orphan_secs` (a producer that crashed between
-    /// ledger and broker).
+    /// Locks up to `limit` due retries, due delayed jobs (`queued` with a `run_at` that has
+    /// come, no message carrying them), jobs enqueued in SQL (`origin = 'enqueue'`) without
+    /// a `run_at`, and jobs left `queued` without a confirmed message for over `orphan_secs`
+    /// (e.g. a producer that crashed between ledger and broker) unless their `run_at` is
+    /// still to come.
     pub async fn relay_sweep(
         &self,
         limit: i64,
@@ -57,13 +61,15 @@ impl Ledger {
         let mut tx = self.pool.begin().await?;
         let due: Vec<DueJob> = sqlx::query_as(
             "SELECT id, idempotency_key, pipeline, params, batch_size, max_attempts, \
-             max_attempts_default, attempts, trace_id, \
+             max_attempts_default, attempts, trace_id, timeout_secs, \
              EXTRACT(EPOCH FROM now() - COALESCE(run_at, created_at))::float8 AS overdue_secs \
              FROM drover.jobs \
              WHERE (state = 'retrying' AND run_at <= now()) \
                 OR (state = 'queued' AND enqueued_at IS NULL \
-                    AND ((origin = 'enqueue' AND (run_at IS NULL OR run_at <= now())) \
-                         OR created_at < now() - make_interval(secs => $2))) \
+                    AND (run_at <= now() \
+                         OR (run_at IS NULL \
+                             AND (origin = 'enqueue' \
+                                  OR created_at < now() - make_interval(secs => $2))))) \
              ORDER BY run_at NULLS LAST LIMIT $1 FOR UPDATE SKIP LOCKED",
         )
         .bind(limit)
@@ -85,6 +91,11 @@ impl Ledger {
 }
 
 impl RelaySweep {
+    /// A sweep over rows `tx` has locked.
+    pub(crate) fn new(tx: Transaction<'static, Postgres>, due: Vec<DueJob>) -> Self {
+        RelaySweep { tx, due }
+    }
+
     /// Stores the attempt limits a worker resolved (a pipeline's default, else the worker's
     /// setting) for swept jobs that never ran and whose request named none: `drover.enqueue`
     /// cannot know them and stores a placeholder. Part of the sweep's transaction.

@@ -28,6 +28,8 @@ pub struct ClaimedJob {
     /// Batches already checkpointed by earlier attempts: resume after them.
     pub batches_done: i32,
     pub trace_id: Option<String>,
+    /// Longest an attempt may run, as recorded on the job (the message's `timeout_secs`).
+    pub timeout_secs: Option<i32>,
 }
 
 /// What a delivery should do, decided by the ledger.
@@ -37,7 +39,8 @@ pub enum Claim {
     Run(ClaimedJob),
     /// Terminal already (or just cancelled): ack without running.
     Done { state: JobState },
-    /// Scheduled for a later retry; the relay re-publishes it when due. Ack this copy.
+    /// Scheduled for later (a retry, or a delayed job's `run_at`); the relay re-publishes it
+    /// when due. Ack this copy.
     NotDue { run_at: Option<DateTime<Utc>> },
     /// Another worker holds the lease. Watch its heartbeat before deciding.
     Held { id: Uuid, seen: LeaseSeen },
@@ -126,8 +129,8 @@ impl Ledger {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "INSERT INTO drover.jobs (id, idempotency_key, pipeline, params, batch_size, \
-             max_attempts, trace_id, state, enqueued_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, 'queued', now()) \
+             max_attempts, trace_id, state, enqueued_at, timeout_secs) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 'queued', now(), $8) \
              ON CONFLICT (idempotency_key) DO NOTHING",
         )
         .bind(Uuid::new_v4())
@@ -137,6 +140,7 @@ impl Ledger {
         .bind(msg.batch_size.map(|b| b as i32))
         .bind(max_attempts)
         .bind(trace_id)
+        .bind(msg.timeout_secs.and_then(|t| i32::try_from(t).ok()))
         .execute(&mut *tx)
         .await?;
         let job: LockedJob = sqlx::query_as(LOCK_JOB)
@@ -148,9 +152,27 @@ impl Ledger {
             tx.commit().await?;
             return Ok(Claim::Done { state: job.state });
         }
-        if job.state == JobState::Retrying && job.not_due {
+        if (job.state == JobState::Retrying || job.state == JobState::Queued) && job.not_due {
             tx.commit().await?;
             return Ok(Claim::NotDue { run_at: job.run_at });
+        }
+        if job.state == JobState::Queued
+            && let Some(at) = msg.run_at
+        {
+            // A delayed job arriving early: the ledger keeps its time and no message carries
+            // it until the relay publishes it when due.
+            let scheduled: Option<DateTime<Utc>> = sqlx::query_scalar(
+                "UPDATE drover.jobs SET run_at = $2, enqueued_at = NULL, updated_at = now() \
+                 WHERE id = $1 AND $2 > now() RETURNING run_at",
+            )
+            .bind(job.id)
+            .bind(at)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if scheduled.is_some() {
+                tx.commit().await?;
+                return Ok(Claim::NotDue { run_at: scheduled });
+            }
         }
         if job.state == JobState::Running {
             let stale = takeover
@@ -225,6 +247,20 @@ impl Ledger {
         let claimed = start_attempt(&mut tx, job.id, worker).await?;
         tx.commit().await?;
         Ok(Claim::Run(claimed))
+    }
+
+    /// Records a job's attempt timeout (the message's `timeout_secs`) when the row does not
+    /// hold it yet, so a message re-published from the ledger carries it again.
+    pub async fn record_timeout(&self, id: Uuid, secs: i32) -> Result<(), LedgerError> {
+        sqlx::query(
+            "UPDATE drover.jobs SET timeout_secs = $2 \
+             WHERE id = $1 AND timeout_secs IS DISTINCT FROM $2",
+        )
+        .bind(id)
+        .bind(secs)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     /// The current lease of a job, to watch whether its owner is alive.
@@ -543,7 +579,7 @@ async fn start_attempt(
          enqueued_at = COALESCE(enqueued_at, now()), \
          updated_at = now() WHERE id = $1 \
          RETURNING id, idempotency_key, pipeline, params, batch_size, attempts, max_attempts, \
-         batches_done, trace_id",
+         batches_done, trace_id, timeout_secs",
     )
     .bind(id)
     .bind(worker)
@@ -595,6 +631,7 @@ struct ClaimedRow {
     max_attempts: i32,
     batches_done: i32,
     trace_id: Option<String>,
+    timeout_secs: Option<i32>,
 }
 
 impl From<ClaimedRow> for ClaimedJob {
@@ -609,6 +646,7 @@ impl From<ClaimedRow> for ClaimedJob {
             max_attempts: r.max_attempts,
             batches_done: r.batches_done,
             trace_id: r.trace_id,
+            timeout_secs: r.timeout_secs,
         }
     }
 }
@@ -636,8 +674,8 @@ impl Ledger {
             WITH c AS (
                 SELECT id FROM drover.jobs
                 WHERE idempotency_key = ANY($1)
-                  AND (state = 'queued'
-                       OR (state = 'retrying' AND (run_at IS NULL OR run_at <= now())))
+                  AND state IN ('queued', 'retrying')
+                  AND (run_at IS NULL OR run_at <= now())
                   AND NOT cancel_requested
                 ORDER BY id
                 FOR UPDATE SKIP LOCKED
@@ -649,7 +687,8 @@ impl Ledger {
                     started_at = COALESCE(j.started_at, now()), updated_at = now()
                 FROM c WHERE j.id = c.id
                 RETURNING j.id, j.idempotency_key, j.pipeline, j.params, j.batch_size,
-                          j.attempts, j.max_attempts, j.batches_done, j.trace_id
+                          j.attempts, j.max_attempts, j.batches_done, j.trace_id,
+                          j.timeout_secs
             ), a AS (
                 INSERT INTO drover.attempts (job_id, attempt, worker)
                 SELECT id, attempts, $2 FROM u

@@ -13,6 +13,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
+/// The transient error of an attempt that ran past its `timeout_secs`.
+fn timed_out(secs: u64, batch: u32) -> PipelineError {
+    PipelineError::transient(format!(
+        "timeout: the attempt ran longer than its timeout_secs = {secs} s (stopped at batch {batch})"
+    ))
+}
+
 /// Moves a value into the blocking pool for CPU/disk work and back. A panic in the
 /// pipeline becomes a transient error instead of taking the worker down.
 pub(crate) async fn blocking<T: Send + 'static, R: Send + 'static>(
@@ -72,6 +79,16 @@ pub(crate) async fn run_attempt(
     let mut next_index = resume;
     // This attempt's batches: checkpointed, or computed and not yet checkpointed.
     let mut cps = Checkpoints::new(shared, job);
+    // The message's timeout_secs: past it, the attempt fails as a transient error.
+    let deadline = job
+        .timeout_secs
+        .and_then(|t| u64::try_from(t).ok())
+        .map(|t| {
+            (
+                tokio::time::Instant::now() + std::time::Duration::from_secs(t),
+                t,
+            )
+        });
     let result: Option<Value> = loop {
         if cancel.load(Ordering::SeqCst) {
             if let Err(stop) = cps.settle().await {
@@ -97,6 +114,14 @@ pub(crate) async fn run_attempt(
             shared.metrics.job(&job.pipeline, "released");
             return end_held(shared, job, HeldEnd::Released, "", Disposition::Requeue).await;
         }
+        if let Some((at, secs)) = deadline
+            && tokio::time::Instant::now() >= at
+        {
+            if let Err(stop) = cps.settle().await {
+                return stopped_at_checkpoint(shared, job, stop).await;
+            }
+            return failed(shared, job, timed_out(secs, next_index), delivery).await;
+        }
         // Checkpoints lag by at most a few batches: while Postgres is away, the job pauses
         // instead of running on with nothing recorded (and its lease unrenewed).
         if cps.pending.len() >= MAX_UNCHECKPOINTED
@@ -119,12 +144,25 @@ pub(crate) async fn run_attempt(
         // it is done carries on under the next one.
         let computed = loop {
             cps.start(total);
+            // A batch past the deadline is abandoned: it runs on to its end on its blocking
+            // thread, and any part it writes has the bytes a retry writes for that batch.
+            let expired = async {
+                match deadline {
+                    Some((at, _)) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let too_late = || Err(timed_out(deadline.map_or(0, |d| d.1), next_index));
             let Some(commit) = cps.commit.as_mut() else {
-                break compute.await;
+                tokio::select! {
+                    computed = &mut compute => break computed,
+                    _ = expired => break too_late(),
+                }
             };
             let committed = tokio::select! {
                 computed = &mut compute => Err(computed),
                 committed = commit => Ok(committed),
+                _ = expired => Err(too_late()),
             };
             match committed {
                 Err(computed) => break computed,

@@ -19,6 +19,9 @@ pub const DEFAULT_GRACE: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 5;
 /// Default root of pipeline output.
 pub const DEFAULT_OUTPUT_ROOT: &str = "drover-output";
+/// Default time a job may wait `queued`, while the work queue holds no ready message, before
+/// its message is presumed lost and published again.
+pub const DEFAULT_LOST_AFTER: Duration = Duration::from_secs(60);
 /// Default address of `/healthz`, `/readyz` and `/metrics`.
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9464";
 
@@ -43,6 +46,11 @@ pub struct WorkerConfig {
     pub relay_interval: Duration,
     /// Delays between attempts.
     pub retry: RetryPolicy,
+    /// How long a job may wait `queued` while `{ns}.jobs` holds no ready message before the
+    /// rescuer publishes it again (its message was purged or dead-lettered).
+    pub lost_after: Duration,
+    /// What this worker prunes from the ledger, and how often (`None`: nothing).
+    pub retention: Option<crate::Retention>,
     /// Where `/healthz`, `/readyz` and `/metrics` are served (`None`: not served; port 0
     /// picks a free port, logged at start-up).
     pub metrics_addr: Option<SocketAddr>,
@@ -62,6 +70,8 @@ impl WorkerConfig {
             worker_id: default_worker_id(),
             relay_interval: Duration::from_millis(500),
             retry: RetryPolicy::default(),
+            lost_after: DEFAULT_LOST_AFTER,
+            retention: None,
             metrics_addr: None,
         }
     }

@@ -4,10 +4,10 @@ use crate::delivery::handle_delivery;
 use crate::shared::{Shared, reconnect_backoff};
 use backoff::backoff::Backoff;
 use drover_broker::Broker;
-use drover_core::ExposeSecret;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tracing::{info, warn};
 
@@ -20,28 +20,31 @@ pub(crate) async fn consume_loop(
 ) -> Option<Broker> {
     let mut backoff = reconnect_backoff();
     let mut shutdown = shared.shutdown.clone();
+    // Job slots: deliveries are acked at claim, so the broker's unacked count no longer
+    // bounds the jobs running here; a delivery is taken off the consumer only with a free
+    // slot, held until its job ends. Slots outlive reconnections (jobs run on through them).
+    let slots = Arc::new(Semaphore::new(usize::from(shared.config.prefetch)));
     loop {
         if *shutdown.borrow() {
             return first;
         }
         let broker = match first.take() {
             Some(b) => b,
-            None => match Broker::connect(
-                shared.config.conns.amqp_url.expose_secret(),
-                &shared.config.worker_id,
-            )
-            .await
-            {
-                Ok(b) => b,
-                Err(e) => {
-                    let wait = backoff.next_backoff().unwrap_or(Duration::from_secs(15));
-                    warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "broker unavailable; reconnecting");
-                    tokio::select! {
-                        _ = tokio::time::sleep(wait) => continue,
-                        _ = shutdown.changed() => return None,
+            None => {
+                match Broker::connect(&crate::amqp_url(&shared.config), &shared.config.worker_id)
+                    .await
+                {
+                    Ok(b) => b,
+                    Err(e) => {
+                        let wait = backoff.next_backoff().unwrap_or(Duration::from_secs(15));
+                        warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "broker unavailable; reconnecting");
+                        tokio::select! {
+                            _ = tokio::time::sleep(wait) => continue,
+                            _ = shutdown.changed() => return None,
+                        }
                     }
                 }
-            },
+            }
         };
         let setup = async {
             broker.declare(&shared.topo).await?;
@@ -82,9 +85,15 @@ pub(crate) async fn consume_loop(
                     return Some(broker);
                 }
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-                next = consumer.next() => match next {
+                next = consumer.next(), if slots.available_permits() > 0 => match next {
                     Some(Ok(delivery)) => {
-                        tasks.spawn(handle_delivery(shared.clone(), delivery));
+                        // Only this loop takes slots, and one is free.
+                        let slot = slots.clone().try_acquire_owned();
+                        let sh = shared.clone();
+                        tasks.spawn(async move {
+                            handle_delivery(sh, delivery).await;
+                            drop(slot);
+                        });
                     }
                     Some(Err(e)) => {
                         warn!(error = %e, "consumer error; reconnecting");

@@ -1,7 +1,7 @@
 //! One delivery: parse, validate, claim (fast or slow path), run, settle.
 
 use crate::attempt::run_attempt;
-use crate::shared::{DbStop, Disposition, Inflight, Shared};
+use crate::shared::{DbStop, Disposition, Shared};
 use drover_broker::Incoming;
 use drover_core::JobMessage;
 use drover_ledger::{Claim, ClaimedJob, LeaseSeen};
@@ -18,6 +18,7 @@ pub(crate) async fn handle_delivery(shared: Arc<Shared>, delivery: Incoming) {
     let result = match disposition {
         Disposition::Ack => delivery.ack().await,
         Disposition::Requeue => delivery.nack_requeue().await,
+        Disposition::Settled => Ok(()),
     };
     if let Err(e) = result {
         // The channel is gone; the broker redelivers and the ledger makes that harmless.
@@ -73,16 +74,20 @@ pub(crate) async fn process(shared: &Arc<Shared>, delivery: &Incoming) -> Dispos
         let worker = shared.config.worker_id.clone();
         // Fast path: a plainly claimable job is claimed in a statement shared with the
         // other deliveries arriving now. Anything else is decided one by one below.
-        match shared
-            .db("claim", || shared.group.claim_ready(msg.idempotency_key.clone()))
-            .await
-        {
-            Ok(Some(job)) => return run_job(shared, job, delivery).await,
-            Ok(None) => {}
-            Err(DbStop::Shutdown) => return Disposition::Requeue,
-            Err(DbStop::Failed(e)) => {
-                error!(error = %e, "claim failed; requeueing");
-                return Disposition::Requeue;
+        // A delayed job's early message goes to the slow path, which records its time.
+        let early = msg.run_at.is_some_and(|t| t > chrono::Utc::now());
+        if !early {
+            match shared
+                .db("claim", || shared.group.claim_ready(msg.idempotency_key.clone()))
+                .await
+            {
+                Ok(Some(job)) => return run_job(shared, timed(shared, job, &msg).await, delivery).await,
+                Ok(None) => {}
+                Err(DbStop::Shutdown) => return Disposition::Requeue,
+                Err(DbStop::Failed(e)) => {
+                    error!(error = %e, "claim failed; requeueing");
+                    return Disposition::Requeue;
+                }
             }
         }
         let mut takeover: Option<LeaseSeen> = None;
@@ -107,12 +112,12 @@ pub(crate) async fn process(shared: &Arc<Shared>, delivery: &Incoming) -> Dispos
                     return Disposition::Ack;
                 }
                 Claim::NotDue { run_at } => {
-                    info!(run_at = ?run_at, "job is scheduled for a later retry; acking early copy");
+                    info!(run_at = ?run_at, "job is not due yet; the ledger holds its time and the relay publishes it then");
                     return Disposition::Ack;
                 }
                 Claim::Held { id, seen } => {
                     let ours = seen.owner.as_deref() == Some(worker.as_str())
-                        || shared.inflight.lock().map(|m| m.contains_key(&id)).unwrap_or(false);
+                        || shared.inflight.contains(&id);
                     if ours {
                         info!("job is running here already; acking duplicate delivery");
                         return Disposition::Ack;
@@ -131,12 +136,31 @@ pub(crate) async fn process(shared: &Arc<Shared>, delivery: &Incoming) -> Dispos
                         LeaseWatch::Shutdown => return Disposition::Requeue,
                     }
                 }
-                Claim::Run(job) => return run_job(shared, job, delivery).await,
+                Claim::Run(job) => return run_job(shared, timed(shared, job, &msg).await, delivery).await,
             }
         }
     }
     .instrument(span)
     .await
+}
+
+/// The claimed job with the message's attempt timeout, recorded in the ledger when the row
+/// lacks it (a producer's insert does not store it) so re-published messages carry it too.
+async fn timed(shared: &Shared, mut job: ClaimedJob, msg: &JobMessage) -> ClaimedJob {
+    let Some(secs) = msg.timeout_secs else {
+        return job;
+    };
+    match i32::try_from(secs) {
+        Ok(secs) if job.timeout_secs != Some(secs) => {
+            job.timeout_secs = Some(secs);
+            if let Err(e) = shared.ledger.record_timeout(job.id, secs).await {
+                warn!(error = %e, "could not record the job's timeout_secs; a retry's message may lack it");
+            }
+        }
+        Ok(_) => {}
+        Err(_) => warn!(timeout_secs = secs, "timeout_secs out of range; ignored"),
+    }
+    job
 }
 
 /// Result of watching another worker's lease.
@@ -227,22 +251,26 @@ pub(crate) async fn dead_letter(
     }
 }
 
-/// Runs a claimed job: registers it as in flight, runs the attempt, unregisters it.
+/// Runs a claimed job: registers it as in flight, acks its delivery, runs the attempt,
+/// unregisters it, and publishes the job again if the attempt gave it back.
+///
+/// The delivery is acked as soon as the job is claimed: from then on the ledger holds the
+/// job (its lease, and the rescuer that re-drives it when the lease expires), so the broker
+/// need not hold the message, and a job may run longer than RabbitMQ's `consumer_timeout`
+/// (which closes the channel of a delivery left unacked that long). The worker's
+/// concurrency is bounded by its job slots instead of the unacked count (see `consume`).
 pub(crate) async fn run_job(
     shared: &Arc<Shared>,
     job: ClaimedJob,
     delivery: &Incoming,
 ) -> Disposition {
     let cancel = Arc::new(AtomicBool::new(false));
-    if let Ok(mut m) = shared.inflight.lock() {
-        m.insert(
-            job.id,
-            Inflight {
-                job: job.clone(),
-                cancel: cancel.clone(),
-            },
-        );
-        shared.metrics.set_in_flight(m.len());
+    let running = shared.inflight.insert(job.clone(), cancel.clone());
+    shared.metrics.set_in_flight(running);
+    if let Err(e) = delivery.ack().await {
+        // The channel is gone and the broker redelivers the message: the copy finds the job
+        // running here with a live lease and is acked then.
+        warn!(error = %e, "could not ack the delivery at claim");
     }
     let span = info_span!(
         "attempt",
@@ -253,10 +281,8 @@ pub(crate) async fn run_job(
     let d = run_attempt(shared, &job, &cancel, delivery)
         .instrument(span)
         .await;
-    if let Ok(mut m) = shared.inflight.lock() {
-        m.remove(&job.id);
-        shared.metrics.set_in_flight(m.len());
-    }
+    let running = shared.inflight.remove(&job.id);
+    shared.metrics.set_in_flight(running);
     shared
         .metrics
         .duration(&job.pipeline, started.elapsed().as_secs_f64());
@@ -265,5 +291,9 @@ pub(crate) async fn run_job(
         ?d,
         "attempt over"
     );
-    d
+    if d == Disposition::Requeue {
+        // Released (drain, or a ledger error mid-job): the acked message is gone.
+        crate::rescue::republish(shared, std::slice::from_ref(&job)).await;
+    }
+    Disposition::Settled
 }

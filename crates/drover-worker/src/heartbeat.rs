@@ -2,7 +2,6 @@
 
 use crate::shared::Shared;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use tracing::warn;
 
 /// Renews the leases of in-flight jobs and picks up operator cancellations.
@@ -20,15 +19,7 @@ pub(crate) async fn heartbeat_loop(shared: Arc<Shared>) {
             .heartbeat(&shared.config.worker_id, &ids)
             .await
         {
-            Ok(cancelled) => {
-                if let Ok(map) = shared.inflight.lock() {
-                    for id in cancelled {
-                        if let Some(i) = map.get(&id) {
-                            i.cancel.store(true, Ordering::SeqCst);
-                        }
-                    }
-                }
-            }
+            Ok(cancelled) => shared.inflight.cancel(&cancelled),
             Err(e) => warn!(error = %e, jobs = ids.len(), "heartbeat failed"),
         }
     }

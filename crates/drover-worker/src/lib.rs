@@ -12,9 +12,11 @@
 //! relay loop re-publishes due retries. Shutdown flips one flag that every loop and job
 //! watches.
 //!
-//! The invariant every path keeps: a delivery is acked only after the ledger holds the
-//! job's terminal state or its retry schedule; anything else is nacked back to the queue
-//! (or left unacked, which the broker requeues when the connection closes).
+//! The invariant every path keeps: a delivery is acked only once the ledger holds its job
+//! (claimed by this worker, finished, or scheduled); from then on the ledger re-drives it
+//! (a rescuer loop retries jobs whose lease expired and publishes again jobs whose message
+//! was lost). A delivery not yet claimed is nacked back to the queue (or left unacked,
+//! which the broker requeues when the connection closes).
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), drover_worker::WorkerError> {
@@ -43,13 +45,17 @@ mod error;
 mod heartbeat;
 mod metrics;
 mod relay;
+mod rescue;
+mod retention;
 mod shared;
 
 pub use config::{
-    DEFAULT_GRACE, DEFAULT_HEARTBEAT, DEFAULT_MAX_ATTEMPTS, DEFAULT_METRICS_ADDR,
-    DEFAULT_OUTPUT_ROOT, DEFAULT_PREFETCH, WorkerConfig, default_worker_id,
+    DEFAULT_GRACE, DEFAULT_HEARTBEAT, DEFAULT_LOST_AFTER, DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_METRICS_ADDR, DEFAULT_OUTPUT_ROOT, DEFAULT_PREFETCH, WorkerConfig, default_worker_id,
 };
 pub use error::WorkerError;
+pub use rescue::due_message;
+pub use retention::{PRUNE_BATCH, Retention, delete_outputs};
 
 use drover_broker::{Broker, Topology};
 use drover_core::ExposeSecret;
@@ -57,10 +63,9 @@ use drover_ledger::{ClaimedJob, Group, HeldEnd, Ledger};
 use drover_pipeline::Registry;
 use metrics::Metrics;
 use shared::Shared;
-use std::collections::HashMap;
 use std::future::Future;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{RwLock, watch};
 use tokio::task::JoinSet;
@@ -95,17 +100,22 @@ pub async fn run(
     // Claims and completions are grouped (2 connections); the rest is per job: checkpoints
     // of multi-batch jobs, slow-path claims, failures. Capped at 36 so several workers fit
     // in a default Postgres (max_connections 100); jobs beyond it wait for a connection.
-    let ledger = Ledger::connect(
+    // No transaction of the worker idles for long; one that idles for a heartbeat period
+    // belongs to a frozen worker and must not keep its job's row locked (see
+    // `Ledger::connect_with`). The relay publishes inside its sweep's transaction, so the
+    // floor leaves a broker confirm time to arrive.
+    let ledger = Ledger::connect_with(
         config.conns.database_url.expose_secret(),
         false,
         u32::from(config.prefetch).clamp(4, 32) + 4,
         LEDGER_CONNECT_TIMEOUT,
+        Some(config.heartbeat.max(Duration::from_secs(1))),
     )
     .await?;
     ledger.check_schema().await?;
     let topo = Topology::for_connections(&config.conns);
     // Fail fast on a bad URL or an unreachable broker at start-up; later losses reconnect.
-    let first = Broker::connect(config.conns.amqp_url.expose_secret(), &config.worker_id).await?;
+    let first = Broker::connect(&amqp_url(&config), &config.worker_id).await?;
     first.declare(&topo).await?;
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -121,14 +131,16 @@ pub async fn run(
         registry,
         config,
         topo,
-        inflight: Mutex::new(HashMap::new()),
+        inflight: Default::default(),
         draining: AtomicBool::new(false),
         shutdown: shutdown_rx,
         publisher: RwLock::new(None),
         metrics: Arc::new(Metrics::new()),
     });
     let http = match metrics_addr {
-        Some(addr) => Some(metrics::serve(addr, shared.metrics.clone()).await?),
+        Some(addr) => {
+            Some(metrics::serve(addr, shared.metrics.clone(), shared.ledger.clone()).await?)
+        }
         None => None,
     };
     info!(
@@ -146,6 +158,12 @@ pub async fn run(
     });
     let heartbeat = tokio::spawn(heartbeat::heartbeat_loop(shared.clone()));
     let relay = tokio::spawn(relay::relay_loop(shared.clone()));
+    let rescuer = tokio::spawn(rescue::rescue_loop(shared.clone()));
+    let retention = shared
+        .config
+        .retention
+        .clone()
+        .map(|r| tokio::spawn(retention::retention_loop(shared.clone(), r)));
 
     let mut tasks = JoinSet::new();
     let last_broker = consume::consume_loop(shared.clone(), Some(first), &mut tasks).await;
@@ -169,6 +187,10 @@ pub async fn run(
         tasks.abort_all();
         release_all(&shared).await;
     }
+    rescuer.abort();
+    if let Some(r) = retention {
+        r.abort();
+    }
     relay.abort();
     heartbeat.abort();
     if let Some(h) = http {
@@ -186,20 +208,42 @@ pub async fn run(
     Ok(())
 }
 
+/// The broker URL the worker connects with: the AMQP heartbeat set to the lease's period
+/// (in whole seconds, at least 1) unless the URL names one. A frozen worker's connection
+/// then closes within a few periods and the messages RabbitMQ had pushed to it (a rescued
+/// job's among them) go to live workers, instead of waiting out the broker's default 60 s.
+pub(crate) fn amqp_url(config: &WorkerConfig) -> String {
+    let url = config.conns.amqp_url.expose_secret();
+    if url.contains("heartbeat=") {
+        return url.to_string();
+    }
+    let secs = config.heartbeat.as_secs().max(1);
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}heartbeat={secs}")
+}
+
 /// Releases every job still registered as in flight back to `queued` (after the grace
-/// period). Their deliveries stay unacked; closing the connection requeues them.
+/// period) and publishes their messages again (their deliveries were acked at claim).
 async fn release_all(shared: &Shared) {
     let left: Vec<ClaimedJob> = shared.inflight_jobs();
+    let mut released = Vec::with_capacity(left.len());
     for job in left {
         match shared
             .ledger
             .finish_held(&job, &shared.config.worker_id, HeldEnd::Released, "")
             .await
         {
-            Ok(_) => info!(key = %job.key, "released unfinished job back to queued"),
+            Ok(Ok(())) => {
+                info!(key = %job.key, "released unfinished job back to queued");
+                released.push(job);
+            }
+            Ok(Err(lost)) => {
+                info!(key = %job.key, error = %lost, "not released: the job is no longer ours")
+            }
             Err(e) => {
                 warn!(key = %job.key, error = %e, "could not release job; its lease will expire and another worker takes it over")
             }
         }
     }
+    rescue::republish(shared, &released).await;
 }

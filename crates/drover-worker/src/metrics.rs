@@ -3,6 +3,10 @@
 //! Health and readiness are separate on purpose: `/healthz` answers while the process runs
 //! (a liveness probe must not kill a worker that is waiting out a Postgres outage), while
 //! `/readyz` says whether this worker is connected to both services and consuming.
+//!
+//! Readiness asks Postgres itself (`SELECT 1`, bounded by [`READY_DB_TIMEOUT`], the answer
+//! cached for [`READY_CACHE`] so a burst of probes costs one query): an idle worker makes no
+//! ledger calls, so a flag updated by job traffic would stay "up" through a whole outage.
 
 use axum::Router;
 use axum::extract::State;
@@ -18,7 +22,41 @@ use prometheus_client::registry::Registry;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 use tokio::net::TcpListener;
+
+/// How long `/readyz` waits for Postgres to answer before calling it down.
+pub const READY_DB_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long `/readyz` reuses its last Postgres answer.
+pub const READY_CACHE: Duration = Duration::from_secs(1);
+
+/// What the HTTP handlers read: the counters and the ledger readiness is checked against.
+#[derive(Clone)]
+pub struct HttpState {
+    metrics: Arc<Metrics>,
+    ledger: drover_ledger::Ledger,
+    /// The last ledger check: when, and whether Postgres answered.
+    checked: Arc<tokio::sync::Mutex<Option<(Instant, bool)>>>,
+}
+
+impl HttpState {
+    /// Whether Postgres answers now (or answered within [`READY_CACHE`]). Concurrent probes
+    /// wait for one check instead of each sending a query.
+    async fn database_up(&self) -> bool {
+        let mut last = self.checked.lock().await;
+        if let Some((at, up)) = *last
+            && at.elapsed() < READY_CACHE
+        {
+            return up;
+        }
+        let up = matches!(
+            tokio::time::timeout(READY_DB_TIMEOUT, self.ledger.ping()).await,
+            Ok(Ok(()))
+        );
+        *last = Some((Instant::now(), up));
+        up
+    }
+}
 
 /// Labels of `drover_jobs_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -43,10 +81,10 @@ pub struct Metrics {
     in_flight: Gauge,
     relay_lag_ms: Gauge,
     relayed: Counter,
+    rescued: Counter,
+    republished: Counter,
     /// Connected to RabbitMQ and consuming.
     pub consuming: AtomicBool,
-    /// The last ledger call reached Postgres.
-    pub database_up: AtomicBool,
 }
 
 impl Metrics {
@@ -89,8 +127,22 @@ impl Metrics {
             "Due retries re-published by the relay",
             relayed.clone(),
         );
+        let rescued = Counter::default();
+        registry.register(
+            "jobs_rescued",
+            "Running jobs whose lease expired (worker dead, frozen or cut off), re-driven from the ledger",
+            rescued.clone(),
+        );
+        let republished = Counter::default();
+        registry.register(
+            "lost_messages_republished",
+            "Queued jobs whose message was gone from the queue, published again",
+            republished.clone(),
+        );
         Metrics {
             registry,
+            rescued,
+            republished,
             jobs,
             durations,
             batches,
@@ -99,7 +151,6 @@ impl Metrics {
             relay_lag_ms,
             relayed,
             consuming: AtomicBool::new(false),
-            database_up: AtomicBool::new(true),
         }
     }
 
@@ -142,8 +193,14 @@ impl Metrics {
         self.relay_lag_ms.set((lag_secs * 1000.0) as i64);
     }
 
-    fn ready(&self) -> bool {
-        self.consuming.load(Ordering::SeqCst) && self.database_up.load(Ordering::SeqCst)
+    /// Counts jobs the rescuer re-drove after their lease expired.
+    pub fn rescued(&self, n: usize) {
+        self.rescued.inc_by(n as u64);
+    }
+
+    /// Counts queued jobs published again because their message was lost.
+    pub fn republished(&self, n: usize) {
+        self.republished.inc_by(n as u64);
     }
 
     fn render(&self) -> String {
@@ -164,9 +221,9 @@ async fn healthz() -> &'static str {
     "ok\n"
 }
 
-async fn readyz(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
-    let consuming = m.consuming.load(Ordering::SeqCst);
-    let db = m.database_up.load(Ordering::SeqCst);
+async fn readyz(State(h): State<HttpState>) -> impl IntoResponse {
+    let consuming = h.metrics.consuming.load(Ordering::SeqCst);
+    let db = h.database_up().await;
     let body = format!(
         "broker: {}\npostgres: {}\n",
         if consuming {
@@ -176,7 +233,7 @@ async fn readyz(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
         },
         if db { "up" } else { "down" }
     );
-    let status = if m.ready() {
+    let status = if consuming && db {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
@@ -184,21 +241,22 @@ async fn readyz(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
     (status, body)
 }
 
-async fn metrics(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
+async fn metrics(State(h): State<HttpState>) -> impl IntoResponse {
     (
         [(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        m.render(),
+        h.metrics.render(),
     )
 }
 
 /// Binds `addr` (failing with a clear error if taken) and serves the three endpoints until
-/// the task is aborted.
+/// the task is aborted; `/readyz` checks `ledger`.
 pub async fn serve(
     addr: SocketAddr,
     m: Arc<Metrics>,
+    ledger: drover_ledger::Ledger,
 ) -> Result<tokio::task::JoinHandle<()>, crate::WorkerError> {
     let listen_error = |source| crate::WorkerError::Listen { addr, source };
     let listener = TcpListener::bind(addr).await.map_err(listen_error)?;
@@ -207,7 +265,11 @@ pub async fn serve(
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
-        .with_state(m);
+        .with_state(HttpState {
+            metrics: m,
+            ledger,
+            checked: Arc::default(),
+        });
     tracing::info!(addr = %local, "serving /healthz, /readyz and /metrics");
     Ok(tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {

@@ -3,8 +3,6 @@
 
 use crate::shared::Shared;
 use drover_broker::OutgoingJob;
-use drover_core::JobMessage;
-use serde_json::Value;
 use std::sync::Arc;
 use tracing::{debug, info, warn};
 
@@ -86,48 +84,24 @@ async fn sweep(shared: &Shared) {
             return;
         }
         let full = sweep.due.len() as i64 == SWEEP_LIMIT;
-        let msgs: Vec<JobMessage> = sweep
-            .due
-            .iter()
-            .map(|d| {
-                // The ledger's CHECK constraints and drover.enqueue() keep these in range
-                // and params an object; a row that is not is published as it is and the
-                // worker rejects it, naming the field.
-                let params = match &d.params.0 {
-                    Value::Object(m) => m.clone(),
-                    _ => Default::default(),
-                };
-                JobMessage {
-                    v: drover_core::message::CONTRACT_VERSION,
-                    idempotency_key: d.idempotency_key.clone(),
-                    pipeline: d.pipeline.clone(),
-                    params,
-                    batch_size: d.batch_size.and_then(|b| u32::try_from(b).ok()),
-                    max_attempts: if d.max_attempts_default {
-                        None
-                    } else {
-                        u32::try_from(d.max_attempts).ok()
-                    },
-                }
-            })
-            .collect();
+        // A row whose params are not an object is not published (rescue::due_message says
+        // so in the log); the ledger's CHECKs and drover.enqueue() keep the rest valid.
         let out: Vec<OutgoingJob> = sweep
             .due
             .iter()
-            .zip(&msgs)
-            .map(|(d, m)| OutgoingJob::new(d.id, m, None))
+            .filter_map(crate::rescue::due_message)
             .collect();
         // Jobs enqueued in SQL without max_attempts get this worker's resolution (the
         // pipeline's default, else the configured one) before their first attempt.
         let limits: Vec<(uuid::Uuid, i32)> = sweep
             .due
             .iter()
-            .zip(&msgs)
-            .filter(|(d, _)| d.max_attempts_default && d.attempts == 0)
-            .filter_map(|(d, m)| {
+            .filter(|d| d.max_attempts_default && d.attempts == 0)
+            .filter_map(|d| {
                 let n = shared
                     .registry
-                    .max_attempts_for(m, shared.config.max_attempts);
+                    .default_max_attempts(&d.pipeline)
+                    .unwrap_or(shared.config.max_attempts);
                 i32::try_from(n)
                     .ok()
                     .filter(|n| *n != d.max_attempts)

@@ -93,6 +93,11 @@ pub enum Command {
     Jobs(crate::jobs::JobsCommand),
     /// Run a pipeline in-process, without broker or ledger, and print its summary.
     Run(crate::run::RunArgs),
+    /// Delete finished jobs older than a duration from the ledger (outputs only when asked).
+    Prune(crate::prune::PruneArgs),
+    /// Compare the ledger with the broker: stale leases, jobs without a message, overdue
+    /// retries; `--fix` re-drives and publishes them.
+    Doctor(crate::doctor::DoctorArgs),
     /// Counts by state and pipeline, and p50/p95 durations over a window, from the ledger.
     Stats(crate::jobs::StatsArgs),
     /// List the pipelines this binary knows.
@@ -158,6 +163,8 @@ pub async fn dispatch(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> 
         Command::Worker(args) => crate::daemon::run(&ctx, args).await,
         Command::Jobs(cmd) => crate::jobs::run(&ctx, cmd).await,
         Command::Run(args) => crate::run::run(&ctx, args).await,
+        Command::Prune(args) => crate::prune::run(&ctx, args).await,
+        Command::Doctor(args) => crate::doctor::run(&ctx, args).await,
         Command::Stats(args) => crate::jobs::stats(&ctx, args).await,
         Command::Pipelines => {
             for name in ctx.registry.names() {

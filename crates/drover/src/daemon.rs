@@ -15,9 +15,13 @@ use tracing::{info, warn};
 /// `drover worker` arguments (each also settable in the `[worker]` table of the config file).
 #[derive(Debug, Args)]
 #[command(after_help = "\
-The worker acks a message only after the job's terminal state or retry schedule is committed
-in the ledger. SIGTERM/SIGINT: stop consuming, let running jobs reach their next batch
-boundary (within --shutdown-grace-secs), checkpoint, requeue the rest, exit 0.
+The worker acks a message once the ledger holds its job (claimed, finished or scheduled);
+from then on the ledger re-drives it: every worker's rescuer retries a running job whose
+heartbeat is older than two periods, and publishes again a job queued for --lost-after-secs
+while the queue holds no ready message. So a job may run longer than RabbitMQ's
+consumer_timeout. SIGTERM/SIGINT: stop consuming, let running jobs reach their next batch
+boundary (within --shutdown-grace-secs), checkpoint, publish the rest again, exit 0.
+A [retention] table in the config file makes the worker prune finished jobs.
 Broker loss: reconnect with jittered backoff. Postgres loss: stop taking work until it is back.")]
 pub struct WorkerArgs {
     /// Jobs in flight at once (AMQP basic.qos prefetch) [default: 8].
@@ -52,6 +56,15 @@ pub struct WorkerArgs {
     /// How often the retry relay looks for due retries, in milliseconds.
     #[arg(long, default_value_t = 500, value_name = "MS", hide = true)]
     relay_interval_ms: u64,
+    /// How long a job may wait queued, while the work queue holds no ready message, before
+    /// its message is presumed lost (purged, dead-lettered) and published again.
+    #[arg(
+        long,
+        env = "DROVER_LOST_AFTER_SECS",
+        value_name = "SECS",
+        default_value_t = 60
+    )]
+    lost_after_secs: u64,
 }
 
 impl WorkerArgs {
@@ -87,6 +100,41 @@ impl WorkerArgs {
             c.worker_id = id;
         }
         c.relay_interval = Duration::from_millis(self.relay_interval_ms.max(50));
+        anyhow::ensure!(
+            self.lost_after_secs >= 1,
+            "--lost-after-secs: must be at least 1, got 0"
+        );
+        c.lost_after = Duration::from_secs(self.lost_after_secs);
+        c.retention = match &ctx.file.retention {
+            None => None,
+            Some(r) => {
+                let older_than = r.older_than.as_deref().ok_or_else(|| {
+                    anyhow::anyhow!("[retention] older_than: required (e.g. \"30d\")")
+                })?;
+                let retention = drover_worker::Retention {
+                    older_than: crate::prune::parse_duration("[retention] older_than", older_than)?,
+                    states: crate::prune::states_or_default(r.states.clone().unwrap_or_default()),
+                    delete_outputs: r.delete_outputs,
+                    every: crate::prune::parse_duration(
+                        "[retention] every",
+                        r.every.as_deref().unwrap_or("1h"),
+                    )?,
+                };
+                if let Some(bad) = retention.states.iter().find(|s| {
+                    !s.parse::<drover_core::JobState>()
+                        .is_ok_and(drover_core::JobState::is_terminal)
+                }) {
+                    anyhow::bail!(
+                        "[retention] states: {bad:?} is not a finished state (succeeded, dead, cancelled, rejected)"
+                    );
+                }
+                anyhow::ensure!(
+                    !retention.every.is_zero(),
+                    "[retention] every: must be more than 0"
+                );
+                Some(retention)
+            }
+        };
         c.retry = ctx.file.retry.clone().unwrap_or_default();
         c.metrics_addr =
             match self.metrics_addr.as_str() {

@@ -125,7 +125,9 @@ fn job_json(j: &JobView) -> serde_json::Value {
         "idempotency_key": j.idempotency_key,
         "id": j.id,
         "pipeline": j.pipeline,
-        "params": j.params.0,
+        // The ledger keeps the real params (the worker connects with them); what is shown
+        // never carries a password.
+        "params": drover_core::config::redact_params(&j.params.0),
         "state": j.state,
         "attempts": j.attempts,
         "max_attempts": j.max_attempts,
@@ -162,18 +164,22 @@ fn print_table(jobs: &[JobView]) {
         .unwrap_or(3)
         .clamp(3, 48);
     println!(
-        "{:<key_w$}  {:<10}  {:<9}  {:>8}  {:<28}  {:<20}",
-        "KEY", "PIPELINE", "STATE", "ATTEMPTS", "PROGRESS", "CREATED"
+        "{:<key_w$}  {:<10}  {:<9}  {:>8}  {:<28}  {:<20}  {:<20}",
+        "KEY", "PIPELINE", "STATE", "ATTEMPTS", "PROGRESS", "CREATED", "NEXT RUN"
     );
     for j in jobs {
         let key: String = j.idempotency_key.chars().take(key_w).collect();
         println!(
-            "{key:<key_w$}  {:<10}  {:<9}  {:>8}  {:<28}  {:<20}",
+            "{key:<key_w$}  {:<10}  {:<9}  {:>8}  {:<28}  {:<20}  {:<20}",
             j.pipeline,
             j.state,
             format!("{}/{}", j.attempts, j.max_attempts),
             progress_text(j.batches_done, j.batches_total, j.rows_done),
             j.created_at.format("%Y-%m-%d %H:%M:%S"),
+            // A retry's due time, or a delayed job's run_at.
+            j.run_at
+                .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+                .unwrap_or_else(|| "-".into()),
         );
     }
     if jobs.is_empty() {
@@ -188,7 +194,10 @@ fn print_show(j: &JobView, attempts: &[drover_ledger::AttemptView]) {
     println!("key:        {}", j.idempotency_key);
     println!("id:         {}", j.id);
     println!("pipeline:   {}", j.pipeline);
-    println!("params:     {}", j.params.0);
+    println!(
+        "params:     {}",
+        drover_core::config::redact_params(&j.params.0)
+    );
     println!("state:      {}", j.state);
     println!("attempts:   {} of {}", j.attempts, j.max_attempts);
     println!(

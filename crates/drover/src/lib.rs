@@ -19,8 +19,10 @@
 pub mod cli;
 mod daemon;
 mod demo;
+mod doctor;
 mod jobs;
 mod logging;
+mod prune;
 mod publish;
 mod run;
 

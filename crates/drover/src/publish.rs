@@ -24,6 +24,8 @@ Examples:
   drover publish --pipeline payroll --key acme:2026-11 --param client_id=acme \\
       --param period=2026-11 --param input=data/acme.parquet --batch-size 5000
   drover publish --file jobs.jsonl     # one contract-v1 JSON message per line
+  drover publish --pipeline noop --key later-1 --delay 10m     # starts in 10 minutes
+  drover publish --pipeline noop --key at-9 --run-at 2026-12-04T09:00:00Z --timeout-secs 600
 
 A --param value is parsed as JSON when it is valid JSON (5, true, \"text\"), else taken as a
 string. Publishing a key that exists with the same pipeline, params and options prints its
@@ -48,6 +50,16 @@ pub struct PublishArgs {
     /// Attempts before the job is dead (overrides pipeline and worker defaults).
     #[arg(long, value_name = "N", conflicts_with = "file")]
     max_attempts: Option<u32>,
+    /// Do not start the job before this time (RFC 3339, e.g. 2026-12-03T09:30:00Z).
+    #[arg(long, value_name = "TIME", conflicts_with_all = ["file", "delay"])]
+    run_at: Option<String>,
+    /// Do not start the job before this long from now (e.g. 90s, 10m, 2h, 1day).
+    #[arg(long, value_name = "DURATION", conflicts_with = "file")]
+    delay: Option<String>,
+    /// Longest one attempt may run, in seconds; a longer one fails as a transient error
+    /// (and is retried).
+    #[arg(long, value_name = "SECS", conflicts_with = "file")]
+    timeout_secs: Option<u32>,
     /// Publish every message of a JSON Lines file (one contract-v1 message per line);
     /// `-` reads standard input. Every line is validated before anything is published.
     #[arg(long, value_name = "FILE")]
@@ -73,13 +85,35 @@ fn message_from_flags(args: &PublishArgs) -> anyhow::Result<JobMessage> {
         let (name, value) = parse_param(p).map_err(anyhow::Error::msg)?;
         params.insert(name, value);
     }
+    let run_at = match (&args.run_at, &args.delay) {
+        (Some(t), _) => Some(
+            chrono::DateTime::parse_from_rfc3339(t)
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "--run-at {t:?}: expected an RFC 3339 time such as 2026-12-03T09:30:00Z ({e})"
+                    )
+                })?
+                .with_timezone(&chrono::Utc),
+        ),
+        (None, Some(d)) => {
+            let delay = humantime::parse_duration(d).map_err(|e| {
+                anyhow::anyhow!("--delay {d:?}: expected a duration such as 90s, 10m or 2h ({e})")
+            })?;
+            let delay = chrono::Duration::from_std(delay)
+                .map_err(|e| anyhow::anyhow!("--delay {d:?}: too long ({e})"))?;
+            Some(chrono::Utc::now() + delay)
+        }
+        (None, None) => None,
+    };
     let msg = JobMessage::new(
         args.key.clone().unwrap_or_default(),
         args.pipeline.clone().unwrap_or_default(),
         params,
         args.batch_size,
         args.max_attempts,
-    )?;
+    )?
+    .with_run_at(run_at)
+    .with_timeout_secs(args.timeout_secs)?;
     Ok(msg)
 }
 

@@ -46,6 +46,10 @@ class Job:
     params: Mapping[str, Any] = field(default_factory=dict)
     batch_size: int | None = None
     max_attempts: int | None = None
+    #: The job starts no earlier than this (a timezone-aware datetime).
+    run_at: datetime | None = None
+    #: Longest one attempt may run, in seconds.
+    timeout_secs: int | None = None
 
     def message(self) -> dict[str, Any]:
         """The contract-v1 message body as a dict (optional fields only when set)."""
@@ -59,6 +63,10 @@ class Job:
             msg["batch_size"] = self.batch_size
         if self.max_attempts is not None:
             msg["max_attempts"] = self.max_attempts
+        if self.run_at is not None:
+            msg["run_at"] = self.run_at.isoformat()
+        if self.timeout_secs is not None:
+            msg["timeout_secs"] = self.timeout_secs
         return msg
 
 
@@ -194,11 +202,15 @@ class Client:
         params: Mapping[str, Any] | None = None,
         batch_size: int | None = None,
         max_attempts: int | None = None,
+        run_at: datetime | None = None,
+        timeout_secs: int | None = None,
     ) -> Outcome:
         """Publishes one job: recorded in the ledger first, then sent to the broker and
         confirmed. Raises :class:`InvalidJob` before writing anything when the job is
         invalid, and :class:`Conflict` when the key exists for a different request."""
-        job = Job(key, pipeline, _job_from(params, key), batch_size, max_attempts)
+        job = Job(
+            key, pipeline, _job_from(params, key), batch_size, max_attempts, run_at, timeout_secs
+        )
         return self.publish_many([job])[0]
 
     def publish_many(self, jobs: Iterable[Job | Mapping[str, Any]]) -> list[Outcome]:
@@ -354,6 +366,8 @@ def _job_of_mapping(m: Mapping[str, Any]) -> Job:
         "params",
         "batch_size",
         "max_attempts",
+        "run_at",
+        "timeout_secs",
     }
     if unknown:
         raise InvalidJob(
@@ -366,6 +380,8 @@ def _job_of_mapping(m: Mapping[str, Any]) -> Job:
         m.get("params") or {},
         m.get("batch_size"),
         m.get("max_attempts"),
+        m.get("run_at"),
+        m.get("timeout_secs"),
     )
 
 

@@ -6,13 +6,16 @@ use lapin::{BasicProperties, Connection, ConnectionProperties};
 use serde_json::Value;
 use sqlx::postgres::{PgListener, PgPoolOptions};
 use sqlx::{PgPool, Row};
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_drover");
+/// The binary under test, named by the including test crate (`drover` here, a team's own
+/// binary in `examples/`), so one harness serves both.
+pub use crate::BIN;
 
 pub fn amqp_url() -> String {
     std::env::var("DROVER_TEST_AMQP_URL")
@@ -146,6 +149,49 @@ impl TestEnv {
         .await
         .expect("confirm");
         let _ = conn.close(200, "bye".into()).await;
+    }
+
+    /// Messages ready in `{ns}.jobs` (a passive declare; delivered, unacked ones not counted).
+    pub async fn jobs_ready(&self) -> u32 {
+        self.jobs_depth().await.0
+    }
+
+    /// `(ready messages, consumers)` of `{ns}.jobs`, from a passive declare.
+    pub async fn jobs_depth(&self) -> (u32, u32) {
+        let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+            .await
+            .expect("amqp connect");
+        let ch = conn.create_channel().await.expect("channel");
+        let q = ch
+            .queue_declare(
+                format!("{}.jobs", self.ns).as_str().into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                Default::default(),
+            )
+            .await
+            .expect("passive declare");
+        let _ = conn.close(200, "bye".into()).await;
+        (q.message_count(), q.consumer_count())
+    }
+
+    /// Purges `{ns}.jobs`, as an operator (or an accident) would; returns how many went.
+    pub async fn purge_jobs(&self) -> u32 {
+        let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+            .await
+            .expect("amqp connect");
+        let ch = conn.create_channel().await.expect("channel");
+        let n = ch
+            .queue_purge(
+                format!("{}.jobs", self.ns).as_str().into(),
+                Default::default(),
+            )
+            .await
+            .expect("purge");
+        let _ = conn.close(200, "bye".into()).await;
+        n
     }
 
     /// Count of messages waiting in `{ns}.dead`, with their `x-drover-reason` headers.
@@ -467,4 +513,24 @@ pub fn generate(env: &TestEnv, rows: u64, file: &str) -> PathBuf {
     ]);
     assert!(out.status.success(), "generate: {}", stderr(&out));
     path
+}
+
+/// A plain HTTP/1.0 GET; returns (status, body).
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).expect("connect metrics port");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("write");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("read");
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
 }

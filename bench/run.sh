@@ -438,6 +438,7 @@ emit "$(cat "$WORK/producers.md")"
 emit ""
 
 verdict() { if "$PY" -c "import sys; sys.exit(0 if ($1) else 1)"; then echo met; else echo "**missed**"; fi; }
+progress "sql pipeline"; "$ROOT/bench/sql.sh" "$DROVER" | tee -a "$DOC"
 emit "## Targets (computed by run.sh)"
 emit ""
 emit "| target | measured | verdict |"

@@ -17,3 +17,4 @@ mod observability;
 mod outage;
 mod producers;
 mod reliability;
+mod sql;

@@ -1,7 +1,10 @@
 //! drover-pipeline: the [`Pipeline`] trait, batch sources and the Parquet sink, and the
-//! built-in `noop` and `payroll` pipelines.
+//! built-in `noop`, `payroll` and `sql` pipelines.
 //!
-//! The worker (and `drover run`) drive every job the same way:
+//! Where a job is published (`drover publish`, `drover run`), [`Registry::validate`] and
+//! then [`Registry::preflight`] (checks that read the input, such as `sql`'s query against
+//! the input's columns) refuse it before anything is queued. The worker (and `drover run`)
+//! then drive every job the same way:
 //!
 //! 1. [`Registry::validate`] when a message arrives (bad params are a permanent rejection);
 //! 2. [`Registry::open`] with the number of batches already checkpointed in the ledger;
@@ -22,6 +25,7 @@ pub mod payroll;
 mod pg_source;
 mod sink;
 mod source;
+pub mod sql;
 
 pub use drover_core::ErrorKind;
 pub use error::PipelineError;
@@ -34,7 +38,7 @@ use polars::prelude::DataFrame;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use std::collections::{BTreeMap, VecDeque};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// Rows per batch when neither the message nor the pipeline says otherwise.
@@ -250,6 +254,15 @@ pub trait Pipeline: Send + Sync + 'static {
     /// are invalid. Pure: no filesystem or network access.
     fn validate(&self, params: &Value) -> Result<Self::Params, PipelineError>;
 
+    /// Checks that need the input (a file's columns, say), run once where the job is
+    /// published (`drover publish`, `drover run`) after [`validate`](Pipeline::validate),
+    /// so a job that can only fail is refused before anything is queued. Separate from
+    /// `validate`, which runs on every delivery and must stay pure. The default checks
+    /// nothing.
+    fn preflight(&self, _params: &Self::Params) -> Result<(), PipelineError> {
+        Ok(())
+    }
+
     /// Describes what to read (see [`Input`]).
     fn input(&self, params: &Self::Params, spec: &JobSpec) -> Result<Input, PipelineError>;
 
@@ -277,6 +290,32 @@ pub trait Pipeline: Send + Sync + 'static {
         Ok(Summary::from([("rows".to_string(), rows as i64)]))
     }
 
+    /// [`summarise`](Pipeline::summarise) for pipelines whose figures depend on the params
+    /// (`sql`'s `sum` columns); the runner calls this one. The default calls `summarise`.
+    fn summarise_batch(
+        &self,
+        _params: &Self::Params,
+        rows: u64,
+        output: Option<&DataFrame>,
+    ) -> Result<Summary, PipelineError> {
+        self.summarise(rows, output)
+    }
+
+    /// Runs once after the last batch, before the manifest is written, with the job's
+    /// output directory and its part files in batch order: for output built from every
+    /// batch (`sql`'s `combine`). It must be idempotent (a retry after a crash here runs it
+    /// again) and write its files atomically. The fields of a returned JSON object are added
+    /// to the job's result (and so to the manifest's `summary`). The default does nothing.
+    fn finalize(
+        &self,
+        _params: &Self::Params,
+        _reference: &Self::Reference,
+        _dir: &Path,
+        _parts: &[PathBuf],
+    ) -> Result<Option<Value>, PipelineError> {
+        Ok(None)
+    }
+
     /// The job's result JSON from the summed summaries; the default is the sums themselves.
     fn result(&self, totals: &Summary, _batches: u32) -> Value {
         serde_json::to_value(totals).unwrap_or(Value::Null)
@@ -289,6 +328,7 @@ trait ErasedPipeline: Send + Sync {
     fn name(&self) -> &'static str;
     fn default_max_attempts(&self) -> Option<u32>;
     fn validate(&self, params: &Value) -> Result<(), PipelineError>;
+    fn preflight(&self, params: &Value) -> Result<(), PipelineError>;
     fn open(self: Arc<Self>, spec: &JobSpec, resume_after: u32) -> Result<JobRun, PipelineError>;
 }
 
@@ -303,6 +343,10 @@ impl<P: Pipeline> ErasedPipeline for P {
 
     fn validate(&self, params: &Value) -> Result<(), PipelineError> {
         Pipeline::validate(self, params).map(|_| ())
+    }
+
+    fn preflight(&self, params: &Value) -> Result<(), PipelineError> {
+        Pipeline::preflight(self, &Pipeline::validate(self, params)?)
     }
 
     fn open(self: Arc<Self>, spec: &JobSpec, resume_after: u32) -> Result<JobRun, PipelineError> {
@@ -333,11 +377,12 @@ impl Registry {
         }
     }
 
-    /// The pipelines shipped with drover: `noop` and `payroll`.
+    /// The pipelines shipped with drover: `noop`, `payroll` and `sql`.
     pub fn builtin() -> Self {
         let mut r = Self::empty();
         r.register(noop::Noop);
         r.register(payroll::Payroll);
+        r.register(sql::Sql);
         r
     }
 
@@ -375,6 +420,13 @@ impl Registry {
     /// unknown. Pure: safe to call where the job is published.
     pub fn validate(&self, pipeline: &str, params: &Value) -> Result<(), PipelineError> {
         self.require(pipeline)?.validate(params)
+    }
+
+    /// [`validate`](Registry::validate), then the pipeline's publish-time checks
+    /// ([`Pipeline::preflight`]), which may read the input. Call it where a job is published
+    /// or run by hand, not on every delivery.
+    pub fn preflight(&self, pipeline: &str, params: &Value) -> Result<(), PipelineError> {
+        self.require(pipeline)?.preflight(params)
     }
 
     /// The pipeline's own attempt limit, if it has one (else the configuration's applies).
@@ -560,7 +612,9 @@ impl<P: Pipeline> Runner<P> {
         let out = self
             .pipeline
             .transform(&self.params, &self.reference, batch, &ctx)?;
-        let summary = self.pipeline.summarise(rows, out.as_ref())?;
+        let summary = self
+            .pipeline
+            .summarise_batch(&self.params, rows, out.as_ref())?;
         if out.is_some() && self.out_dir.is_none() {
             return Err(PipelineError::permanent(format!(
                 "pipeline {} returned output for batch {index} but declares Output::None",
@@ -717,8 +771,19 @@ impl<P: Pipeline> BatchRunner for Runner<P> {
                 })?;
             }
         }
-        let result = self.pipeline.result(&totals, sorted.len() as u32);
+        let mut result = self.pipeline.result(&totals, sorted.len() as u32);
         if let Some(dir) = &self.out_dir {
+            let parts: Vec<PathBuf> = sorted
+                .iter()
+                .filter(|b| b.output.is_some())
+                .map(|b| dir.join(sink::part_name(b.index)))
+                .collect();
+            let extra = self
+                .pipeline
+                .finalize(&self.params, &self.reference, dir, &parts)?;
+            if let (Some(Value::Object(extra)), Value::Object(result)) = (extra, &mut result) {
+                result.extend(extra);
+            }
             sink::write_manifest(dir, &self.key, self.pipeline.name(), &sorted, &result)?;
         }
         Ok(result)

@@ -47,6 +47,12 @@ impl<'a> ParamReader<'a> {
         ))
     }
 
+    /// An optional param as raw JSON (absent or null gives `None`), for shapes the typed
+    /// readers do not cover (objects, arrays); the caller checks it and names the param.
+    pub fn optional_json(&mut self, name: &'static str) -> Option<&'a Value> {
+        self.get(name)
+    }
+
     /// A required non-empty string.
     pub fn required_str(&mut self, name: &'static str) -> Result<&'a str, PipelineError> {
         match self.optional_str(name)? {

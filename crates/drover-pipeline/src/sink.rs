@@ -74,7 +74,7 @@ static TEMP_SEQ: AtomicU64 = AtomicU64::new(0);
 
 /// A hidden temporary name next to `target`, unique per process and call, so two writers
 /// racing on the same part (a lease takeover of a slow owner) never interleave bytes.
-fn temp_name(target: &Path) -> PathBuf {
+pub(crate) fn temp_name(target: &Path) -> PathBuf {
     let name = target
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -135,7 +135,7 @@ where
 
 /// Makes a rename durable (POSIX: fsync the directory). A no-op where directories cannot be
 /// opened as files.
-fn sync_dir(dir: &Path) -> io::Result<()> {
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     #[cfg(unix)]
     {
         let d = if dir.as_os_str().is_empty() {
@@ -280,8 +280,8 @@ fn clean_leftovers(dir: &Path, batches: u32) {
     for entry in entries.flatten() {
         let name = entry.file_name();
         let Some(name) = name.to_str() else { continue };
-        let stale_temp = name.ends_with(".tmp")
-            && (name.starts_with(".part-") || name.starts_with(&format!(".{MANIFEST}")));
+        // Hidden temporaries of `temp_name`: parts, the manifest, `sql`'s combined file.
+        let stale_temp = name.starts_with('.') && name.ends_with(".tmp");
         let stale_part = name
             .strip_prefix("part-")
             .and_then(|s| s.strip_suffix(".parquet"))

@@ -94,8 +94,8 @@ impl Input {
     }
 
     /// Declares a column to read and the dtype every batch must have for it. Supported
-    /// target dtypes: `Int64` (from any integer or from CSV text) and `String` (from text or
-    /// any integer).
+    /// target dtypes: `Int64` (from any integer or from CSV text), `Float64` (from CSV text)
+    /// and `String` (from text or any integer).
     pub fn column(mut self, name: &str, dtype: DataType) -> Self {
         self.columns.push((name.into(), dtype));
         self
@@ -674,6 +674,7 @@ fn dtype_name(d: &DataType) -> String {
     match d {
         DataType::Int64 => "i64".into(),
         DataType::String => "string".into(),
+        DataType::Float64 => "f64".into(),
         other => other.to_string(),
     }
 }
@@ -701,7 +702,7 @@ fn cast_column(
     };
     match (from, dtype) {
         (DataType::Null, _) => Ok(c.cast(dtype)?),
-        (DataType::String, _) if dtype.is_integer() => {
+        (DataType::String, _) if dtype.is_integer() || dtype.is_float() => {
             let cast = c.cast(dtype)?;
             if cast.null_count() != c.null_count() {
                 let lost = c.is_not_null() & cast.is_null();

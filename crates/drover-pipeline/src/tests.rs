@@ -1144,10 +1144,10 @@ fn params_are_validated_strictly() {
     let e = r.validate("nope", &json!({})).unwrap_err();
     assert_eq!(
         e.message,
-        "unknown pipeline \"nope\" (known: noop, payroll)"
+        "unknown pipeline \"nope\" (known: noop, payroll, sql)"
     );
     assert!(r.contains("payroll") && !r.contains("nope"));
-    assert_eq!(r.names(), ["noop", "payroll"]);
+    assert_eq!(r.names(), ["noop", "payroll", "sql"]);
     assert_eq!(r.default_max_attempts("payroll"), None);
     let e = r
         .open(

@@ -30,7 +30,9 @@ Examples:
 A --param value is parsed as JSON when it is valid JSON (5, true, \"text\"), else taken as a
 string. Publishing a key that exists with the same pipeline, params and options prints its
 state and publishes nothing (exit 0); with different ones it is a conflict that names what
-differs (exit 1), and nothing is published for that key.")]
+differs (exit 1), and nothing is published for that key. Every message's params are checked
+first, including the pipeline's publish-time checks (sql: the query parses and names only
+existing columns); one failure publishes nothing.")]
 pub struct PublishArgs {
     /// Pipeline name (see `drover pipelines`).
     #[arg(long, required_unless_present = "file", conflicts_with = "file")]
@@ -172,7 +174,7 @@ struct RegistryPreflight(Registry);
 impl Preflight for RegistryPreflight {
     fn check(&self, job: &JobMessage) -> Result<(), String> {
         self.0
-            .validate(&job.pipeline, &Value::Object(job.params.clone()))
+            .preflight(&job.pipeline, &Value::Object(job.params.clone()))
             .map_err(|e| e.to_string())
     }
 
@@ -224,6 +226,9 @@ pub async fn run(ctx: &Context, args: PublishArgs) -> anyhow::Result<ExitCode> {
     let errors = msgs
         .iter()
         .filter_map(|m| {
+            // validate, then the pipeline's publish-time checks (which may read the input,
+            // e.g. `sql` plans its query against the input's columns): nothing is published
+            // unless every message passes.
             preflight
                 .check(m)
                 .err()

@@ -17,7 +17,13 @@ use std::time::Instant;
 #[command(after_help = "\
 Example:
   drover run payroll --param client_id=acme --param period=2026-11 \\
-      --param input=demo-data/acme.parquet --output /tmp/out --json")]
+      --param input=demo-data/acme.parquet --output /tmp/out --json
+  drover run sql --param input=demo-data/acme.parquet \\
+      --param 'query=SELECT state, SUM(bonus_cents) AS bonus FROM batch GROUP BY state' \\
+      --param 'combine=SELECT state, SUM(bonus) AS bonus FROM parts GROUP BY state' --json
+
+Params are checked as `drover publish` checks them (including the pipeline's publish-time
+checks, e.g. sql's query against the input's columns) before anything runs.")]
 pub struct RunArgs {
     /// Pipeline name (see `drover pipelines`).
     pipeline: String,
@@ -50,7 +56,8 @@ pub async fn run(ctx: &Context, args: RunArgs) -> anyhow::Result<ExitCode> {
     }
     let registry = ctx.registry.clone();
     let params = Value::Object(params);
-    registry.validate(&args.pipeline, &params)?;
+    // The same checks as `drover publish` (validate, then the publish-time preflight).
+    registry.preflight(&args.pipeline, &params)?;
     let spec = JobSpec {
         key: args
             .key

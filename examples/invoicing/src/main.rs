@@ -1,4 +1,6 @@
-use drover::{BatchContext, Input, JobSpec, ParamReader, Pipeline, PipelineError, Registry, Summary};
+use drover::{
+    BatchContext, Input, JobSpec, ParamReader, Pipeline, PipelineError, Registry, Summary,
+};
 use polars::prelude::*;
 use serde_json::Value;
 
@@ -18,7 +20,10 @@ impl Pipeline for Invoices {
     }
     fn validate(&self, params: &Value) -> Result<Params, PipelineError> {
         let mut r = ParamReader::new(self.name(), params)?;
-        let p = Params { input: r.required_str("input")?.into(), rates: r.required_str("rates")?.into() };
+        let p = Params {
+            input: r.required_str("input")?.into(),
+            rates: r.required_str("rates")?.into(),
+        };
         r.finish()?;
         Ok(p)
     }
@@ -29,7 +34,10 @@ impl Pipeline for Invoices {
             .column("cents", DataType::Int64))
     }
     fn load_reference(&self, p: &Params) -> Result<LazyFrame, PipelineError> {
-        Ok(CsvReadOptions::default().try_into_reader_with_file_path(Some(p.rates.as_str().into()))?.finish()?.lazy())
+        Ok(CsvReadOptions::default()
+            .try_into_reader_with_file_path(Some(p.rates.as_str().into()))?
+            .finish()?
+            .lazy())
     }
     fn transform(
         &self,
@@ -40,10 +48,24 @@ impl Pipeline for Invoices {
     ) -> Result<Option<DataFrame>, PipelineError> {
         let out = batch
             .lazy()
-            .join(rates.clone(), [col("region")], [col("region")], JoinArgs::new(JoinType::Left))
-            .with_column((col("cents") * col("rate_bp") / lit(10_000i64)).cast(DataType::Int64).alias("tax_cents"))
+            .join(
+                rates.clone(),
+                [col("region")],
+                [col("region")],
+                JoinArgs::new(JoinType::Left),
+            )
+            .with_column(
+                (col("cents") * col("rate_bp") / lit(10_000i64))
+                    .cast(DataType::Int64)
+                    .alias("tax_cents"),
+            )
             .collect()?;
-        if let Some(i) = out.column("rate_bp")?.is_null().iter().position(|null| null == Some(true)) {
+        if let Some(i) = out
+            .column("rate_bp")?
+            .is_null()
+            .iter()
+            .position(|null| null == Some(true))
+        {
             return Err(PipelineError::permanent(format!(
                 "row {}: no tax rate for region {}",
                 ctx.first_row + i as u64,
@@ -57,7 +79,10 @@ impl Pipeline for Invoices {
             Some(df) => df.column("tax_cents")?.i64()?.sum().unwrap_or(0),
             None => 0,
         };
-        Ok(Summary::from([("rows".into(), rows as i64), ("tax_cents".into(), tax)]))
+        Ok(Summary::from([
+            ("rows".into(), rows as i64),
+            ("tax_cents".into(), tax),
+        ]))
     }
 }
 

@@ -23,7 +23,11 @@ fn data(file: &str) -> String {
 async fn a_teams_own_pipeline_runs_through_the_whole_cli() {
     let mut env = TestEnv::new().await;
     let out = env.drover(&["pipelines"]);
-    assert!(stdout(&out).lines().any(|l| l == "invoices"), "{}", stdout(&out));
+    assert!(
+        stdout(&out).lines().any(|l| l == "invoices"),
+        "{}",
+        stdout(&out)
+    );
 
     env.start_worker(&[]);
     let input = format!("input={}", data("lines.csv"));
@@ -44,15 +48,33 @@ async fn a_teams_own_pipeline_runs_through_the_whole_cli() {
     assert!(out.status.success(), "publish: {}", stderr(&out));
 
     let out = env.drover(&["jobs", "wait", "inv:2026-11", "--timeout", "120"]);
-    assert!(out.status.success(), "wait: {} {}", stdout(&out), stderr(&out));
+    assert!(
+        out.status.success(),
+        "wait: {} {}",
+        stdout(&out),
+        stderr(&out)
+    );
     let job = env.show("inv:2026-11");
     assert_eq!(job["state"], "succeeded", "{job}");
     // 725 + 100 + 6249 + 0 + 493: each line's cents × its region's rate, truncated.
-    assert_eq!(job["result"], serde_json::json!({"rows": 5, "tax_cents": 7567}));
+    assert_eq!(
+        job["result"],
+        serde_json::json!({"rows": 5, "tax_cents": 7567})
+    );
     assert_eq!(job["batches_done"], 3);
 
     // The same job in-process gives the same totals.
-    let out = env.drover(&["run", "invoices", "--param", &input, "--param", &rates, "--json", "--output", "local-out"]);
+    let out = env.drover(&[
+        "run",
+        "invoices",
+        "--param",
+        &input,
+        "--param",
+        &rates,
+        "--json",
+        "--output",
+        "local-out",
+    ]);
     assert!(out.status.success(), "run: {}", stderr(&out));
     let local: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     assert_eq!(local, job["result"]);
@@ -72,10 +94,14 @@ async fn a_teams_own_pipeline_runs_through_the_whole_cli() {
         &rates,
     ]);
     assert!(out.status.success(), "publish: {}", stderr(&out));
-    env.wait_job("inv:bad", T, |r| r.get::<String, _>("state") == "dead").await;
+    env.wait_job("inv:bad", T, |r| r.get::<String, _>("state") == "dead")
+        .await;
     let job = env.show("inv:bad");
     let err = job["last_error"].as_str().unwrap_or_default();
-    assert!(err.contains("row 1: no tax rate for region \"ZZ\""), "{err}");
+    assert!(
+        err.contains("row 1: no tax rate for region \"ZZ\""),
+        "{err}"
+    );
 }
 
 /// The README shows `src/bin/one_customer.rs` whole, as the shortest complete pipeline
@@ -89,7 +115,10 @@ fn the_readme_shows_the_short_example_in_full() {
         "README.md must contain examples/invoicing/src/bin/one_customer.rs verbatim"
     );
     let code_lines = main.lines().filter(|l| !l.trim().is_empty()).count();
-    assert!(code_lines < 40, "the example is {code_lines} lines; the README promises under 40");
+    assert!(
+        code_lines < 40,
+        "the example is {code_lines} lines; the README promises under 40"
+    );
 }
 
 #[test]

@@ -25,7 +25,7 @@ export DROVER_TEST_AMQP_URL DROVER_TEST_DATABASE_URL
 # Test runner: cargo-nextest when installed (NEXTEST=auto), or force it with NEXTEST=1 / 0.
 NEXTEST ?= auto
 
-.PHONY: help services browser build build-dev lint fmt check-deploy test test-outage migrate demo clean-demo bench bench-dashboard dashboard-screenshots
+.PHONY: help services browser build build-dev lint fmt check-deploy test test-python test-outage migrate demo clean-demo bench bench-dashboard dashboard-screenshots
 
 help: ## list the targets
 	@echo 'usage: make <target>   (builds in $(CARGO_TARGET_DIR))'
@@ -63,7 +63,18 @@ test: services browser ## start the services, lint, check deploy/, run every tes
 	    echo '$(CARGO) test --workspace'; \
 	    $(CARGO) test --workspace; \
 	fi
+	$(MAKE) test-python
 	$(MAKE) test-outage
+
+test-python: services build-dev ## the Python client (clients/python): ruff, mypy --strict, pytest against the services
+	@PY=$$(scripts/ensure-python.sh); cd clients/python; \
+	echo "ruff, mypy --strict, pytest with $$PY"; \
+	"$$PY" -m ruff check src tests examples; \
+	"$$PY" -m ruff format --check src tests examples; \
+	"$$PY" -m mypy --strict src tests examples; \
+	rc=0; DROVER_BIN='$(DROVER)' "$$PY" -m pytest -q tests || rc=$$?; \
+	if [[ $$rc == 5 ]]; then echo 'pytest collected no tests: failing' >&2; exit 1; fi; \
+	exit $$rc
 
 test-outage: services ## the outage tests: they stop the shared RabbitMQ/Postgres, so they run alone
 	$(CARGO) test -p drover --test integration outage:: -- --ignored --test-threads=1

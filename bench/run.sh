@@ -434,6 +434,12 @@ emit ""
 
 # ---- exec pipeline: its own script, which appends its section ----------------------------------
 BENCH_DOC=$DOC PY=$PY EXEC_IN=$IN EXEC_IN_BIG=$IN_BIG BENCH_ROWS=$ROWS BENCH_ROWS_BIG=$ROWS_BIG "$ROOT/bench/exec.sh" "$DROVER"
+progress "6/6 producers: publish_many throughput (Python, Rust) and enqueue -> start latency"
+CLIENT_PY=$("$ROOT/scripts/ensure-python.sh" 2>/dev/null | tail -n 1)
+"$CLIENT_PY" "$ROOT/bench/producers.py" --drover "$DROVER" >"$WORK/producers.md" \
+    || die "bench/producers.py"
+emit "$(cat "$WORK/producers.md")"
+emit ""
 
 verdict() { if "$PY" -c "import sys; sys.exit(0 if ($1) else 1)"; then echo met; else echo "**missed**"; fi; }
 progress "sql pipeline"; "$ROOT/bench/sql.sh" "$DROVER" | tee -a "$DOC"

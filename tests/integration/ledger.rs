@@ -24,6 +24,7 @@ async fn queue(l: &Ledger, keys: &[String]) {
             params: json!({}),
             batch_size: None,
             max_attempts: 3,
+            max_attempts_given: true,
             trace_id: None,
         })
         .collect();

@@ -17,5 +17,6 @@ mod ledger;
 mod lifecycle;
 mod observability;
 mod outage;
+mod producers;
 mod reliability;
 mod sql;

@@ -28,6 +28,13 @@ pub enum LedgerError {
         state: drover_core::JobState,
         message: String,
     },
+    /// The key exists for a different request (`drover.enqueue` raised
+    /// `drover_idempotency_conflict`); the message names the key and what differs.
+    #[error("{message}")]
+    Conflict { key: String, message: String },
+    /// `drover.enqueue` refused its input; the message names the field and the value.
+    #[error("{message}")]
+    EnqueueRefused { message: String },
     /// A row's `state` is not a state this version knows (a newer schema, or a hand edit).
     #[error("the ledger holds {0}")]
     UnknownState(#[from] drover_core::UnknownState),

@@ -36,9 +36,9 @@ pub use dashboard::{
 pub use error::LedgerError;
 pub use group::Group;
 pub use prune::{DEFAULT_PRUNE_STATES, Pruned};
-pub use publish::{InsertOutcome, NewJob};
+pub use publish::{EnqueueJob, InsertOutcome, NewJob, enqueue};
 pub use read::{AttemptView, DurationStats, JobFilter, JobProgress, JobView, StateCount};
-pub use relay::{DueJob, RelaySweep};
+pub use relay::{DueJob, ENQUEUE_CHANNEL, RelaySweep};
 pub use rescue::{LedgerDrift, Rescued};
 pub use transitions::{
     BatchRecord, Claim, ClaimedJob, Completion, FailOutcome, HeldEnd, LeaseLost, LeaseSeen,

@@ -122,8 +122,9 @@ impl Ledger {
     ) -> Result<RelaySweep, LedgerError> {
         let mut tx = self.pool.begin().await?;
         let due: Vec<DueJob> = sqlx::query_as(
-            "SELECT id, idempotency_key, pipeline, params, batch_size, max_attempts, trace_id, \
-             timeout_secs, EXTRACT(EPOCH FROM now() - updated_at)::float8 AS overdue_secs \
+            "SELECT id, idempotency_key, pipeline, params, batch_size, max_attempts, \
+             max_attempts_default, attempts, trace_id, timeout_secs, \
+             EXTRACT(EPOCH FROM now() - updated_at)::float8 AS overdue_secs \
              FROM drover.jobs \
              WHERE state = 'queued' AND enqueued_at IS NOT NULL \
                AND (run_at IS NULL OR run_at <= now()) \

@@ -152,7 +152,12 @@ pub fn due_message(d: &DueJob) -> Option<OutgoingJob> {
         pipeline: d.pipeline.clone(),
         params,
         batch_size: d.batch_size.and_then(|b| u32::try_from(b).ok()),
-        max_attempts: u32::try_from(d.max_attempts).ok(),
+        // A request that named no limit is published without one, as it was made.
+        max_attempts: if d.max_attempts_default {
+            None
+        } else {
+            u32::try_from(d.max_attempts).ok()
+        },
         // Due now: published by the relay only once its time has come.
         run_at: None,
         timeout_secs: d.timeout_secs.and_then(|t| u32::try_from(t).ok()),

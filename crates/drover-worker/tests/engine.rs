@@ -76,6 +76,7 @@ impl Env {
                 params: Value::Object(msg.params.clone()),
                 batch_size: None,
                 max_attempts: 3,
+                max_attempts_given: true,
                 trace_id: None,
             }])
             .await

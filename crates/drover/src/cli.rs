@@ -83,7 +83,8 @@ pub enum Command {
     /// from several replicas at once).
     Migrate,
     /// Publish jobs: record each as `queued` in the ledger, then publish its message with
-    /// publisher confirms. A key that exists already is not published again.
+    /// publisher confirms. A key that exists already is not published again; if it exists
+    /// for a different request (pipeline, params, options) that is a conflict (exit 1).
     Publish(crate::publish::PublishArgs),
     /// Run the worker daemon in the foreground (SIGTERM/SIGINT drain it and exit 0).
     Worker(crate::daemon::WorkerArgs),

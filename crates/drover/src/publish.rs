@@ -1,23 +1,20 @@
-//! `drover publish`: ledger first (`queued`), then the broker with publisher confirms.
+//! `drover publish`: the command line over `drover-client` (ledger first, `queued`, then
+//! the broker with publisher confirms).
 
 use crate::cli::Context;
 use anyhow::{Context as _, bail};
 use clap::Args;
-use drover_broker::{Broker, OutgoingJob, Topology};
+use drover_client::{Client, ClientError, Outcome, Preflight};
+use drover_core::JobMessage;
 use drover_core::message::parse_param;
-use drover_core::{ExposeSecret, JobMessage};
-use drover_ledger::{InsertOutcome, Ledger, NewJob};
 use drover_pipeline::Registry;
 use serde_json::{Map, Value};
 use std::collections::HashSet;
 use std::io::BufRead;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use tracing::Instrument;
-use uuid::Uuid;
-
-/// Jobs recorded and published per round trip when publishing a file.
-const CHUNK: usize = 1000;
 
 /// `drover publish` arguments.
 #[derive(Debug, Args)]
@@ -31,9 +28,11 @@ Examples:
   drover publish --pipeline noop --key at-9 --run-at 2026-12-04T09:00:00Z --timeout-secs 600
 
 A --param value is parsed as JSON when it is valid JSON (5, true, \"text\"), else taken as a
-string. Publishing a key that exists prints its state and publishes nothing (exit 0).
-Every message's params are checked first, including the pipeline's publish-time checks
-(sql: the query parses and names only existing columns); one failure publishes nothing.")]
+string. Publishing a key that exists with the same pipeline, params and options prints its
+state and publishes nothing (exit 0); with different ones it is a conflict that names what
+differs (exit 1), and nothing is published for that key. Every message's params are checked
+first, including the pipeline's publish-time checks (sql: the query parses and names only
+existing columns); one failure publishes nothing.")]
 pub struct PublishArgs {
     /// Pipeline name (see `drover pipelines`).
     #[arg(long, required_unless_present = "file", conflicts_with = "file")]
@@ -150,11 +149,11 @@ fn messages_from_file(path: &PathBuf) -> anyhow::Result<Vec<JobMessage>> {
             ));
         }
     }
-    report_errors(errors)?;
+    report_errors(errors, "invalid message(s)")?;
     Ok(out.into_iter().map(|(_, m)| m).collect())
 }
 
-fn report_errors(errors: Vec<String>) -> anyhow::Result<()> {
+fn report_errors(errors: Vec<String>, what: &str) -> anyhow::Result<()> {
     if errors.is_empty() {
         return Ok(());
     }
@@ -165,151 +164,113 @@ fn report_errors(errors: Vec<String>) -> anyhow::Result<()> {
     if errors.len() > SHOWN {
         eprintln!("... and {} more", errors.len() - SHOWN);
     }
-    bail!("{} invalid message(s); nothing was published", errors.len())
+    bail!("{} {what}; nothing was published for them", errors.len())
 }
 
-/// Records and publishes `msgs`; returns (published, already present) counts.
-pub async fn publish_messages(
-    ledger: &Ledger,
-    broker: &Broker,
-    topo: &Topology,
-    registry: &Registry,
-    msgs: &[JobMessage],
-    default_max_attempts: u32,
-    quiet: bool,
-) -> anyhow::Result<(usize, usize)> {
-    // One trace per publish command, continuing $TRACEPARENT when the caller has one.
-    let span = tracing::info_span!(
-        "publish",
-        jobs = msgs.len(),
-        trace_id = tracing::field::Empty
-    );
-    if let Ok(tp) = std::env::var("TRACEPARENT") {
-        drover_broker::trace::continue_trace(&span, &tp);
+/// The CLI's pre-publish checks: the registry knows every pipeline this binary runs, so an
+/// unknown pipeline or bad params are refused before anything is recorded.
+struct RegistryPreflight(Registry);
+
+impl Preflight for RegistryPreflight {
+    fn check(&self, job: &JobMessage) -> Result<(), String> {
+        self.0
+            .preflight(&job.pipeline, &Value::Object(job.params.clone()))
+            .map_err(|e| e.to_string())
     }
-    let traceparent = drover_broker::trace::traceparent_of(&span);
-    let trace_id = drover_broker::trace::trace_id_of(&span);
-    if let Some(t) = &trace_id {
-        span.record("trace_id", t.as_str());
+
+    fn default_max_attempts(&self, job: &JobMessage) -> Option<u32> {
+        self.0.default_max_attempts(&job.pipeline)
     }
-    let publisher = broker.publisher(topo).instrument(span.clone()).await?;
-    let (mut published, mut existing) = (0, 0);
-    for chunk in msgs.chunks(CHUNK) {
-        let new: Vec<NewJob> = chunk
-            .iter()
-            .map(|m| NewJob {
-                id: Uuid::new_v4(),
-                key: m.idempotency_key.clone(),
-                pipeline: m.pipeline.clone(),
-                params: Value::Object(m.params.clone()),
-                batch_size: m.batch_size.map(|b| b as i32),
-                max_attempts: registry.max_attempts_for(m, default_max_attempts) as i32,
-                trace_id: trace_id.clone(),
-            })
-            .collect();
-        let outcomes = ledger
-            .insert_queued(&new)
-            .await
-            .context("recording jobs in the ledger")?;
-        let mut out = Vec::new();
-        let mut ids = Vec::new();
-        for (m, o) in chunk.iter().zip(&outcomes) {
-            match o {
-                InsertOutcome::Inserted { id } => {
-                    out.push(OutgoingJob::new(id, m, traceparent.clone()));
-                    ids.push(*id);
-                }
-                InsertOutcome::Exists {
-                    id,
-                    needs_publish: true,
-                    ..
-                } => {
-                    if !quiet {
-                        println!(
-                            "{}: recorded earlier but never confirmed by the broker; publishing it now",
-                            m.idempotency_key
-                        );
-                    }
-                    out.push(OutgoingJob::new(id, m, traceparent.clone()));
-                    ids.push(*id);
-                }
-                InsertOutcome::Exists { state, .. } => {
-                    existing += 1;
-                    if !quiet {
-                        println!(
-                            "{}: already exists ({state}); nothing published",
-                            m.idempotency_key
-                        );
-                    }
-                }
-            }
-        }
-        publisher
-            .publish_jobs(&out)
-            .instrument(span.clone())
-            .await
-            .context("publishing to RabbitMQ")?;
-        ledger.mark_enqueued(&ids).await?;
-        if !quiet && msgs.len() <= 20 {
-            for (m, o) in chunk.iter().zip(&outcomes) {
-                if let InsertOutcome::Inserted { id }
-                | InsertOutcome::Exists {
-                    id,
-                    needs_publish: true,
-                    ..
-                } = o
-                {
-                    println!("{}: published (job {id})", m.idempotency_key);
-                }
-            }
-        }
-        published += out.len();
-    }
-    Ok((published, existing))
 }
 
-/// `drover publish`.
+/// Prints what happened to each job (for up to 20 jobs, unless `quiet`).
+fn print_outcomes(outcomes: &[Outcome], quiet: bool) {
+    if quiet || outcomes.len() > 20 {
+        return;
+    }
+    for o in outcomes {
+        match o {
+            Outcome::Published { key, id } => println!("{key}: published (job {id})"),
+            Outcome::Republished { key, id } => println!(
+                "{key}: recorded earlier but never confirmed by the broker; published now (job {id})"
+            ),
+            Outcome::Exists { key, state, .. } => {
+                println!("{key}: already exists ({state}); nothing published")
+            }
+            // Reported on stderr with the error.
+            Outcome::Conflict { .. } => {}
+        }
+    }
+}
+
+fn counts(outcomes: &[Outcome]) -> (usize, usize) {
+    let published = outcomes
+        .iter()
+        .filter(|o| matches!(o, Outcome::Published { .. } | Outcome::Republished { .. }))
+        .count();
+    let existing = outcomes
+        .iter()
+        .filter(|o| matches!(o, Outcome::Exists { .. }))
+        .count();
+    (published, existing)
+}
+
+/// `drover publish`: a thin layer over [`drover_client::Client`].
 pub async fn run(ctx: &Context, args: PublishArgs) -> anyhow::Result<ExitCode> {
-    let registry = &ctx.registry;
     let msgs = match &args.file {
         Some(path) => messages_from_file(path)?,
         None => vec![message_from_flags(&args)?],
     };
-    let errors: Vec<String> = msgs
+    // Refuse invalid jobs before connecting, so the answer does not depend on the services.
+    let preflight = Arc::new(RegistryPreflight(ctx.registry.clone()));
+    let errors = msgs
         .iter()
         .filter_map(|m| {
             // validate, then the pipeline's publish-time checks (which may read the input,
             // e.g. `sql` plans its query against the input's columns): nothing is published
             // unless every message passes.
-            registry
-                .preflight(&m.pipeline, &Value::Object(m.params.clone()))
+            preflight
+                .check(m)
                 .err()
                 .map(|e| format!("{}: {e}", m.idempotency_key))
         })
         .collect();
-    report_errors(errors)?;
-
-    let ledger = ctx.migrated_ledger(4).await?;
-    let broker = Broker::connect(ctx.conns.amqp_url.expose_secret(), "drover-publish").await?;
-    let topo = Topology::for_connections(&ctx.conns);
-    broker.declare(&topo).await?;
-    let (published, existing) = publish_messages(
-        &ledger,
-        &broker,
-        &topo,
-        registry,
-        &msgs,
-        args.default_max_attempts,
-        args.quiet,
-    )
-    .await?;
-    if args.file.is_some() || args.quiet {
-        println!("published {published}, already present {existing}");
+    report_errors(errors, "invalid message(s)")?;
+    let client = Client::connect(&ctx.conns)
+        .await?
+        .with_preflight(preflight)
+        .with_default_max_attempts(args.default_max_attempts);
+    // One trace per publish command, continuing $TRACEPARENT when the caller has one.
+    let span = tracing::info_span!("drover publish");
+    if let Ok(tp) = std::env::var("TRACEPARENT") {
+        drover_broker::trace::continue_trace(&span, &tp);
     }
+    let result = client.publish_many(&msgs).instrument(span).await;
     // Every message is confirmed by now; a failed goodbye does not undo that.
-    if let Err(e) = broker.close().await {
-        tracing::warn!(error = %e, "closing the RabbitMQ connection");
+    if let Err(e) = client.close().await {
+        tracing::warn!(error = %e, "closing the connections");
     }
-    ledger.close().await;
+    let (outcomes, conflicts) = match result {
+        Ok(outcomes) => (outcomes, Vec::new()),
+        Err(ClientError::Conflict {
+            conflicts,
+            outcomes,
+        }) => (outcomes, conflicts),
+        Err(e @ ClientError::Refused { .. }) => bail!("{e}"),
+        Err(e) => return Err(e).context("publishing"),
+    };
+    print_outcomes(&outcomes, args.quiet);
+    let (published, existing) = counts(&outcomes);
+    if args.file.is_some() || args.quiet {
+        println!(
+            "published {published}, already present {existing}, conflicts {}",
+            conflicts.len()
+        );
+    }
+    // Fails (exit 1) when there is any conflict, after listing them on stderr.
+    report_errors(
+        conflicts.iter().map(ToString::to_string).collect(),
+        "conflicting key(s)",
+    )?;
     Ok(ExitCode::SUCCESS)
 }

@@ -1,0 +1,62 @@
+"""The examples run as documented."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import psycopg
+import pytest
+from conftest import Env
+
+import drover
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_order_handler_commit_enqueues_rollback_leaves_no_job(env: Env) -> None:
+    env.start_worker()
+    handler = load("order_handler")
+    with psycopg.connect(env.database_url) as conn:
+        conn.execute(handler.SCHEMA)
+        conn.commit()
+        out = handler.handle_order(conn, {"id": 1, "customer": "acme", "cents": 4999})
+        assert out == {"order": 1, "invoice_job": "invoice:1", "new": True}
+        # The client retries the same request: still one order, one job.
+        again = handler.handle_order(conn, {"id": 1, "customer": "acme", "cents": 4999})
+        assert again["new"] is False
+        # A bad order (the CHECK fails) rolls the whole transaction back: no invoice job.
+        with pytest.raises(psycopg.errors.CheckViolation):
+            handler.handle_order(conn, {"id": 2, "customer": "acme", "cents": -1})
+        orders = conn.execute("SELECT count(*) FROM orders").fetchone()
+        assert orders == (1,)
+    with drover.Client(
+        amqp_url=env.amqp_url, database_url=env.database_url, namespace=env.namespace
+    ) as c:
+        [job] = c.wait(["invoice:1"], timeout=30)
+        assert job.succeeded and job.max_attempts == 3
+        assert c.job("invoice:2") is None
+
+
+def test_order_handler_as_a_script(env: Env) -> None:
+    env.start_worker()
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / "order_handler.py"), "7", "acme", "100"],
+        env=env.env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "invoice:7 succeeded" in done.stdout

@@ -13,6 +13,7 @@ import pytest
 from conftest import Env
 
 import drover
+import drover.exec
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -60,3 +61,50 @@ def test_order_handler_as_a_script(env: Env) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "invoice:7 succeeded" in done.stdout
+
+
+def test_pandas_exec_over_a_million_rows(env: Env, tmp_path: Path) -> None:
+    """The pandas example as an ``exec`` pipeline over 1,000,000 rows, in batches: its
+    parts add up to the same function applied to the whole input at once."""
+    import pandas as pd
+
+    data = tmp_path / "payroll.parquet"
+    out = env.drover(
+        "demo",
+        "generate",
+        "--rows",
+        "1000000",
+        "--client",
+        "acme",
+        "--period",
+        "2026-11",
+        "--out",
+        str(data),
+    )
+    assert out.returncode == 0, out.stderr
+    command = f'command=["{sys.executable}", "{EXAMPLES / "pandas_exec.py"}"]'
+    out = env.drover(
+        "run",
+        "exec",
+        "--param",
+        command,
+        "--param",
+        f"input={data}",
+        "--batch-size",
+        "100000",
+        "--key",
+        "gross",
+        "--output",
+        str(tmp_path / "out"),
+        "--json",
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    parts = sorted((tmp_path / "out").rglob("part-*.parquet"))
+    assert len(parts) == 10
+    got = pd.concat([pd.read_parquet(p) for p in parts])
+    assert len(got) == 1_000_000
+    handler = load("pandas_exec")
+    whole = handler.monthly_gross(pd.read_parquet(data), drover.exec.Context("all", 1, {}))
+    assert int(got["gross_cents"].sum()) == int(whole["gross_cents"].sum())
+    assert any((tmp_path / "out").rglob("_manifest.json")), "the output is complete"

@@ -333,27 +333,14 @@ impl Broker {
     /// leaves out messages delivered to a consumer and not yet acked. The rescuer and
     /// `drover doctor` compare it with the ledger's `queued` jobs to find lost messages.
     pub async fn queue_depth(&self, queue: &str) -> Result<QueueDepth, BrokerError> {
-        let channel = self
-            .open_channel("open a channel to inspect the queue")
-            .await?;
-        let q = channel
-            .queue_declare(
-                short("queue name", queue)?,
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| self.op_error(format!("inspect queue {queue} (passive declare)"), &e))?;
-        if let Err(e) = channel.close(200, "OK".into()).await {
-            debug!(error = %describe(&e), "closing the inspect channel");
-        }
-        Ok(QueueDepth {
-            ready: q.message_count(),
-            consumers: q.consumer_count(),
-        })
+        self.queue_depth_if_exists(queue)
+            .await?
+            .ok_or_else(|| BrokerError::Operation {
+                action: format!("inspect queue {queue} (passive declare)"),
+                endpoint: self.endpoint.to_string(),
+                detail: format!("NOT_FOUND: no queue {queue:?} (start a worker or run drover publish to declare it)"),
+                permanent: true,
+            })
     }
 
     /// Like [`Broker::queue_depth`], but `Ok(None)` when the queue does not exist (NOT_FOUND

@@ -249,17 +249,7 @@ async fn a_killed_worker_s_exec_job_resumes_on_another_without_duplicate_rows() 
     })
     .await;
     let job = env.show("exec:kill");
-    let workers: Vec<(String, String)> = job["attempt_history"]
-        .as_array()
-        .expect("history")
-        .iter()
-        .map(|a| {
-            (
-                a["worker"].as_str().unwrap_or("").to_string(),
-                a["outcome"].as_str().unwrap_or("").to_string(),
-            )
-        })
-        .collect();
+    let workers = workers_and_outcomes(&job);
     assert_eq!(
         workers,
         [

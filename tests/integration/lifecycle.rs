@@ -157,21 +157,6 @@ async fn a_postgres_input_password_is_never_shown() {
     assert_eq!(stored["input"], url);
 }
 
-/// `(worker, outcome)` of each attempt, oldest first.
-fn history(job: &Value) -> Vec<(String, String)> {
-    job["attempt_history"]
-        .as_array()
-        .expect("attempt_history")
-        .iter()
-        .map(|a| {
-            (
-                a["worker"].as_str().unwrap_or("").to_string(),
-                a["outcome"].as_str().unwrap_or("").to_string(),
-            )
-        })
-        .collect()
-}
-
 /// Every checkpoint as `(batch, rows, attempt, committed_at)`.
 async fn checkpoints(env: &TestEnv) -> Vec<(i32, i64, i32, String)> {
     sqlx::query(
@@ -246,7 +231,7 @@ async fn a_frozen_worker_is_redriven_from_the_ledger_and_fenced_when_it_resumes(
     assert_eq!(job["rows_done"], 20, "no batch counted twice");
     assert_eq!(job["finished_at"], job_before["finished_at"]);
     assert_eq!(
-        history(&job),
+        workers_and_outcomes(&job),
         [
             ("frozen".to_string(), "lost".to_string()),
             ("rescuer".to_string(), "succeeded".to_string())
@@ -300,7 +285,7 @@ async fn a_killed_worker_leaves_no_message_behind_and_the_ledger_redrives_its_jo
     );
     let job = env.show("acked-1");
     assert_eq!(
-        history(&job),
+        workers_and_outcomes(&job),
         [
             ("victim".to_string(), "lost".to_string()),
             ("heir".to_string(), "succeeded".to_string())

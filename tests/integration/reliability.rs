@@ -247,16 +247,7 @@ async fn kill_9_mid_job_and_another_worker_takes_over_once() {
     env.wait_job("kill-1", T, |r| r.get::<String, _>("state") == "succeeded")
         .await;
     let job = env.show("kill-1");
-    let history = job["attempt_history"].as_array().expect("h");
-    let summary: Vec<(String, String)> = history
-        .iter()
-        .map(|a| {
-            (
-                a["worker"].as_str().unwrap_or("").to_string(),
-                a["outcome"].as_str().unwrap_or("").to_string(),
-            )
-        })
-        .collect();
+    let summary = workers_and_outcomes(&job);
     assert_eq!(
         summary,
         [

@@ -479,6 +479,21 @@ impl Worker {
 }
 
 /// The `outcome` of each attempt in a `jobs show --json` document, oldest first.
+/// `(worker, outcome)` of each attempt in `jobs show --json` output, oldest first.
+pub fn workers_and_outcomes(job: &Value) -> Vec<(String, String)> {
+    job["attempt_history"]
+        .as_array()
+        .expect("attempt_history is an array")
+        .iter()
+        .map(|a| {
+            (
+                a["worker"].as_str().unwrap_or("").to_string(),
+                a["outcome"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
 pub fn outcomes(job: &Value) -> Vec<String> {
     job["attempt_history"]
         .as_array()

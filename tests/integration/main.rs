@@ -15,5 +15,6 @@ mod ledger;
 mod lifecycle;
 mod observability;
 mod outage;
+mod polish;
 mod reliability;
 mod sql;

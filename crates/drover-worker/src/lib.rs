@@ -74,12 +74,51 @@ use tracing::{info, warn};
 /// How long start-up waits for Postgres to accept a connection.
 const LEDGER_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Connects to the ledger, retrying with jittered backoff while Postgres cannot be reached
+/// and logging the cause each time; any other error (bad URL, no database, bad password)
+/// is returned, since waiting would not fix it.
+async fn connect_ledger(config: &WorkerConfig) -> Result<Ledger, WorkerError> {
+    use backoff::backoff::Backoff;
+    let mut backoff = shared::reconnect_backoff();
+    loop {
+        match Ledger::connect_with(
+            config.conns.database_url.expose_secret(),
+            false,
+            u32::from(config.prefetch).clamp(4, 32) + 4,
+            LEDGER_CONNECT_TIMEOUT,
+            Some(config.heartbeat.max(Duration::from_secs(1))),
+        )
+        .await
+        {
+            Ok(ledger) => return Ok(ledger),
+            Err(e) if e.is_connection() => {
+                let wait = backoff.next_backoff().unwrap_or(Duration::from_secs(10));
+                let mut cause = e.to_string();
+                let mut source = std::error::Error::source(&e);
+                while let Some(s) = source {
+                    cause.push_str(": ");
+                    cause.push_str(&s.to_string());
+                    source = s.source();
+                }
+                warn!(
+                    error = %cause,
+                    retry_in_ms = wait.as_millis() as u64,
+                    "Postgres unreachable at start-up; retrying"
+                );
+                tokio::time::sleep(wait).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 /// Runs a worker until `shutdown` completes, then drains: stops consuming, lets running jobs
 /// reach their next batch boundary within `config.grace`, checkpoints, requeues what did
 /// not finish, and closes its connections.
 ///
-/// Fails only at start-up (ledger unreachable or not migrated, broker unreachable, HTTP port
-/// taken); afterwards outages are waited out and job failures end in the ledger.
+/// Fails only at start-up (ledger refusing us or not migrated, broker unreachable, HTTP port
+/// taken); a Postgres that cannot be reached is waited for, logging why, as are outages
+/// later; job failures end in the ledger.
 pub async fn run(
     config: WorkerConfig,
     registry: Registry,
@@ -104,14 +143,16 @@ pub async fn run(
     // belongs to a frozen worker and must not keep its job's row locked (see
     // `Ledger::connect_with`). The relay publishes inside its sweep's transaction, so the
     // floor leaves a broker confirm time to arrive.
-    let ledger = Ledger::connect_with(
-        config.conns.database_url.expose_secret(),
-        false,
-        u32::from(config.prefetch).clamp(4, 32) + 4,
-        LEDGER_CONNECT_TIMEOUT,
-        Some(config.heartbeat.max(Duration::from_secs(1))),
-    )
-    .await?;
+    // Postgres down at start-up is waited out like an outage later (a worker started before
+    // its database, by systemd or compose, comes up with it); a shutdown meanwhile exits.
+    let mut shutdown = Box::pin(shutdown);
+    let ledger = tokio::select! {
+        ledger = connect_ledger(&config) => ledger?,
+        () = &mut shutdown => {
+            info!("shutdown requested before Postgres was reachable");
+            return Ok(());
+        }
+    };
     ledger.check_schema().await?;
     let topo = Topology::for_connections(&config.conns);
     // Fail fast on a bad URL or an unreachable broker at start-up; later losses reconnect.

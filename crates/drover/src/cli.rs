@@ -41,8 +41,10 @@ pub struct Cli {
     pub command: Command,
 }
 
-/// Options every subcommand accepts.
+/// Options every subcommand accepts. Listed under their own heading so a subcommand's
+/// `--help` shows its own flags first and these six apart, instead of mixed in.
 #[derive(Debug, Args)]
+#[command(next_help_heading = "Global options (see drover --help)")]
 pub struct GlobalArgs {
     /// RabbitMQ URL (amqp:// or amqps://).
     #[arg(
@@ -84,6 +86,11 @@ pub enum Command {
     Migrate,
     /// Publish jobs: record each as `queued` in the ledger, then publish its message with
     /// publisher confirms. A key that exists already is not published again.
+    // The usage line is fixed: clap's own repeats every flag already given (the global
+    // ones from the environment too), which made --database-url look required.
+    #[command(
+        override_usage = "drover publish [OPTIONS] --pipeline <PIPELINE> --key <KEY>\n       drover publish [OPTIONS] --file <FILE>"
+    )]
     Publish(crate::publish::PublishArgs),
     /// Run the worker daemon in the foreground (SIGTERM/SIGINT drain it and exit 0).
     Worker(crate::daemon::WorkerArgs),

@@ -12,6 +12,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 use tracing::{info, warn};
 
+/// The health and metrics port when neither flag, variable nor `[worker] metrics_addr` names
+/// one: fixed so a scraper finds it; a second worker on the host takes port 0 or `off`.
+const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9464";
+
 /// `drover worker` arguments (each also settable in the `[worker]` table of the config file).
 #[derive(Debug, Args)]
 #[command(after_help = "\
@@ -45,26 +49,18 @@ pub struct WorkerArgs {
     #[arg(long, env = "DROVER_WORKER_ID", value_name = "ID")]
     worker_id: Option<String>,
     /// Address of the HTTP port serving /healthz, /readyz and /metrics ("off" disables it;
-    /// port 0 picks a free port, logged at start-up).
-    #[arg(
-        long,
-        env = "DROVER_METRICS_ADDR",
-        value_name = "ADDR",
-        default_value = "127.0.0.1:9464"
-    )]
-    metrics_addr: String,
+    /// port 0 picks a free port, printed at start-up: use it for a second worker on one
+    /// host) [default: 127.0.0.1:9464].
+    #[arg(long, env = "DROVER_METRICS_ADDR", value_name = "ADDR")]
+    metrics_addr: Option<String>,
     /// How often the retry relay looks for due retries, in milliseconds.
     #[arg(long, default_value_t = 500, value_name = "MS", hide = true)]
     relay_interval_ms: u64,
     /// How long a job may wait queued, while the work queue holds no ready message, before
-    /// its message is presumed lost (purged, dead-lettered) and published again.
-    #[arg(
-        long,
-        env = "DROVER_LOST_AFTER_SECS",
-        value_name = "SECS",
-        default_value_t = 60
-    )]
-    lost_after_secs: u64,
+    /// its message is presumed lost (purged, dead-lettered) and published again
+    /// [default: 60].
+    #[arg(long, env = "DROVER_LOST_AFTER_SECS", value_name = "SECS")]
+    lost_after_secs: Option<u64>,
 }
 
 impl WorkerArgs {
@@ -100,11 +96,12 @@ impl WorkerArgs {
             c.worker_id = id;
         }
         c.relay_interval = Duration::from_millis(self.relay_interval_ms.max(50));
+        let lost_after_secs = self.lost_after_secs.or(f.lost_after_secs).unwrap_or(60);
         anyhow::ensure!(
-            self.lost_after_secs >= 1,
+            lost_after_secs >= 1,
             "--lost-after-secs: must be at least 1, got 0"
         );
-        c.lost_after = Duration::from_secs(self.lost_after_secs);
+        c.lost_after = Duration::from_secs(lost_after_secs);
         c.retention = match &ctx.file.retention {
             None => None,
             Some(r) => {
@@ -136,8 +133,12 @@ impl WorkerArgs {
             }
         };
         c.retry = ctx.file.retry.clone().unwrap_or_default();
+        let metrics_addr = self
+            .metrics_addr
+            .or_else(|| f.metrics_addr.clone())
+            .unwrap_or_else(|| DEFAULT_METRICS_ADDR.to_string());
         c.metrics_addr =
-            match self.metrics_addr.as_str() {
+            match metrics_addr.as_str() {
                 "off" | "none" | "" => None,
                 a => Some(a.parse().map_err(|e| {
                     anyhow::anyhow!("--metrics-addr {a:?}: expected host:port ({e})")

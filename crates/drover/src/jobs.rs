@@ -37,7 +37,8 @@ pub enum JobsCommand {
         json: bool,
     },
     /// Wait until every named job is terminal, showing progress. Exit status: 0 if all
-    /// succeeded; 1 if any ended dead, rejected or cancelled; 2 on timeout.
+    /// succeeded; 1 if any ended dead, rejected or cancelled; 2 on timeout; 3 if a key is
+    /// still not in the ledger after 2 s (a typo, or another database).
     Wait {
         /// Idempotency keys.
         #[arg(required = true)]
@@ -196,7 +197,7 @@ fn print_show(j: &JobView, attempts: &[drover_ledger::AttemptView]) {
     println!("pipeline:   {}", j.pipeline);
     println!(
         "params:     {}",
-        drover_core::config::redact_params(&j.params.0)
+        drover_core::shown::value(&drover_core::config::redact_params(&j.params.0))
     );
     println!("state:      {}", j.state);
     println!("attempts:   {} of {}", j.attempts, j.max_attempts);
@@ -289,10 +290,16 @@ fn progress_line(p: &JobProgress) -> String {
     s
 }
 
+/// How long `jobs wait` waits for a key to appear in the ledger before saying it does not
+/// exist: long enough for a publisher started just before (`publish ... & jobs wait ...`)
+/// to insert its row, short enough that a typo is not a 10-minute hang.
+const UNKNOWN_KEY_GRACE: Duration = Duration::from_secs(2);
+
 /// Blocks until every key is terminal (LISTEN/NOTIFY, with a 1 s polling fallback),
 /// printing a line whenever a job's state or progress changes.
 async fn wait(ledger: &Ledger, keys: &[String], timeout: Duration) -> anyhow::Result<ExitCode> {
-    let deadline = Instant::now() + timeout;
+    let started = Instant::now();
+    let deadline = started + timeout;
     // LISTEN first, then read, so no change between the two is missed.
     let mut listener = match ledger.listener().await {
         Ok(l) => Some(l),
@@ -359,6 +366,20 @@ async fn wait(ledger: &Ledger, keys: &[String], timeout: Duration) -> anyhow::Re
             return Ok(ExitCode::from(1));
         }
         let now = Instant::now();
+        let unknown: Vec<&str> = keys
+            .iter()
+            .filter(|k| !by_key.contains_key(k.as_str()))
+            .map(String::as_str)
+            .collect();
+        if !unknown.is_empty() && now >= started + UNKNOWN_KEY_GRACE {
+            eprintln!(
+                "drover: no job with key {} in the ledger after {}s (a typo, or published to \
+                 another --database-url?)",
+                unknown.join(", "),
+                UNKNOWN_KEY_GRACE.as_secs(),
+            );
+            return Ok(ExitCode::from(3));
+        }
         if now >= deadline {
             let pending: Vec<String> = keys
                 .iter()

@@ -1,0 +1,208 @@
+//! What a new user tripped over (issue #16): errors that say why at once, help and config
+//! that read right, values that stay short in messages.
+
+use crate::support::*;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// A command without any service configuration from the caller's environment.
+fn bare(args: &[&str]) -> std::process::Output {
+    let mut c = Command::new(BIN);
+    c.args(args)
+        .env_remove("DATABASE_URL")
+        .env_remove("DROVER_AMQP_URL")
+        .env_remove("DROVER_NAMESPACE")
+        .env("DROVER_LOG_FORMAT", "json");
+    run_bounded(c, Duration::from_secs(60))
+}
+
+/// A local port nobody listens on (bound, then released).
+fn closed_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+#[test]
+fn postgres_down_is_reported_at_once_with_its_cause() {
+    let port = closed_port();
+    let url = format!("postgres://postgres@127.0.0.1:{port}/drover");
+    let started = Instant::now();
+    let out = bare(&["jobs", "list", "--database-url", &url]);
+    let took = started.elapsed();
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!("127.0.0.1:{port}")),
+        "no host:port: {err}"
+    );
+    assert!(err.to_lowercase().contains("refused"), "no cause: {err}");
+    assert!(!err.contains("pool timed out"), "{err}");
+    assert!(took < Duration::from_secs(5), "took {took:?}: {err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn worker_waits_for_postgres_at_start_up() {
+    let env = TestEnv::new().await;
+    // The worker is pointed at a port where Postgres is not (yet): it must log why, keep
+    // trying, and start once a proxy to the real Postgres listens there.
+    let port = closed_port();
+    let real = env
+        .db_url
+        .split_once('@')
+        .and_then(|(_, rest)| rest.split_once('/'))
+        .map(|(hostport, _)| hostport.to_string())
+        .expect("host:port in the test database url");
+    let url = format!("postgres://postgres@127.0.0.1:{port}/{}", env.name);
+    let mut cmd = env.command(&["worker", "--metrics-addr", "off", "--database-url", &url]);
+    cmd.env("DROVER_LOG", "info");
+    let mut w = Worker::spawn(cmd);
+    let first = w.wait_log("Postgres unreachable at start-up", Duration::from_secs(10));
+    assert!(
+        first.contains(&format!("127.0.0.1:{port}")) && first.to_lowercase().contains("refused"),
+        "{first}"
+    );
+    // A second attempt, logged again: it keeps retrying.
+    let seen = || {
+        w.log()
+            .lines()
+            .filter(|l| l.contains("Postgres unreachable at start-up"))
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while seen() < 2 {
+        assert!(Instant::now() < deadline, "one attempt only:\n{}", w.log());
+        w.wait_log("retry_in_ms", Duration::from_secs(10));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .expect("bind the proxy port");
+    let proxy = tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            let real = real.clone();
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(real).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+    w.wait_log("\"consuming\"", Duration::from_secs(60));
+    w.signal("-TERM");
+    assert!(
+        w.wait_exit(Duration::from_secs(60)).success(),
+        "{}",
+        w.log()
+    );
+    proxy.abort();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn waiting_on_a_key_that_does_not_exist_says_so() {
+    let env = TestEnv::new().await;
+    let started = Instant::now();
+    let out = env.drover(&["jobs", "wait", "no-such-key", "--timeout", "600"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no job with key no-such-key"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(started.elapsed() < Duration::from_secs(30));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_worker_takes_a_free_port_and_a_taken_one_says_how() {
+    let mut env = TestEnv::new().await;
+    // Port 0 from the config file's [worker] table: the chosen address is in the log.
+    env.write_config("[worker]\nmetrics_addr = \"127.0.0.1:0\"\n");
+    let i = env.start_worker(&[]);
+    let line = env.worker(i).wait_log(
+        "health and metrics on http://127.0.0.1:",
+        Duration::from_secs(10),
+    );
+    assert!(!line.contains("127.0.0.1:0/"), "{line}");
+    // A taken port: the error says how to run a second worker.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let out = env.drover(&["worker", "--metrics-addr", &addr]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains(&addr) && err.contains("port 0") && err.contains("off"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn huge_values_are_cut_in_errors_and_logs() {
+    let mut env = TestEnv::new().await;
+    let i = env.start_worker(&[]);
+    let huge = "x".repeat(900_000);
+    let body = serde_json::json!({
+        "v": 1,
+        "idempotency_key": "huge-1",
+        "pipeline": "noop",
+        "params": {"batches": huge},
+    });
+    env.publish_raw(body.to_string().as_bytes(), None).await;
+    env.wait_job("huge-1", Duration::from_secs(60), |r| {
+        sqlx::Row::get::<Option<String>, _>(r, "last_error").is_some()
+    })
+    .await;
+    let shown = env.show("huge-1");
+    let error = shown["last_error"].as_str().expect("last_error");
+    assert!(
+        error.contains("batches") && error.contains("(900 KB)"),
+        "{error}"
+    );
+    assert!(error.len() < 1_000, "{} bytes", error.len());
+    let text = env.drover(&["jobs", "show", "huge-1"]);
+    assert!(stdout(&text).len() < 5_000, "{} bytes", stdout(&text).len());
+    let longest = env.worker(i).log().lines().map(str::len).max().unwrap_or(0);
+    assert!(longest < 10_000, "a log line of {longest} bytes");
+}
+
+#[test]
+fn subcommand_help_puts_the_global_flags_apart() {
+    let out = bare(&["jobs", "list", "--help"]);
+    let help = stdout(&out);
+    let heading = help
+        .find("Global options")
+        .unwrap_or_else(|| panic!("no heading: {help}"));
+    let db = help.find("--database-url").expect("--database-url listed");
+    assert!(db > heading, "--database-url before the heading:\n{help}");
+}
+
+#[test]
+fn a_missing_key_shows_the_real_usage() {
+    let mut c = Command::new(BIN);
+    c.args(["publish", "--pipeline", "noop"])
+        .env("DATABASE_URL", "postgres://postgres@127.0.0.1:1/x")
+        .env("DROVER_NAMESPACE", "acme");
+    let out = run_bounded(c, Duration::from_secs(60));
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    let usage = err
+        .lines()
+        .find(|l| l.starts_with("Usage:"))
+        .unwrap_or_else(|| panic!("no usage: {err}"));
+    assert!(usage.contains("--key <KEY>"), "{usage}");
+    assert!(
+        !usage.contains("--database-url") && !usage.contains("--namespace"),
+        "{usage}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn toml_errors_keep_their_line_breaks() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("drover.toml");
+    std::fs::write(&path, "[worker]\nprefetch = \"eight\"\n").expect("write");
+    let path = path.to_string_lossy().to_string();
+    let out = bare(&["jobs", "list", "--config", &path]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(err.lines().count() >= 3, "{err}");
+    assert!(err.contains("prefetch = \"eight\""), "{err}");
+}

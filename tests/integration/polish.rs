@@ -206,3 +206,41 @@ async fn toml_errors_keep_their_line_breaks() {
     assert!(err.lines().count() >= 3, "{err}");
     assert!(err.contains("prefetch = \"eight\""), "{err}");
 }
+
+#[test]
+fn pipelines_describe_themselves() {
+    let out = bare(&["pipelines"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let list = stdout(&out);
+    for name in ["noop", "payroll", "sql"] {
+        let line = list
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("{name} not listed: {list}"));
+        assert!(line.len() > name.len() + 10, "no summary: {line}");
+    }
+    let out = bare(&["pipelines", "--describe", "payroll"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    for needle in [
+        "client_id",
+        "(required)",
+        "retirement_bp",
+        "basis points",
+        "hundredths of an hour",
+        "total_net",
+        "i64 cents",
+    ] {
+        assert!(text.contains(needle), "lacks {needle:?}:\n{text}");
+    }
+    let out = bare(&["pipelines", "--describe", "noop", "--json"]);
+    let d: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    let batches = d["params"]
+        .as_array()
+        .and_then(|p| p.iter().find(|f| f["name"] == "batches"))
+        .expect("noop describes batches");
+    assert_eq!(batches["default"], "1");
+    let out = bare(&["pipelines", "--describe", "nope"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("nope") && stderr(&out).contains("payroll"));
+}

@@ -18,6 +18,7 @@
 
 #![warn(missing_docs)]
 
+mod describe;
 mod error;
 pub mod noop;
 mod params;
@@ -27,6 +28,7 @@ mod sink;
 mod source;
 pub mod sql;
 
+pub use describe::{Description, Field};
 pub use drover_core::ErrorKind;
 pub use error::PipelineError;
 pub use params::ParamReader;
@@ -320,6 +322,13 @@ pub trait Pipeline: Send + Sync + 'static {
     fn result(&self, totals: &Summary, _batches: u32) -> Value {
         serde_json::to_value(totals).unwrap_or(Value::Null)
     }
+
+    /// Params, columns and result described for producers (`drover pipelines --describe`),
+    /// so using a pipeline does not take reading its source. `None` (the default): the
+    /// pipeline says nothing beyond its name.
+    fn describe(&self) -> Option<Description> {
+        None
+    }
 }
 
 /// Object-safe view of a [`Pipeline`], so the registry can hold pipelines with different
@@ -327,6 +336,7 @@ pub trait Pipeline: Send + Sync + 'static {
 trait ErasedPipeline: Send + Sync {
     fn name(&self) -> &'static str;
     fn default_max_attempts(&self) -> Option<u32>;
+    fn describe(&self) -> Option<Description>;
     fn validate(&self, params: &Value) -> Result<(), PipelineError>;
     fn preflight(&self, params: &Value) -> Result<(), PipelineError>;
     fn open(self: Arc<Self>, spec: &JobSpec, resume_after: u32) -> Result<JobRun, PipelineError>;
@@ -339,6 +349,10 @@ impl<P: Pipeline> ErasedPipeline for P {
 
     fn default_max_attempts(&self) -> Option<u32> {
         Pipeline::default_max_attempts(self)
+    }
+
+    fn describe(&self) -> Option<Description> {
+        Pipeline::describe(self)
     }
 
     fn validate(&self, params: &Value) -> Result<(), PipelineError> {
@@ -396,6 +410,12 @@ impl Registry {
     /// Registered names, in registration order (for `drover pipelines` and logs).
     pub fn names(&self) -> Vec<&'static str> {
         self.pipelines.iter().map(|p| p.name()).collect()
+    }
+
+    /// A pipeline's self-description (`None` if it gives none); an error naming the known
+    /// pipelines if `name` is not one.
+    pub fn describe(&self, name: &str) -> Result<Option<Description>, PipelineError> {
+        Ok(self.require(name)?.describe())
     }
 
     /// Whether `name` is registered.

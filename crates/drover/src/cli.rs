@@ -106,8 +106,9 @@ pub enum Command {
     Doctor(crate::doctor::DoctorArgs),
     /// Counts by state and pipeline, and p50/p95 durations over a window, from the ledger.
     Stats(crate::jobs::StatsArgs),
-    /// List the pipelines this binary knows.
-    Pipelines,
+    /// List the pipelines this binary knows, one line each; `--describe NAME` for one
+    /// pipeline's params, columns and units, and result.
+    Pipelines(crate::pipelines::PipelinesArgs),
     /// Demo helpers.
     #[command(subcommand)]
     Demo(crate::demo::DemoCommand),
@@ -172,12 +173,7 @@ pub async fn dispatch(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> 
         Command::Prune(args) => crate::prune::run(&ctx, args).await,
         Command::Doctor(args) => crate::doctor::run(&ctx, args).await,
         Command::Stats(args) => crate::jobs::stats(&ctx, args).await,
-        Command::Pipelines => {
-            for name in ctx.registry.names() {
-                println!("{name}");
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Pipelines(args) => crate::pipelines::run(&ctx, args),
         Command::Demo(cmd) => crate::demo::run(cmd).await,
     }
 }

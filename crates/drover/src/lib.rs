@@ -22,6 +22,7 @@ mod demo;
 mod doctor;
 mod jobs;
 mod logging;
+mod pipelines;
 mod prune;
 mod publish;
 mod run;

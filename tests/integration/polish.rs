@@ -244,3 +244,29 @@ fn pipelines_describe_themselves() {
     assert!(!out.status.success());
     assert!(stderr(&out).contains("nope") && stderr(&out).contains("payroll"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_ctrl_c_stops_at_once_and_releases_the_job() {
+    let mut env = TestEnv::new().await;
+    let i = env.start_worker(&["--shutdown-grace-secs", "600"]);
+    env.publish_noop("long-1", &["--param", "sleep_ms=600000"]);
+    env.wait_job("long-1", Duration::from_secs(60), |r| {
+        sqlx::Row::get::<String, _>(r, "state") == "running"
+    })
+    .await;
+    env.worker(i).signal("-INT");
+    env.worker(i)
+        .wait_log("press Ctrl-C again to stop now", Duration::from_secs(10));
+    let second = Instant::now();
+    env.worker(i).signal("-INT");
+    let status = env.worker(i).wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "{}", env.worker(i).log());
+    assert!(second.elapsed() < Duration::from_secs(30));
+    // Released as after the grace period: queued again, its message published again.
+    assert_eq!(env.state("long-1").await.as_deref(), Some("queued"));
+    let log = env.worker(i).log();
+    assert!(
+        log.contains("released unfinished job back to queued"),
+        "{log}"
+    );
+}

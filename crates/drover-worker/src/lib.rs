@@ -124,6 +124,20 @@ pub async fn run(
     registry: Registry,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), WorkerError> {
+    run_with_stop(config, registry, shutdown, std::future::pending()).await
+}
+
+/// [`run`], and when `stop_now` completes during the drain the worker stops waiting for
+/// running jobs at once: it releases them to `queued` and publishes them again, as when the
+/// grace period runs out. An operator who pressed Ctrl-C and sees a long batch still running
+/// presses it again rather than waiting out the grace period (or killing the worker, which
+/// leaves the leases to expire).
+pub async fn run_with_stop(
+    config: WorkerConfig,
+    registry: Registry,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    stop_now: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), WorkerError> {
     if config.prefetch == 0 {
         return Err(WorkerError::Config {
             field: "--prefetch",
@@ -216,14 +230,17 @@ pub async fn run(
         grace_secs = shared.config.grace.as_secs(),
         "draining"
     );
-    let drained = tokio::time::timeout(shared.config.grace, async {
+    let drain = tokio::time::timeout(shared.config.grace, async {
         while tasks.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
+    });
+    let drained = tokio::select! {
+        done = drain => done.is_ok(),
+        () = stop_now => false,
+    };
+    if !drained {
         warn!(
             still_running = tasks.len(),
-            "grace period over; requeueing unfinished jobs"
+            "grace period over or stop requested; requeueing unfinished jobs"
         );
         tasks.abort_all();
         release_all(&shared).await;

@@ -24,7 +24,9 @@ from then on the ledger re-drives it: every worker's rescuer retries a running j
 heartbeat is older than two periods, and publishes again a job queued for --lost-after-secs
 while the queue holds no ready message. So a job may run longer than RabbitMQ's
 consumer_timeout. SIGTERM/SIGINT: stop consuming, let running jobs reach their next batch
-boundary (within --shutdown-grace-secs), checkpoint, publish the rest again, exit 0.
+boundary (within --shutdown-grace-secs), checkpoint, publish the rest again, exit 0. A
+second SIGTERM/SIGINT (Ctrl-C twice) stops at once: running jobs are released to queued and
+published again, as when the grace period runs out.
 A [retention] table in the config file makes the worker prune finished jobs.
 Broker loss: reconnect with jittered backoff. Postgres loss: stop taking work until it is back.")]
 pub struct WorkerArgs {
@@ -151,29 +153,69 @@ impl WorkerArgs {
 /// `drover worker`.
 pub async fn run(ctx: &Context, args: WorkerArgs) -> anyhow::Result<ExitCode> {
     let config = args.resolve(ctx)?;
-    drover_worker::run(config, ctx.registry.clone(), wait_for_signal()).await?;
+    // Signals seen so far: the first drains, the second stops now (see `count_signals`).
+    let (tx, rx) = tokio::sync::watch::channel(0u32);
+    let counter = tokio::spawn(count_signals(tx));
+    let mut first = rx.clone();
+    let mut second = rx;
+    let shutdown = async move {
+        let _ = first.wait_for(|n| *n >= 1).await;
+    };
+    let stop_now = async move {
+        // A closed channel (signals unavailable) never means "stop now".
+        if second.wait_for(|n| *n >= 2).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    let result =
+        drover_worker::run_with_stop(config, ctx.registry.clone(), shutdown, stop_now).await;
+    counter.abort();
+    result?;
     Ok(ExitCode::SUCCESS)
 }
 
-async fn wait_for_signal() {
+/// Counts SIGTERM/SIGINT into `tx`: the first asks for a drain (running jobs reach their
+/// next batch boundary within the grace period), the second for stopping at once (running
+/// jobs are released to `queued` and published again, as after the grace period). Saying
+/// so on the first keeps an operator from reaching for `kill -9`, which would leave the
+/// jobs' leases to expire instead.
+async fn count_signals(tx: tokio::sync::watch::Sender<u32>) {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => info!(signal = "SIGTERM", "shutdown requested"),
-                    _ = tokio::signal::ctrl_c() => info!(signal = "SIGINT", "shutdown requested"),
-                }
-            }
-            Err(e) => {
-                warn!(error = %e, "cannot listen for SIGTERM; only SIGINT stops the worker");
-                let _ = tokio::signal::ctrl_c().await;
-            }
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            warn!(error = %e, "cannot listen for SIGTERM; only SIGINT stops the worker");
+            None
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+    };
+    for n in 1u32..=2 {
+        #[cfg(unix)]
+        let signal = match term.as_mut() {
+            Some(t) => tokio::select! {
+                _ = t.recv() => "SIGTERM",
+                r = tokio::signal::ctrl_c() => match r { Ok(()) => "SIGINT", Err(_) => return },
+            },
+            None => match tokio::signal::ctrl_c().await {
+                Ok(()) => "SIGINT",
+                Err(_) => return,
+            },
+        };
+        #[cfg(not(unix))]
+        let signal = match tokio::signal::ctrl_c().await {
+            Ok(()) => "SIGINT",
+            Err(_) => return,
+        };
+        tx.send_replace(n);
+        if n == 1 {
+            info!(
+                signal,
+                "shutdown requested: draining; press Ctrl-C again to stop now"
+            );
+        } else {
+            warn!(
+                signal,
+                "second signal: stopping now, releasing running jobs"
+            );
+        }
     }
 }

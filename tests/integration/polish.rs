@@ -270,3 +270,70 @@ async fn a_second_ctrl_c_stops_at_once_and_releases_the_job() {
         "{log}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_interrupted_attempt_is_not_counted_as_a_failure() {
+    let mut env = TestEnv::new().await;
+    let i = env.start_worker(&["--shutdown-grace-secs", "1", "--metrics-addr", "off"]);
+    env.publish_noop(
+        "short-1",
+        &["--max-attempts", "1", "--param", "sleep_ms=4000"],
+    );
+    env.wait_job("short-1", Duration::from_secs(60), |r| {
+        sqlx::Row::get::<String, _>(r, "state") == "running"
+    })
+    .await;
+    env.worker(i).signal("-TERM");
+    assert!(env.worker(i).wait_exit(Duration::from_secs(30)).success());
+    env.start_worker(&["--metrics-addr", "off"]);
+    env.wait_job("short-1", Duration::from_secs(60), |r| {
+        sqlx::Row::get::<String, _>(r, "state") == "succeeded"
+    })
+    .await;
+    let show = env.drover(&["jobs", "show", "short-1"]);
+    assert!(
+        stdout(&show).contains("failures 0 of 1, attempts 2"),
+        "{}",
+        stdout(&show)
+    );
+    assert_eq!(env.show("short-1")["failures"], 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_retried_job_forgets_its_old_error() {
+    let mut env = TestEnv::new().await;
+    env.start_worker(&["--metrics-addr", "off"]);
+    env.publish_noop(
+        "dead-1",
+        &[
+            "--max-attempts",
+            "1",
+            "--param",
+            "fail_attempts=1",
+            "--param",
+            "fail_kind=permanent",
+        ],
+    );
+    env.wait_job("dead-1", Duration::from_secs(60), |r| {
+        sqlx::Row::get::<String, _>(r, "state") == "dead"
+    })
+    .await;
+    assert!(env.show("dead-1")["last_error"].is_string());
+    let out = env.drover(&["jobs", "retry", "dead-1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // At once, before the worker has run it again: no old error, no past due time.
+    let shown = env.show("dead-1");
+    assert!(shown["last_error"].is_null(), "{shown}");
+    assert!(shown["error_kind"].is_null(), "{shown}");
+    let wait = env.drover(&["jobs", "wait", "dead-1", "--timeout", "60"]);
+    assert!(wait.status.success(), "{}", stderr(&wait));
+    let text = stdout(&wait);
+    assert!(!text.contains("injected"), "old error shown: {text}");
+    assert!(
+        !text.contains("next attempt at"),
+        "past due time shown: {text}"
+    );
+    // The history keeps the failure.
+    let history = env.show("dead-1")["attempt_history"].clone();
+    assert!(history[0]["error"].is_string(), "{history}");
+}

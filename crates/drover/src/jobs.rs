@@ -131,6 +131,7 @@ fn job_json(j: &JobView) -> serde_json::Value {
         "params": drover_core::config::redact_params(&j.params.0),
         "state": j.state,
         "attempts": j.attempts,
+        "failures": j.failures,
         "max_attempts": j.max_attempts,
         "batch_size": j.batch_size,
         "batches_done": j.batches_done,
@@ -166,7 +167,7 @@ fn print_table(jobs: &[JobView]) {
         .clamp(3, 48);
     println!(
         "{:<key_w$}  {:<10}  {:<9}  {:>8}  {:<28}  {:<20}  {:<20}",
-        "KEY", "PIPELINE", "STATE", "ATTEMPTS", "PROGRESS", "CREATED", "NEXT RUN"
+        "KEY", "PIPELINE", "STATE", "FAILURES", "PROGRESS", "CREATED", "NEXT RUN"
     );
     for j in jobs {
         let key: String = j.idempotency_key.chars().take(key_w).collect();
@@ -174,7 +175,9 @@ fn print_table(jobs: &[JobView]) {
             "{key:<key_w$}  {:<10}  {:<9}  {:>8}  {:<28}  {:<20}  {:<20}",
             j.pipeline,
             j.state,
-            format!("{}/{}", j.attempts, j.max_attempts),
+            // Failures against the limit: interrupted attempts (a drain) do not count, so
+            // attempts/max would read "2/1" for a job that has not failed.
+            format!("{}/{}", j.failures, j.max_attempts),
             progress_text(j.batches_done, j.batches_total, j.rows_done),
             j.created_at.format("%Y-%m-%d %H:%M:%S"),
             // A retry's due time, or a delayed job's run_at.
@@ -200,7 +203,12 @@ fn print_show(j: &JobView, attempts: &[drover_ledger::AttemptView]) {
         drover_core::shown::value(&drover_core::config::redact_params(&j.params.0))
     );
     println!("state:      {}", j.state);
-    println!("attempts:   {} of {}", j.attempts, j.max_attempts);
+    // The limit counts failures, not attempts (an attempt interrupted by a drain or a lost
+    // lease is not one), so attempts are shown apart from it.
+    println!(
+        "attempts:   failures {} of {}, attempts {}",
+        j.failures, j.max_attempts, j.attempts
+    );
     println!(
         "progress:   {}",
         progress_text(j.batches_done, j.batches_total, j.rows_done)
@@ -278,7 +286,13 @@ fn progress_line(p: &JobProgress) -> String {
     if p.state == JobState::Retrying
         && let Some(r) = p.run_at
     {
-        s.push_str(&format!(", next attempt at {}", r.format("%H:%M:%S")));
+        // A due time already past (a retry due now, waiting for the relay) reads as "now",
+        // not as a time in the past.
+        if r > chrono::Utc::now() {
+            s.push_str(&format!(", next attempt at {}", r.format("%H:%M:%S")));
+        } else {
+            s.push_str(", next attempt now");
+        }
     }
     if !matches!(
         p.state,

@@ -337,3 +337,71 @@ async fn a_retried_job_forgets_its_old_error() {
     let history = env.show("dead-1")["attempt_history"].clone();
     assert!(history[0]["error"].is_string(), "{history}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn show_and_run_say_where_the_output_is() {
+    let mut env = TestEnv::new().await;
+    let input = generate(&env, 300, "acme.parquet");
+    let input = input.to_str().expect("utf8 path").to_string();
+    let input_param = format!("input={input}");
+    let params = [
+        "--param",
+        "client_id=acme",
+        "--param",
+        "period=2026-11",
+        "--param",
+        input_param.as_str(),
+    ];
+    // drover run: the directory and that the manifest is written.
+    let mut run = vec![
+        "run",
+        "payroll",
+        "--key",
+        "acme:2026-11",
+        "--batch-size",
+        "100",
+    ];
+    run.extend_from_slice(&params);
+    let out = env.drover(&run);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let expected = std::fs::canonicalize(env.path("drover-output/payroll"))
+        .expect("output root")
+        .join(drover_pipeline::key_path("acme:2026-11"));
+    let text = stdout(&out);
+    assert!(
+        text.contains(&format!("output: {}", expected.display()))
+            && text.contains("complete: _manifest.json written"),
+        "{text}"
+    );
+    // jobs show: a finished job's directory is complete; a queued one's is not there yet.
+    env.start_worker(&["--metrics-addr", "off"]);
+    let mut publish = vec![
+        "publish",
+        "--pipeline",
+        "payroll",
+        "--key",
+        "acme:2026-12",
+        "--batch-size",
+        "100",
+    ];
+    publish.extend_from_slice(&params);
+    let out = env.drover(&publish);
+    assert!(out.status.success(), "{}", stderr(&out));
+    env.wait_job("acme:2026-12", Duration::from_secs(120), |r| {
+        sqlx::Row::get::<String, _>(r, "state") == "succeeded"
+    })
+    .await;
+    let shown = env.show("acme:2026-12");
+    let dir = std::path::PathBuf::from(shown["output"]["dir"].as_str().expect("dir"));
+    assert!(dir.join("_manifest.json").is_file(), "{shown}");
+    assert!(dir.ends_with(drover_pipeline::key_path("acme:2026-12")));
+    assert_eq!(shown["output"]["manifest"], true);
+    let text = stdout(&env.drover(&["jobs", "show", "acme:2026-12"]));
+    assert!(
+        text.contains("complete: _manifest.json is written"),
+        "{text}"
+    );
+    // A job of a pipeline without output says nothing about output.
+    env.publish_noop("no-output-1", &[]);
+    assert!(env.show("no-output-1")["output"].is_null());
+}

@@ -331,12 +331,19 @@ pub trait Pipeline: Send + Sync + 'static {
     }
 }
 
+/// A job's output directory: `dir` (a pipeline's own param) when given, else
+/// `<root>/<pipeline>/<key path>/`, in one place so the runner and `output_dir` agree.
+fn default_dir(dir: Option<PathBuf>, root: &Path, pipeline: &str, key: &str) -> PathBuf {
+    dir.unwrap_or_else(|| root.join(pipeline).join(key_path(key)))
+}
+
 /// Object-safe view of a [`Pipeline`], so the registry can hold pipelines with different
 /// associated types.
 trait ErasedPipeline: Send + Sync {
     fn name(&self) -> &'static str;
     fn default_max_attempts(&self) -> Option<u32>;
     fn describe(&self) -> Option<Description>;
+    fn output_dir(&self, spec: &JobSpec) -> Result<Option<PathBuf>, PipelineError>;
     fn validate(&self, params: &Value) -> Result<(), PipelineError>;
     fn preflight(&self, params: &Value) -> Result<(), PipelineError>;
     fn open(self: Arc<Self>, spec: &JobSpec, resume_after: u32) -> Result<JobRun, PipelineError>;
@@ -353,6 +360,16 @@ impl<P: Pipeline> ErasedPipeline for P {
 
     fn describe(&self) -> Option<Description> {
         Pipeline::describe(self)
+    }
+
+    fn output_dir(&self, spec: &JobSpec) -> Result<Option<PathBuf>, PipelineError> {
+        let params = Pipeline::validate(self, &spec.params)?;
+        Ok(match Pipeline::output(self, &params) {
+            Output::None => None,
+            Output::Parquet { dir } => {
+                Some(default_dir(dir, &spec.output_root, self.name(), &spec.key))
+            }
+        })
     }
 
     fn validate(&self, params: &Value) -> Result<(), PipelineError> {
@@ -416,6 +433,13 @@ impl Registry {
     /// pipelines if `name` is not one.
     pub fn describe(&self, name: &str) -> Result<Option<Description>, PipelineError> {
         Ok(self.require(name)?.describe())
+    }
+
+    /// Where a job's output goes (`None` for a pipeline that writes none): the pipeline's
+    /// own directory param, else `<output_root>/<pipeline>/<key path>/`. Nothing is created;
+    /// `jobs show` and `drover run` use it to say where the output is.
+    pub fn output_dir(&self, spec: &JobSpec) -> Result<Option<PathBuf>, PipelineError> {
+        self.require(&spec.pipeline)?.output_dir(spec)
     }
 
     /// Whether `name` is registered.
@@ -589,8 +613,7 @@ impl<P: Pipeline> Runner<P> {
         let out_dir = match pipeline.output(&params) {
             Output::None => None,
             Output::Parquet { dir } => {
-                let dir =
-                    dir.unwrap_or_else(|| spec.output_root.join(name).join(key_path(&spec.key)));
+                let dir = default_dir(dir, &spec.output_root, name, &spec.key);
                 std::fs::create_dir_all(&dir).map_err(|e| {
                     PipelineError::transient(format!("output {}: {e}", dir.display()))
                 })?;

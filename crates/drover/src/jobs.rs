@@ -87,12 +87,21 @@ pub async fn run(ctx: &Context, cmd: JobsCommand) -> anyhow::Result<ExitCode> {
         JobsCommand::Show { key, json } => {
             let job = ledger.get(&key).await?;
             let attempts = ledger.attempts(job.id).await?;
+            let output = output_of(ctx, &job);
             if json {
                 let mut v = job_json(&job);
                 v["attempt_history"] = serde_json::to_value(&attempts)?;
+                v["output"] = output.as_ref().map_or(
+                    serde_json::Value::Null,
+                    |o| json!({"dir": o.dir, "manifest": o.manifest, "status": o.status}),
+                );
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 print_show(&job, &attempts);
+                if let Some(o) = &output {
+                    println!("output:     {}", o.dir.display());
+                    println!("            {}", o.status);
+                }
             }
             ExitCode::SUCCESS
         }
@@ -156,6 +165,57 @@ fn progress_text(batches_done: i32, batches_total: Option<i32>, rows: i64) -> St
         Some(t) => format!("{batches_done}/{t} batches, {rows} rows"),
         None => format!("{batches_done} batches, {rows} rows"),
     }
+}
+
+/// Where a job's output is, as `jobs show` reports it.
+struct OutputView {
+    dir: std::path::PathBuf,
+    /// Whether `_manifest.json` is in `dir` (the output is complete).
+    manifest: bool,
+    /// One sentence: complete, partial (and why), or not found on this host.
+    status: String,
+}
+
+/// The job's output directory as this host's worker configuration resolves it
+/// (`DROVER_OUTPUT_ROOT`, then `[worker] output_root`, then `./drover-output`), or the
+/// pipeline's own `output` param; `None` for pipelines without output or unknown here.
+fn output_of(ctx: &Context, job: &JobView) -> Option<OutputView> {
+    let root = std::env::var_os("DROVER_OUTPUT_ROOT")
+        .map(std::path::PathBuf::from)
+        .or_else(|| ctx.file.worker.output_root.clone())
+        .unwrap_or_else(|| std::path::PathBuf::from(drover_worker::DEFAULT_OUTPUT_ROOT));
+    let spec = drover_pipeline::JobSpec {
+        key: job.idempotency_key.clone(),
+        pipeline: job.pipeline.clone(),
+        params: job.params.0.clone(),
+        batch_size: None,
+        attempt: 1,
+        output_root: root,
+    };
+    let dir = ctx.registry.output_dir(&spec).ok()??;
+    let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
+    let manifest = dir.join(drover_pipeline::MANIFEST).is_file();
+    let status = if manifest {
+        "complete: _manifest.json is written (it lists every part)".to_string()
+    } else if !dir.is_dir() {
+        "not on this host (the worker's --output-root may differ), or not started".to_string()
+    } else {
+        let why = match job.state {
+            JobState::Running | JobState::Queued | JobState::Retrying => {
+                "the job has not finished; the parts are the batches done so far"
+            }
+            JobState::Dead | JobState::Cancelled | JobState::Rejected => {
+                "the job stopped before its end; the parts are not a result"
+            }
+            JobState::Succeeded => "the job succeeded but the manifest is missing here",
+        };
+        format!("partial: no _manifest.json ({why})")
+    };
+    Some(OutputView {
+        dir,
+        manifest,
+        status,
+    })
 }
 
 fn print_table(jobs: &[JobView]) {

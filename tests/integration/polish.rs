@@ -118,10 +118,10 @@ async fn a_second_worker_takes_a_free_port_and_a_taken_one_says_how() {
     env.write_config("[worker]\nmetrics_addr = \"127.0.0.1:0\"\n");
     let i = env.start_worker(&[]);
     let line = env.worker(i).wait_log(
-        "health and metrics on http://127.0.0.1:",
+        "serving /healthz, /readyz and /metrics on http://127.0.0.1:",
         Duration::from_secs(10),
     );
-    assert!(!line.contains("127.0.0.1:0/"), "{line}");
+    assert!(!line.contains("on http://127.0.0.1:0\""), "{line}");
     // A taken port: the error says how to run a second worker.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = taken.local_addr().expect("addr").to_string();

@@ -74,6 +74,18 @@ use tracing::{info, warn};
 /// How long start-up waits for Postgres to accept a connection.
 const LEDGER_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// One attempt at connecting to the ledger with the worker's pool settings.
+async fn connect_ledger_once(config: &WorkerConfig) -> Result<Ledger, drover_ledger::LedgerError> {
+    Ledger::connect_with(
+        config.conns.database_url.expose_secret(),
+        false,
+        u32::from(config.prefetch).clamp(4, 32) + 4,
+        LEDGER_CONNECT_TIMEOUT,
+        Some(config.heartbeat.max(Duration::from_secs(1))),
+    )
+    .await
+}
+
 /// Connects to the ledger, retrying with jittered backoff while Postgres cannot be reached
 /// and logging the cause each time; any other error (bad URL, no database, bad password)
 /// is returned, since waiting would not fix it.
@@ -81,15 +93,7 @@ async fn connect_ledger(config: &WorkerConfig) -> Result<Ledger, WorkerError> {
     use backoff::backoff::Backoff;
     let mut backoff = shared::reconnect_backoff();
     loop {
-        match Ledger::connect_with(
-            config.conns.database_url.expose_secret(),
-            false,
-            u32::from(config.prefetch).clamp(4, 32) + 4,
-            LEDGER_CONNECT_TIMEOUT,
-            Some(config.heartbeat.max(Duration::from_secs(1))),
-        )
-        .await
-        {
+        match connect_ledger_once(config).await {
             Ok(ledger) => return Ok(ledger),
             Err(e) if e.is_connection() => {
                 let wait = backoff.next_backoff().unwrap_or(Duration::from_secs(10));
@@ -159,13 +163,19 @@ pub async fn run_with_stop(
     // floor leaves a broker confirm time to arrive.
     // Postgres down at start-up is waited out like an outage later (a worker started before
     // its database, by systemd or compose, comes up with it); a shutdown meanwhile exits.
+    // The first attempt is not raced with `shutdown`: a worker asked to stop at once still
+    // reports a ledger it cannot use (not migrated, bad password).
     let mut shutdown = Box::pin(shutdown);
-    let ledger = tokio::select! {
-        ledger = connect_ledger(&config) => ledger?,
-        () = &mut shutdown => {
-            info!("shutdown requested before Postgres was reachable");
-            return Ok(());
-        }
+    let ledger = match connect_ledger_once(&config).await {
+        Ok(ledger) => ledger,
+        Err(e) if e.is_connection() => tokio::select! {
+            ledger = connect_ledger(&config) => ledger?,
+            () = &mut shutdown => {
+                info!("shutdown requested before Postgres was reachable");
+                return Ok(());
+            }
+        },
+        Err(e) => return Err(e.into()),
     };
     ledger.check_schema().await?;
     let topo = Topology::for_connections(&config.conns);

@@ -17,6 +17,7 @@ mod ledger;
 mod lifecycle;
 mod observability;
 mod outage;
+mod polish;
 mod producers;
 mod reliability;
 mod sql;

@@ -30,7 +30,7 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("config file {path}: {message}")]
+    #[error("config file {path}:\n{message}")]
     Parse { path: PathBuf, message: String },
     #[error("{field}: {message}")]
     Invalid {
@@ -77,6 +77,10 @@ pub struct WorkerFileConfig {
     pub max_attempts: Option<u32>,
     pub delivery_limit: Option<u32>,
     pub id: Option<String>,
+    /// `--metrics-addr`: `host:port`, port 0 for a free port, or `"off"`.
+    pub metrics_addr: Option<String>,
+    /// `--lost-after-secs`: how long a queued job may wait without a ready message.
+    pub lost_after_secs: Option<u64>,
 }
 
 impl FileConfig {
@@ -99,7 +103,9 @@ impl FileConfig {
         })?;
         toml::from_str(&text).map_err(|e| ConfigError::Parse {
             path,
-            message: e.to_string().trim().replace('\n', " "),
+            // toml's message is several lines (the line, a caret under the column, the
+            // reason); flattened it loses the caret's alignment, so it is kept as is.
+            message: e.to_string().trim_end().to_string(),
         })
     }
 }
@@ -305,6 +311,27 @@ mod tests {
         let shown = format!("{c:?} {} {}", c.amqp_shown(), c.database_shown());
         assert!(!shown.contains("hunter"), "{shown}");
         assert!(shown.contains("u:***@h/db"), "{shown}");
+    }
+
+    #[test]
+    fn worker_table_takes_every_worker_setting() {
+        let file: FileConfig =
+            toml::from_str("[worker]\nmetrics_addr = \"127.0.0.1:0\"\nlost_after_secs = 9\n")
+                .unwrap();
+        assert_eq!(file.worker.metrics_addr.as_deref(), Some("127.0.0.1:0"));
+        assert_eq!(file.worker.lost_after_secs, Some(9));
+    }
+
+    #[test]
+    fn parse_errors_keep_their_lines() {
+        let dir = std::env::temp_dir().join(format!("drover-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("bad.toml");
+        std::fs::write(&path, "namespace = \"a\"\n[worker]\nprefetch = \"x\"\n").unwrap();
+        let e = FileConfig::load(Some(&path)).unwrap_err().to_string();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(e.lines().count() >= 3, "{e}");
+        assert!(e.contains("prefetch = \"x\""), "{e}");
     }
 
     #[test]

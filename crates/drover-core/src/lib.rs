@@ -8,6 +8,7 @@ pub mod config;
 pub mod error;
 pub mod message;
 pub mod retry;
+pub mod shown;
 pub mod state;
 
 pub use error::ErrorKind;

@@ -73,15 +73,9 @@ impl ContractError {
     }
 }
 
-/// Shortens a JSON value for an error message so a huge field cannot flood a log line.
+/// A JSON value as quoted in an error message (cut, with its size, when long).
 fn show(v: &Value) -> String {
-    let s = v.to_string();
-    if s.len() > 80 {
-        let cut = (0..=80).rev().find(|i| s.is_char_boundary(*i)).unwrap_or(0);
-        format!("{}…", &s[..cut])
-    } else {
-        s
-    }
+    crate::shown::value(v)
 }
 
 /// Checks an idempotency key: non-empty, bounded, no control characters.
@@ -326,11 +320,17 @@ impl JobMessage {
 /// (numbers, booleans, quoted strings, objects), otherwise it is taken as a plain string.
 pub fn parse_param(arg: &str) -> Result<(String, Value), String> {
     let Some((name, raw)) = arg.split_once('=') else {
-        return Err(format!("--param {arg:?}: expected name=value"));
+        return Err(format!(
+            "--param {}: expected name=value",
+            crate::shown::text(&format!("{arg:?}"))
+        ));
     };
     let name = name.trim();
     if name.is_empty() {
-        return Err(format!("--param {arg:?}: the name before '=' is empty"));
+        return Err(format!(
+            "--param {}: the name before '=' is empty",
+            crate::shown::text(&format!("{arg:?}"))
+        ));
     }
     let value = serde_json::from_str::<Value>(raw).unwrap_or_else(|_| Value::String(raw.into()));
     Ok((name.to_string(), value))

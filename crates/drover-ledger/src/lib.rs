@@ -99,6 +99,25 @@ impl Ledger {
         if create_database {
             ensure_database(url, &shown, connect_timeout).await?;
         }
+        // One direct connection first: a pool retries a refused connection until its
+        // acquire timeout and then reports only "pool timed out", hiding the cause. A direct
+        // connect fails at once with it (connection refused, bad password, no database).
+        match tokio::time::timeout(connect_timeout, opts.connect()).await {
+            Err(_) => {
+                return Err(LedgerError::Timeout {
+                    url: shown,
+                    secs: connect_timeout.as_secs(),
+                });
+            }
+            Ok(Err(sqlx::Error::Database(db))) if db.code().as_deref() == Some("3D000") => {
+                return Err(LedgerError::NoDatabase { url: shown });
+            }
+            Ok(Err(source)) => return Err(LedgerError::Connect { url: shown, source }),
+            Ok(Ok(probe)) => {
+                // Closing is a courtesy to the server; the probe has done its job either way.
+                let _ = sqlx::Connection::close(probe).await;
+            }
+        }
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(connect_timeout)

@@ -16,7 +16,10 @@ pub struct JobView {
     pub params: sqlx::types::Json<Value>,
     #[sqlx(try_from = "String")]
     pub state: JobState,
+    /// Attempts started, interrupted ones (a drain, a lost lease) included.
     pub attempts: i32,
+    /// Attempts that failed; the job is dead when this reaches `max_attempts`.
+    pub failures: i32,
     pub max_attempts: i32,
     pub batch_size: Option<i32>,
     pub batches_done: i32,
@@ -75,7 +78,7 @@ impl JobProgress {
     }
 }
 
-const JOB_COLUMNS: &str = "id, idempotency_key, pipeline, params, state, attempts, max_attempts, \
+const JOB_COLUMNS: &str = "id, idempotency_key, pipeline, params, state, attempts, failures, max_attempts, \
      batch_size, batches_done, batches_total, rows_done, result, last_error, error_kind, run_at, \
      lease_owner, heartbeat_at, cancel_requested, trace_id, created_at, started_at, finished_at";
 
@@ -156,10 +159,13 @@ impl Ledger {
 
     /// Operator re-drive of a `dead`, `rejected` or `cancelled` job: it goes back to
     /// `retrying`, due now, with one more attempt allowed than it has used; the relay
-    /// publishes it. Attempt numbers continue.
+    /// publishes it. Attempt numbers continue. The last error is cleared (it belongs to the
+    /// attempt that failed, whose row in `drover.attempts` keeps it), so `jobs wait` and
+    /// `jobs show` do not present an old failure as the state of the retried job.
     pub async fn redrive(&self, key: &str) -> Result<(), LedgerError> {
         let n = sqlx::query(
             "UPDATE drover.jobs SET state = 'retrying', run_at = now(), cancel_requested = false, \
+             last_error = NULL, error_kind = NULL, \
              max_attempts = GREATEST(max_attempts, failures + 1), finished_at = NULL, \
              updated_at = now() \
              WHERE idempotency_key = $1 AND state IN ('dead', 'rejected', 'cancelled')",

@@ -18,6 +18,7 @@
 
 #![warn(missing_docs)]
 
+mod describe;
 mod error;
 pub mod exec;
 pub mod noop;
@@ -28,6 +29,7 @@ mod sink;
 mod source;
 pub mod sql;
 
+pub use describe::{Description, Field};
 pub use drover_core::ErrorKind;
 pub use error::PipelineError;
 pub use params::ParamReader;
@@ -325,6 +327,19 @@ pub trait Pipeline: Send + Sync + 'static {
     fn result(&self, totals: &Summary, _batches: u32) -> Value {
         serde_json::to_value(totals).unwrap_or(Value::Null)
     }
+
+    /// Params, columns and result described for producers (`drover pipelines --describe`),
+    /// so using a pipeline does not take reading its source. `None` (the default): the
+    /// pipeline says nothing beyond its name.
+    fn describe(&self) -> Option<Description> {
+        None
+    }
+}
+
+/// A job's output directory: `dir` (a pipeline's own param) when given, else
+/// `<root>/<pipeline>/<key path>/`, in one place so the runner and `output_dir` agree.
+fn default_dir(dir: Option<PathBuf>, root: &Path, pipeline: &str, key: &str) -> PathBuf {
+    dir.unwrap_or_else(|| root.join(pipeline).join(key_path(key)))
 }
 
 /// Object-safe view of a [`Pipeline`], so the registry can hold pipelines with different
@@ -332,6 +347,8 @@ pub trait Pipeline: Send + Sync + 'static {
 trait ErasedPipeline: Send + Sync {
     fn name(&self) -> &'static str;
     fn default_max_attempts(&self) -> Option<u32>;
+    fn describe(&self) -> Option<Description>;
+    fn output_dir(&self, spec: &JobSpec) -> Result<Option<PathBuf>, PipelineError>;
     fn validate(&self, params: &Value) -> Result<(), PipelineError>;
     fn preflight(&self, params: &Value) -> Result<(), PipelineError>;
     fn open(self: Arc<Self>, spec: &JobSpec, resume_after: u32) -> Result<JobRun, PipelineError>;
@@ -344,6 +361,20 @@ impl<P: Pipeline> ErasedPipeline for P {
 
     fn default_max_attempts(&self) -> Option<u32> {
         Pipeline::default_max_attempts(self)
+    }
+
+    fn describe(&self) -> Option<Description> {
+        Pipeline::describe(self)
+    }
+
+    fn output_dir(&self, spec: &JobSpec) -> Result<Option<PathBuf>, PipelineError> {
+        let params = Pipeline::validate(self, &spec.params)?;
+        Ok(match Pipeline::output(self, &params) {
+            Output::None => None,
+            Output::Parquet { dir } => {
+                Some(default_dir(dir, &spec.output_root, self.name(), &spec.key))
+            }
+        })
     }
 
     fn validate(&self, params: &Value) -> Result<(), PipelineError> {
@@ -402,6 +433,19 @@ impl Registry {
     /// Registered names, in registration order (for `drover pipelines` and logs).
     pub fn names(&self) -> Vec<&'static str> {
         self.pipelines.iter().map(|p| p.name()).collect()
+    }
+
+    /// A pipeline's self-description (`None` if it gives none); an error naming the known
+    /// pipelines if `name` is not one.
+    pub fn describe(&self, name: &str) -> Result<Option<Description>, PipelineError> {
+        Ok(self.require(name)?.describe())
+    }
+
+    /// Where a job's output goes (`None` for a pipeline that writes none): the pipeline's
+    /// own directory param, else `<output_root>/<pipeline>/<key path>/`. Nothing is created;
+    /// `jobs show` and `drover run` use it to say where the output is.
+    pub fn output_dir(&self, spec: &JobSpec) -> Result<Option<PathBuf>, PipelineError> {
+        self.require(&spec.pipeline)?.output_dir(spec)
     }
 
     /// Whether `name` is registered.
@@ -575,8 +619,7 @@ impl<P: Pipeline> Runner<P> {
         let out_dir = match pipeline.output(&params) {
             Output::None => None,
             Output::Parquet { dir } => {
-                let dir =
-                    dir.unwrap_or_else(|| spec.output_root.join(name).join(key_path(&spec.key)));
+                let dir = default_dir(dir, &spec.output_root, name, &spec.key);
                 std::fs::create_dir_all(&dir).map_err(|e| {
                     PipelineError::transient(format!("output {}: {e}", dir.display()))
                 })?;

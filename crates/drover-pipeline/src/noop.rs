@@ -45,6 +45,42 @@ impl Pipeline for Noop {
         "noop"
     }
 
+    fn describe(&self) -> Option<crate::Description> {
+        use crate::Field;
+        Some(crate::Description {
+            summary: "no input, no output: sleeps and injected failures, to try the daemon",
+            params: vec![
+                Field::optional(
+                    "sleep_ms",
+                    "u64 milliseconds",
+                    "0",
+                    "sleep this long in every batch",
+                ),
+                Field::optional(
+                    "fail_attempts",
+                    "u32",
+                    "0",
+                    "attempts 1..=N fail on their first batch",
+                ),
+                Field::optional(
+                    "fail_kind",
+                    "transient | permanent",
+                    "transient",
+                    "how injected failures are classified",
+                ),
+                Field::optional(
+                    "batches",
+                    "u32 >= 1",
+                    "1",
+                    "number of batches (each counts one row)",
+                ),
+            ],
+            input_columns: Vec::new(),
+            output_columns: Vec::new(),
+            result: "{\"rows\": batches, \"batches\": batches}",
+        })
+    }
+
     fn validate(&self, params: &Value) -> Result<NoopParams, PipelineError> {
         let mut r = ParamReader::new(self.name(), params)?;
         let sleep_ms = r

@@ -24,7 +24,8 @@ impl<'a> ParamReader<'a> {
             Value::Null => EMPTY.get_or_init(Map::new),
             other => {
                 return Err(PipelineError::permanent(format!(
-                    "{pipeline}: params must be a JSON object, got {other}"
+                    "{pipeline}: params must be a JSON object, got {}",
+                    drover_core::shown::value(other)
                 )));
             }
         };
@@ -42,8 +43,9 @@ impl<'a> ParamReader<'a> {
 
     fn bad(&self, name: &str, expected: &str, got: &Value) -> PipelineError {
         PipelineError::permanent(format!(
-            "{}: param \"{name}\": expected {expected}, got {got}",
-            self.pipeline
+            "{}: param \"{name}\": expected {expected}, got {}",
+            self.pipeline,
+            drover_core::shown::value(got)
         ))
     }
 

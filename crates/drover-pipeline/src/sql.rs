@@ -341,6 +341,46 @@ impl Pipeline for Sql {
         "sql"
     }
 
+    fn describe(&self) -> Option<crate::Description> {
+        use crate::Field;
+        Some(crate::Description {
+            summary: "a team's own batch transformation as SQL (polars dialect), no Rust (docs/pipelines.md)",
+            params: vec![
+                Field::new(
+                    "input",
+                    ".parquet | .csv path",
+                    "read in batches of the message's batch_size rows",
+                ),
+                Field::new(
+                    "query",
+                    "SQL",
+                    "run on every batch over the table `batch`; its output is the batch's part",
+                ),
+                Field::optional(
+                    "reference",
+                    "object {\"name\": \"path\"}",
+                    "none",
+                    "small .parquet/.csv tables usable by name in query and combine",
+                ),
+                Field::optional(
+                    "combine",
+                    "SQL",
+                    "none",
+                    "run once at the end over `parts` (every batch's output), written as combined.parquet",
+                ),
+                Field::optional(
+                    "sum",
+                    "array of column names",
+                    "none",
+                    "integer columns of query's output to total in the result",
+                ),
+            ],
+            input_columns: Vec::new(),
+            output_columns: Vec::new(),
+            result: "{\"rows\": input rows, \"rows_out\": output rows, \"batches\": n, \"sum\": {column: total}, \"combined\": {\"file\", \"rows\", \"sha256\"}}; the columns are whatever query selects",
+        })
+    }
+
     fn validate(&self, params: &Value) -> Result<SqlParams, PipelineError> {
         let mut r = ParamReader::new(self.name(), params)?;
         let input = file_param("input", r.required_str("input")?)?;

@@ -74,16 +74,73 @@ use tracing::{info, warn};
 /// How long start-up waits for Postgres to accept a connection.
 const LEDGER_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// One attempt at connecting to the ledger with the worker's pool settings.
+async fn connect_ledger_once(config: &WorkerConfig) -> Result<Ledger, drover_ledger::LedgerError> {
+    Ledger::connect_with(
+        config.conns.database_url.expose_secret(),
+        false,
+        u32::from(config.prefetch).clamp(4, 32) + 4,
+        LEDGER_CONNECT_TIMEOUT,
+        Some(config.heartbeat.max(Duration::from_secs(1))),
+    )
+    .await
+}
+
+/// Connects to the ledger, retrying with jittered backoff while Postgres cannot be reached
+/// and logging the cause each time; any other error (bad URL, no database, bad password)
+/// is returned, since waiting would not fix it.
+async fn connect_ledger(config: &WorkerConfig) -> Result<Ledger, WorkerError> {
+    use backoff::backoff::Backoff;
+    let mut backoff = shared::reconnect_backoff();
+    loop {
+        match connect_ledger_once(config).await {
+            Ok(ledger) => return Ok(ledger),
+            Err(e) if e.is_connection() => {
+                let wait = backoff.next_backoff().unwrap_or(Duration::from_secs(10));
+                let mut cause = e.to_string();
+                let mut source = std::error::Error::source(&e);
+                while let Some(s) = source {
+                    cause.push_str(": ");
+                    cause.push_str(&s.to_string());
+                    source = s.source();
+                }
+                warn!(
+                    error = %cause,
+                    retry_in_ms = wait.as_millis() as u64,
+                    "Postgres unreachable at start-up; retrying"
+                );
+                tokio::time::sleep(wait).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
 /// Runs a worker until `shutdown` completes, then drains: stops consuming, lets running jobs
 /// reach their next batch boundary within `config.grace`, checkpoints, requeues what did
 /// not finish, and closes its connections.
 ///
-/// Fails only at start-up (ledger unreachable or not migrated, broker unreachable, HTTP port
-/// taken); afterwards outages are waited out and job failures end in the ledger.
+/// Fails only at start-up (ledger refusing us or not migrated, broker unreachable, HTTP port
+/// taken); a Postgres that cannot be reached is waited for, logging why, as are outages
+/// later; job failures end in the ledger.
 pub async fn run(
     config: WorkerConfig,
     registry: Registry,
     shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), WorkerError> {
+    run_with_stop(config, registry, shutdown, std::future::pending()).await
+}
+
+/// [`run`], and when `stop_now` completes during the drain the worker stops waiting for
+/// running jobs at once: it releases them to `queued` and publishes them again, as when the
+/// grace period runs out. An operator who pressed Ctrl-C and sees a long batch still running
+/// presses it again rather than waiting out the grace period (or killing the worker, which
+/// leaves the leases to expire).
+pub async fn run_with_stop(
+    config: WorkerConfig,
+    registry: Registry,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    stop_now: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), WorkerError> {
     if config.prefetch == 0 {
         return Err(WorkerError::Config {
@@ -104,14 +161,22 @@ pub async fn run(
     // belongs to a frozen worker and must not keep its job's row locked (see
     // `Ledger::connect_with`). The relay publishes inside its sweep's transaction, so the
     // floor leaves a broker confirm time to arrive.
-    let ledger = Ledger::connect_with(
-        config.conns.database_url.expose_secret(),
-        false,
-        u32::from(config.prefetch).clamp(4, 32) + 4,
-        LEDGER_CONNECT_TIMEOUT,
-        Some(config.heartbeat.max(Duration::from_secs(1))),
-    )
-    .await?;
+    // Postgres down at start-up is waited out like an outage later (a worker started before
+    // its database, by systemd or compose, comes up with it); a shutdown meanwhile exits.
+    // The first attempt is not raced with `shutdown`: a worker asked to stop at once still
+    // reports a ledger it cannot use (not migrated, bad password).
+    let mut shutdown = Box::pin(shutdown);
+    let ledger = match connect_ledger_once(&config).await {
+        Ok(ledger) => ledger,
+        Err(e) if e.is_connection() => tokio::select! {
+            ledger = connect_ledger(&config) => ledger?,
+            () = &mut shutdown => {
+                info!("shutdown requested before Postgres was reachable");
+                return Ok(());
+            }
+        },
+        Err(e) => return Err(e.into()),
+    };
     ledger.check_schema().await?;
     let topo = Topology::for_connections(&config.conns);
     // Fail fast on a bad URL or an unreachable broker at start-up; later losses reconnect.
@@ -175,14 +240,17 @@ pub async fn run(
         grace_secs = shared.config.grace.as_secs(),
         "draining"
     );
-    let drained = tokio::time::timeout(shared.config.grace, async {
+    let drain = tokio::time::timeout(shared.config.grace, async {
         while tasks.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
+    });
+    let drained = tokio::select! {
+        done = drain => done.is_ok(),
+        () = stop_now => false,
+    };
+    if !drained {
         warn!(
             still_running = tasks.len(),
-            "grace period over; requeueing unfinished jobs"
+            "grace period over or stop requested; requeueing unfinished jobs"
         );
         tasks.abort_all();
         release_all(&shared).await;

@@ -270,7 +270,9 @@ pub async fn serve(
             ledger,
             checked: Arc::default(),
         });
-    tracing::info!(addr = %local, "serving /healthz, /readyz and /metrics");
+    // In the message itself, not only as a field: with port 0 this line is the only place
+    // the operator learns the port.
+    tracing::info!(addr = %local, "serving /healthz, /readyz and /metrics on http://{local}");
     Ok(tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "metrics server stopped");

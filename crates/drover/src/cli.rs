@@ -41,8 +41,10 @@ pub struct Cli {
     pub command: Command,
 }
 
-/// Options every subcommand accepts.
+/// Options every subcommand accepts. Listed under their own heading so a subcommand's
+/// `--help` shows its own flags first and these six apart, instead of mixed in.
 #[derive(Debug, Args)]
+#[command(next_help_heading = "Global options (see drover --help)")]
 pub struct GlobalArgs {
     /// RabbitMQ URL (amqp:// or amqps://).
     #[arg(
@@ -85,6 +87,11 @@ pub enum Command {
     /// Publish jobs: record each as `queued` in the ledger, then publish its message with
     /// publisher confirms. A key that exists already is not published again; if it exists
     /// for a different request (pipeline, params, options) that is a conflict (exit 1).
+    // The usage line is fixed: clap's own repeats every flag already given (the global
+    // ones from the environment too), which made --database-url look required.
+    #[command(
+        override_usage = "drover publish [OPTIONS] --pipeline <PIPELINE> --key <KEY>\n       drover publish [OPTIONS] --file <FILE>"
+    )]
     Publish(crate::publish::PublishArgs),
     /// Run the worker daemon in the foreground (SIGTERM/SIGINT drain it and exit 0).
     Worker(crate::daemon::WorkerArgs),
@@ -100,8 +107,9 @@ pub enum Command {
     Doctor(crate::doctor::DoctorArgs),
     /// Counts by state and pipeline, and p50/p95 durations over a window, from the ledger.
     Stats(crate::jobs::StatsArgs),
-    /// List the pipelines this binary knows.
-    Pipelines,
+    /// List the pipelines this binary knows, one line each; `--describe NAME` for one
+    /// pipeline's params, columns and units, and result.
+    Pipelines(crate::pipelines::PipelinesArgs),
     /// Serve the web dashboard: overview, jobs, job detail (live), retry/cancel with the
     /// admin token, JSON under /api/.
     Dashboard(crate::dashboard::DashboardArgs),
@@ -169,12 +177,7 @@ pub async fn dispatch(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> 
         Command::Prune(args) => crate::prune::run(&ctx, args).await,
         Command::Doctor(args) => crate::doctor::run(&ctx, args).await,
         Command::Stats(args) => crate::jobs::stats(&ctx, args).await,
-        Command::Pipelines => {
-            for name in ctx.registry.names() {
-                println!("{name}");
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Pipelines(args) => crate::pipelines::run(&ctx, args),
         Command::Demo(cmd) => crate::demo::run(cmd).await,
         Command::Dashboard(args) => crate::dashboard::run(&ctx, args).await,
     }

@@ -12,6 +12,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 use tracing::{info, warn};
 
+/// The health and metrics port when neither flag, variable nor `[worker] metrics_addr` names
+/// one: fixed so a scraper finds it; a second worker on the host takes port 0 or `off`.
+const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9464";
+
 /// `drover worker` arguments (each also settable in the `[worker]` table of the config file).
 #[derive(Debug, Args)]
 #[command(after_help = "\
@@ -20,7 +24,9 @@ from then on the ledger re-drives it: every worker's rescuer retries a running j
 heartbeat is older than two periods, and publishes again a job queued for --lost-after-secs
 while the queue holds no ready message. So a job may run longer than RabbitMQ's
 consumer_timeout. SIGTERM/SIGINT: stop consuming, let running jobs reach their next batch
-boundary (within --shutdown-grace-secs), checkpoint, publish the rest again, exit 0.
+boundary (within --shutdown-grace-secs), checkpoint, publish the rest again, exit 0. A
+second SIGTERM/SIGINT (Ctrl-C twice) stops at once: running jobs are released to queued and
+published again, as when the grace period runs out.
 A [retention] table in the config file makes the worker prune finished jobs.
 Broker loss: reconnect with jittered backoff. Postgres loss: stop taking work until it is back.")]
 pub struct WorkerArgs {
@@ -45,26 +51,18 @@ pub struct WorkerArgs {
     #[arg(long, env = "DROVER_WORKER_ID", value_name = "ID")]
     worker_id: Option<String>,
     /// Address of the HTTP port serving /healthz, /readyz and /metrics ("off" disables it;
-    /// port 0 picks a free port, logged at start-up).
-    #[arg(
-        long,
-        env = "DROVER_METRICS_ADDR",
-        value_name = "ADDR",
-        default_value = "127.0.0.1:9464"
-    )]
-    metrics_addr: String,
+    /// port 0 picks a free port, printed at start-up: use it for a second worker on one
+    /// host) [default: 127.0.0.1:9464].
+    #[arg(long, env = "DROVER_METRICS_ADDR", value_name = "ADDR")]
+    metrics_addr: Option<String>,
     /// How often the retry relay looks for due retries, in milliseconds.
     #[arg(long, default_value_t = 500, value_name = "MS", hide = true)]
     relay_interval_ms: u64,
     /// How long a job may wait queued, while the work queue holds no ready message, before
-    /// its message is presumed lost (purged, dead-lettered) and published again.
-    #[arg(
-        long,
-        env = "DROVER_LOST_AFTER_SECS",
-        value_name = "SECS",
-        default_value_t = 60
-    )]
-    lost_after_secs: u64,
+    /// its message is presumed lost (purged, dead-lettered) and published again
+    /// [default: 60].
+    #[arg(long, env = "DROVER_LOST_AFTER_SECS", value_name = "SECS")]
+    lost_after_secs: Option<u64>,
 }
 
 impl WorkerArgs {
@@ -100,11 +98,12 @@ impl WorkerArgs {
             c.worker_id = id;
         }
         c.relay_interval = Duration::from_millis(self.relay_interval_ms.max(50));
+        let lost_after_secs = self.lost_after_secs.or(f.lost_after_secs).unwrap_or(60);
         anyhow::ensure!(
-            self.lost_after_secs >= 1,
+            lost_after_secs >= 1,
             "--lost-after-secs: must be at least 1, got 0"
         );
-        c.lost_after = Duration::from_secs(self.lost_after_secs);
+        c.lost_after = Duration::from_secs(lost_after_secs);
         c.retention = match &ctx.file.retention {
             None => None,
             Some(r) => {
@@ -136,8 +135,12 @@ impl WorkerArgs {
             }
         };
         c.retry = ctx.file.retry.clone().unwrap_or_default();
+        let metrics_addr = self
+            .metrics_addr
+            .or_else(|| f.metrics_addr.clone())
+            .unwrap_or_else(|| DEFAULT_METRICS_ADDR.to_string());
         c.metrics_addr =
-            match self.metrics_addr.as_str() {
+            match metrics_addr.as_str() {
                 "off" | "none" | "" => None,
                 a => Some(a.parse().map_err(|e| {
                     anyhow::anyhow!("--metrics-addr {a:?}: expected host:port ({e})")
@@ -150,29 +153,78 @@ impl WorkerArgs {
 /// `drover worker`.
 pub async fn run(ctx: &Context, args: WorkerArgs) -> anyhow::Result<ExitCode> {
     let config = args.resolve(ctx)?;
-    drover_worker::run(config, ctx.registry.clone(), wait_for_signal()).await?;
+    // Signals seen so far: the first drains, the second stops now (see `count_signals`).
+    let (tx, rx) = tokio::sync::watch::channel(0u32);
+    let counter = tokio::spawn(count_signals(tx));
+    let mut first = rx.clone();
+    let mut second = rx;
+    let shutdown = async move {
+        let _ = first.wait_for(|n| *n >= 1).await;
+    };
+    let stop_now = async move {
+        // A closed channel (signals unavailable) never means "stop now".
+        if second.wait_for(|n| *n >= 2).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    let result =
+        drover_worker::run_with_stop(config, ctx.registry.clone(), shutdown, stop_now).await;
+    counter.abort();
+    result?;
     Ok(ExitCode::SUCCESS)
 }
 
-pub(crate) async fn wait_for_signal() {
+/// Counts SIGTERM/SIGINT into `tx`: the first asks for a drain (running jobs reach their
+/// next batch boundary within the grace period), the second for stopping at once (running
+/// jobs are released to `queued` and published again, as after the grace period). Saying
+/// so on the first keeps an operator from reaching for `kill -9`, which would leave the
+/// jobs' leases to expire instead.
+async fn count_signals(tx: tokio::sync::watch::Sender<u32>) {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => info!(signal = "SIGTERM", "shutdown requested"),
-                    _ = tokio::signal::ctrl_c() => info!(signal = "SIGINT", "shutdown requested"),
-                }
-            }
-            Err(e) => {
-                warn!(error = %e, "cannot listen for SIGTERM; only SIGINT stops the worker");
-                let _ = tokio::signal::ctrl_c().await;
-            }
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            warn!(error = %e, "cannot listen for SIGTERM; only SIGINT stops the worker");
+            None
+        }
+    };
+    for n in 1u32..=2 {
+        #[cfg(unix)]
+        let signal = match term.as_mut() {
+            Some(t) => tokio::select! {
+                _ = t.recv() => "SIGTERM",
+                r = tokio::signal::ctrl_c() => match r { Ok(()) => "SIGINT", Err(_) => return },
+            },
+            None => match tokio::signal::ctrl_c().await {
+                Ok(()) => "SIGINT",
+                Err(_) => return,
+            },
+        };
+        #[cfg(not(unix))]
+        let signal = match tokio::signal::ctrl_c().await {
+            Ok(()) => "SIGINT",
+            Err(_) => return,
+        };
+        tx.send_replace(n);
+        if n == 1 {
+            info!(
+                signal,
+                "shutdown requested: draining; press Ctrl-C again to stop now"
+            );
+        } else {
+            warn!(
+                signal,
+                "second signal: stopping now, releasing running jobs"
+            );
         }
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
+}
+
+/// Resolves at the first SIGTERM/SIGINT: for commands that simply stop, such as
+/// `drover dashboard`.
+pub(crate) async fn wait_for_signal() {
+    let (tx, mut rx) = tokio::sync::watch::channel(0u32);
+    let counter = tokio::spawn(count_signals(tx));
+    let _ = rx.wait_for(|n| *n >= 1).await;
+    counter.abort();
 }

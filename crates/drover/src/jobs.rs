@@ -37,7 +37,8 @@ pub enum JobsCommand {
         json: bool,
     },
     /// Wait until every named job is terminal, showing progress. Exit status: 0 if all
-    /// succeeded; 1 if any ended dead, rejected or cancelled; 2 on timeout.
+    /// succeeded; 1 if any ended dead, rejected or cancelled; 2 on timeout; 3 if a key is
+    /// still not in the ledger after 2 s (a typo, or another database).
     Wait {
         /// Idempotency keys.
         #[arg(required = true)]
@@ -86,12 +87,21 @@ pub async fn run(ctx: &Context, cmd: JobsCommand) -> anyhow::Result<ExitCode> {
         JobsCommand::Show { key, json } => {
             let job = ledger.get(&key).await?;
             let attempts = ledger.attempts(job.id).await?;
+            let output = output_of(ctx, &job);
             if json {
                 let mut v = job_json(&job);
                 v["attempt_history"] = serde_json::to_value(&attempts)?;
+                v["output"] = output.as_ref().map_or(
+                    serde_json::Value::Null,
+                    |o| json!({"dir": o.dir, "manifest": o.manifest, "status": o.status}),
+                );
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
                 print_show(&job, &attempts);
+                if let Some(o) = &output {
+                    println!("output:     {}", o.dir.display());
+                    println!("            {}", o.status);
+                }
             }
             ExitCode::SUCCESS
         }
@@ -130,6 +140,7 @@ fn job_json(j: &JobView) -> serde_json::Value {
         "params": drover_core::config::redact_params(&j.params.0),
         "state": j.state,
         "attempts": j.attempts,
+        "failures": j.failures,
         "max_attempts": j.max_attempts,
         "batch_size": j.batch_size,
         "batches_done": j.batches_done,
@@ -156,6 +167,57 @@ fn progress_text(batches_done: i32, batches_total: Option<i32>, rows: i64) -> St
     }
 }
 
+/// Where a job's output is, as `jobs show` reports it.
+struct OutputView {
+    dir: std::path::PathBuf,
+    /// Whether `_manifest.json` is in `dir` (the output is complete).
+    manifest: bool,
+    /// One sentence: complete, partial (and why), or not found on this host.
+    status: String,
+}
+
+/// The job's output directory as this host's worker configuration resolves it
+/// (`DROVER_OUTPUT_ROOT`, then `[worker] output_root`, then `./drover-output`), or the
+/// pipeline's own `output` param; `None` for pipelines without output or unknown here.
+fn output_of(ctx: &Context, job: &JobView) -> Option<OutputView> {
+    let root = std::env::var_os("DROVER_OUTPUT_ROOT")
+        .map(std::path::PathBuf::from)
+        .or_else(|| ctx.file.worker.output_root.clone())
+        .unwrap_or_else(|| std::path::PathBuf::from(drover_worker::DEFAULT_OUTPUT_ROOT));
+    let spec = drover_pipeline::JobSpec {
+        key: job.idempotency_key.clone(),
+        pipeline: job.pipeline.clone(),
+        params: job.params.0.clone(),
+        batch_size: None,
+        attempt: 1,
+        output_root: root,
+    };
+    let dir = ctx.registry.output_dir(&spec).ok()??;
+    let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
+    let manifest = dir.join(drover_pipeline::MANIFEST).is_file();
+    let status = if manifest {
+        "complete: _manifest.json is written (it lists every part)".to_string()
+    } else if !dir.is_dir() {
+        "not on this host (the worker's --output-root may differ), or not started".to_string()
+    } else {
+        let why = match job.state {
+            JobState::Running | JobState::Queued | JobState::Retrying => {
+                "the job has not finished; the parts are the batches done so far"
+            }
+            JobState::Dead | JobState::Cancelled | JobState::Rejected => {
+                "the job stopped before its end; the parts are not a result"
+            }
+            JobState::Succeeded => "the job succeeded but the manifest is missing here",
+        };
+        format!("partial: no _manifest.json ({why})")
+    };
+    Some(OutputView {
+        dir,
+        manifest,
+        status,
+    })
+}
+
 fn print_table(jobs: &[JobView]) {
     let key_w = jobs
         .iter()
@@ -165,7 +227,7 @@ fn print_table(jobs: &[JobView]) {
         .clamp(3, 48);
     println!(
         "{:<key_w$}  {:<10}  {:<9}  {:>8}  {:<28}  {:<20}  {:<20}",
-        "KEY", "PIPELINE", "STATE", "ATTEMPTS", "PROGRESS", "CREATED", "NEXT RUN"
+        "KEY", "PIPELINE", "STATE", "FAILURES", "PROGRESS", "CREATED", "NEXT RUN"
     );
     for j in jobs {
         let key: String = j.idempotency_key.chars().take(key_w).collect();
@@ -173,7 +235,9 @@ fn print_table(jobs: &[JobView]) {
             "{key:<key_w$}  {:<10}  {:<9}  {:>8}  {:<28}  {:<20}  {:<20}",
             j.pipeline,
             j.state,
-            format!("{}/{}", j.attempts, j.max_attempts),
+            // Failures against the limit: interrupted attempts (a drain) do not count, so
+            // attempts/max would read "2/1" for a job that has not failed.
+            format!("{}/{}", j.failures, j.max_attempts),
             progress_text(j.batches_done, j.batches_total, j.rows_done),
             j.created_at.format("%Y-%m-%d %H:%M:%S"),
             // A retry's due time, or a delayed job's run_at.
@@ -196,10 +260,15 @@ fn print_show(j: &JobView, attempts: &[drover_ledger::AttemptView]) {
     println!("pipeline:   {}", j.pipeline);
     println!(
         "params:     {}",
-        drover_core::config::redact_params(&j.params.0)
+        drover_core::shown::value(&drover_core::config::redact_params(&j.params.0))
     );
     println!("state:      {}", j.state);
-    println!("attempts:   {} of {}", j.attempts, j.max_attempts);
+    // The limit counts failures, not attempts (an attempt interrupted by a drain or a lost
+    // lease is not one), so attempts are shown apart from it.
+    println!(
+        "attempts:   failures {} of {}, attempts {}",
+        j.failures, j.max_attempts, j.attempts
+    );
     println!(
         "progress:   {}",
         progress_text(j.batches_done, j.batches_total, j.rows_done)
@@ -277,7 +346,13 @@ fn progress_line(p: &JobProgress) -> String {
     if p.state == JobState::Retrying
         && let Some(r) = p.run_at
     {
-        s.push_str(&format!(", next attempt at {}", r.format("%H:%M:%S")));
+        // A due time already past (a retry due now, waiting for the relay) reads as "now",
+        // not as a time in the past.
+        if r > chrono::Utc::now() {
+            s.push_str(&format!(", next attempt at {}", r.format("%H:%M:%S")));
+        } else {
+            s.push_str(", next attempt now");
+        }
     }
     if !matches!(
         p.state,
@@ -289,10 +364,16 @@ fn progress_line(p: &JobProgress) -> String {
     s
 }
 
+/// How long `jobs wait` waits for a key to appear in the ledger before saying it does not
+/// exist: long enough for a publisher started just before (`publish ... & jobs wait ...`)
+/// to insert its row, short enough that a typo is not a 10-minute hang.
+const UNKNOWN_KEY_GRACE: Duration = Duration::from_secs(2);
+
 /// Blocks until every key is terminal (LISTEN/NOTIFY, with a 1 s polling fallback),
 /// printing a line whenever a job's state or progress changes.
 async fn wait(ledger: &Ledger, keys: &[String], timeout: Duration) -> anyhow::Result<ExitCode> {
-    let deadline = Instant::now() + timeout;
+    let started = Instant::now();
+    let deadline = started + timeout;
     // LISTEN first, then read, so no change between the two is missed.
     let mut listener = match ledger.listener().await {
         Ok(l) => Some(l),
@@ -359,6 +440,20 @@ async fn wait(ledger: &Ledger, keys: &[String], timeout: Duration) -> anyhow::Re
             return Ok(ExitCode::from(1));
         }
         let now = Instant::now();
+        let unknown: Vec<&str> = keys
+            .iter()
+            .filter(|k| !by_key.contains_key(k.as_str()))
+            .map(String::as_str)
+            .collect();
+        if !unknown.is_empty() && now >= started + UNKNOWN_KEY_GRACE {
+            eprintln!(
+                "drover: no job with key {} in the ledger after {}s (a typo, or published to \
+                 another --database-url?)",
+                unknown.join(", "),
+                UNKNOWN_KEY_GRACE.as_secs(),
+            );
+            return Ok(ExitCode::from(3));
+        }
         if now >= deadline {
             let pending: Vec<String> = keys
                 .iter()

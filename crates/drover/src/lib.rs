@@ -23,6 +23,7 @@ mod demo;
 mod doctor;
 mod jobs;
 mod logging;
+mod pipelines;
 mod prune;
 mod publish;
 mod run;
@@ -61,5 +62,10 @@ pub fn main(registry: Registry) -> ExitCode {
     };
     // Flush spans before the runtime goes away.
     drop(telemetry);
+    // A worker stopped before its jobs finished (grace period over, or a second Ctrl-C) has
+    // released them; a batch still computing on a blocking thread must not hold the process
+    // (dropping the runtime would wait for it). Its part, if it gets written, has the same
+    // name and bytes as the next owner's.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     code
 }

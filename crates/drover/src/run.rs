@@ -73,6 +73,8 @@ pub async fn run(ctx: &Context, args: RunArgs) -> anyhow::Result<ExitCode> {
             .unwrap_or_else(|| PathBuf::from("drover-output")),
     };
     let json = args.json;
+    // Where the parts and `_manifest.json` go (`None`: the pipeline writes no output).
+    let out_dir = registry.output_dir(&spec)?;
     let result = tokio::task::spawn_blocking(move || -> anyhow::Result<Value> {
         let started = Instant::now();
         let mut run = registry.open(&spec, 0)?;
@@ -102,6 +104,21 @@ pub async fn run(ctx: &Context, args: RunArgs) -> anyhow::Result<ExitCode> {
         Ok(result)
     })
     .await??;
+    if let Some(dir) = out_dir {
+        let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
+        let state = if dir.join(drover_pipeline::MANIFEST).is_file() {
+            "complete: _manifest.json written"
+        } else {
+            "partial: no _manifest.json"
+        };
+        // On stderr with --json, so stdout stays one JSON document.
+        let line = format!("output: {} ({state})", dir.display());
+        if json {
+            eprintln!("{line}");
+        } else {
+            println!("{line}");
+        }
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(&result)?);
     } else if let Value::Object(m) = &result {

@@ -1,5 +1,5 @@
 //! The `payroll` pipeline: a monthly gross-to-net run for one client and period, exactly as
-//! `specs/payroll.md` (v1) says, to the cent.
+//! `docs/payroll.md` (spec v1) says, to the cent.
 //!
 //! Params: `client_id` (string), `period` (`YYYY-MM`), `input` (`.parquet` or `.csv` path,
 //! or a `postgres://` URL together with `input_table`: the client's rows of the period are
@@ -113,6 +113,111 @@ impl Pipeline for Payroll {
 
     fn name(&self) -> &'static str {
         "payroll"
+    }
+
+    fn describe(&self) -> Option<crate::Description> {
+        use crate::Field;
+        let cents = "i64 cents";
+        Some(crate::Description {
+            summary: "monthly gross-to-net payroll for one client and period, to the cent (docs/payroll.md)",
+            params: vec![
+                Field::new(
+                    "client_id",
+                    "string",
+                    "the client every input row must belong to",
+                ),
+                Field::new(
+                    "period",
+                    "string YYYY-MM",
+                    "the pay month every input row must belong to",
+                ),
+                Field::new(
+                    "input",
+                    ".parquet | .csv path | postgres:// URL",
+                    "one row per employee",
+                ),
+                Field::optional(
+                    "input_table",
+                    "table name",
+                    "none",
+                    "the table to read when input is a postgres:// URL (required then)",
+                ),
+                Field::optional(
+                    "output",
+                    "directory",
+                    "OUTPUT_ROOT/payroll/KEY",
+                    "where the parts and _manifest.json go",
+                ),
+            ],
+            input_columns: vec![
+                Field::new("employee_id", "i64", "unique within the client"),
+                Field::new("client_id", "string", "equal to the client_id param"),
+                Field::new("period", "string YYYY-MM", "equal to the period param"),
+                Field::new("pay_type", "string", "salaried or hourly"),
+                Field::new("annual_salary_cents", cents, "salaried only, 0 for hourly"),
+                Field::new("hourly_rate_cents", cents, "hourly only, 0 for salaried"),
+                Field::new(
+                    "regular_hours_x100",
+                    "i64 hundredths of an hour",
+                    "hourly only",
+                ),
+                Field::new(
+                    "overtime_hours_x100",
+                    "i64 hundredths of an hour",
+                    "hourly only, paid at 1.5x",
+                ),
+                Field::new("bonus_cents", cents, "one-off bonus this period, >= 0"),
+                Field::new(
+                    "retirement_bp",
+                    "i64 basis points",
+                    "pre-tax retirement rate, 0..=1500 (1 bp = 0.01 %)",
+                ),
+                Field::new("benefit_plan", "string", "NONE, BASIC, PLUS or FAMILY"),
+                Field::new(
+                    "state",
+                    "string",
+                    "CA, NY, TX, FL, WA, IL, PA, MA, CO or NC",
+                ),
+                Field::new("filing_status", "string", "single or married"),
+                Field::new(
+                    "ytd_gross_cents",
+                    cents,
+                    "gross earned earlier this year, >= 0",
+                ),
+                Field::new(
+                    "ytd_retirement_cents",
+                    cents,
+                    "retirement contributed earlier this year, >= 0",
+                ),
+            ],
+            output_columns: vec![
+                Field::new("employee_id", "i64", "from the input"),
+                Field::new("client_id", "string", "from the input"),
+                Field::new("period", "string YYYY-MM", "from the input"),
+                Field::new("gross", cents, "regular + overtime + bonus"),
+                Field::new(
+                    "retirement",
+                    cents,
+                    "pre-tax contribution, capped by the annual limit",
+                ),
+                Field::new(
+                    "benefits",
+                    cents,
+                    "the plan's monthly premium, at most what is left",
+                ),
+                Field::new("taxable", cents, "gross - retirement - benefits"),
+                Field::new(
+                    "federal_tax",
+                    cents,
+                    "annualised brackets after the standard deduction, / 12",
+                ),
+                Field::new("social_security", cents, "6.2 % up to the wage base"),
+                Field::new("medicare", cents, "1.45 %, plus 0.9 % above the threshold"),
+                Field::new("state_tax", cents, "taxable x the state's flat rate"),
+                Field::new("net", cents, "gross minus every deduction and tax"),
+            ],
+            result: "{\"rows\": employees, \"total_gross\": ..., \"total_net\": ...}: rows, and the sum over every employee of each money column as total_<column> (i64 cents)",
+        })
     }
 
     fn validate(&self, params: &Value) -> Result<PayrollParams, PipelineError> {

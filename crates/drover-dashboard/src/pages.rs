@@ -428,6 +428,18 @@ fn refused(app: &AppState, headers: &HeaderMap, r: Refusal) -> Response {
     error_page(app, headers, WebError::forbidden(r.message()))
 }
 
+/// Who may act on a form's POST (bearer token, or session plus the form's CSRF token). A
+/// missing or malformed body carries no CSRF token (nor token), so it is refused like any
+/// unauthorised request.
+fn authorize_form(
+    app: &AppState,
+    headers: &HeaderMap,
+    form: Result<Form<CsrfForm>, FormRejection>,
+) -> Result<auth::Via, Refusal> {
+    let form = form.map(|Form(f)| f).unwrap_or_default();
+    app.auth.authorize(headers, form.csrf.as_deref())
+}
+
 /// `POST /jobs/{key}/retry`.
 pub async fn retry(
     State(app): State<AppState>,
@@ -436,9 +448,7 @@ pub async fn retry(
     Path(key): Path<String>,
     form: Result<Form<CsrfForm>, FormRejection>,
 ) -> Response {
-    // A missing or malformed body carries no CSRF token (nor token): refused below.
-    let form = form.map(|Form(f)| f).unwrap_or_default();
-    let via = match app.auth.authorize(&headers, form.csrf.as_deref()) {
+    let via = match authorize_form(&app, &headers, form) {
         Ok(v) => v,
         Err(r) => return refused(&app, &headers, r),
     };
@@ -456,9 +466,7 @@ pub async fn cancel(
     Path(key): Path<String>,
     form: Result<Form<CsrfForm>, FormRejection>,
 ) -> Response {
-    // A missing or malformed body carries no CSRF token (nor token): refused below.
-    let form = form.map(|Form(f)| f).unwrap_or_default();
-    let via = match app.auth.authorize(&headers, form.csrf.as_deref()) {
+    let via = match authorize_form(&app, &headers, form) {
         Ok(v) => v,
         Err(r) => return refused(&app, &headers, r),
     };
@@ -631,9 +639,7 @@ pub async fn logout(
     headers: HeaderMap,
     form: Result<Form<CsrfForm>, FormRejection>,
 ) -> Response {
-    // A missing or malformed body carries no CSRF token (nor token): refused below.
-    let form = form.map(|Form(f)| f).unwrap_or_default();
-    if let Err(r) = app.auth.authorize(&headers, form.csrf.as_deref()) {
+    if let Err(r) = authorize_form(&app, &headers, form) {
         return refused(&app, &headers, r);
     }
     app.auth.end_session(&headers);

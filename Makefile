@@ -80,8 +80,12 @@ test-outage: services ## the outage tests: they stop the shared RabbitMQ/Postgre
 	$(CARGO) test -p drover --test integration outage:: -- --ignored --test-threads=1
 	scripts/ensure-services.sh
 
-build-dev: ## build the dev-profile binary that demo and migrate run
-	$(CARGO) build -p drover
+build-dev: ## build the dev-profile binary that demo and migrate run, with every test target
+	@# Every target, not just -p drover: a build without the dev-dependencies resolves other
+	@# features for shared crates (syn's "fold", through the browser tests' dependencies),
+	@# which rebuilds polars and everything else a second time; this way demo, the test run and
+	@# test-python share one build.
+	$(CARGO) build --workspace --all-targets
 
 migrate: build-dev ## create the ledger database if absent and apply migrations (drover migrate)
 	$(DROVER) migrate

@@ -80,7 +80,9 @@ test-outage: services ## the outage tests: they stop the shared RabbitMQ/Postgre
 	$(CARGO) test -p drover --test integration outage:: -- --ignored --test-threads=1
 
 test-cluster: services ## three private RabbitMQ nodes (ports 5731-5733) clustered; a worker fails over when its node stops
-	$(CARGO) test -p drover --test integration cluster:: -- --ignored --test-threads=1
+	@# --workspace, not -p drover: the same feature set as `make test`'s build, so polars is
+	@# not compiled a second time.
+	$(CARGO) test --workspace --test integration cluster:: -- --ignored --test-threads=1
 	scripts/ensure-services.sh
 
 build-dev: ## build the dev-profile binary that demo and migrate run

@@ -25,7 +25,7 @@ export DROVER_TEST_AMQP_URL DROVER_TEST_DATABASE_URL
 # Test runner: cargo-nextest when installed (NEXTEST=auto), or force it with NEXTEST=1 / 0.
 NEXTEST ?= auto
 
-.PHONY: help services browser build build-dev lint fmt check-deploy test test-python test-outage migrate demo clean-demo bench bench-dashboard dashboard-screenshots
+.PHONY: help services browser build build-dev lint fmt check-deploy test test-python test-outage test-cluster migrate demo clean-demo bench bench-dashboard dashboard-screenshots
 
 help: ## list the targets
 	@echo 'usage: make <target>   (builds in $(CARGO_TARGET_DIR))'
@@ -78,6 +78,11 @@ test-python: services build-dev ## the Python client (clients/python): ruff, myp
 
 test-outage: services ## the outage tests: they stop the shared RabbitMQ/Postgres, so they run alone
 	$(CARGO) test -p drover --test integration outage:: -- --ignored --test-threads=1
+
+test-cluster: services ## three private RabbitMQ nodes (ports 5731-5733) clustered; a worker fails over when its node stops
+	@# --workspace, not -p drover: the same feature set as `make test`'s build, so polars is
+	@# not compiled a second time.
+	$(CARGO) test --workspace --test integration cluster:: -- --ignored --test-threads=1
 	scripts/ensure-services.sh
 
 build-dev: ## build the dev-profile binary that demo and migrate run, with every test target

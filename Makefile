@@ -77,7 +77,8 @@ test-python: services build-dev ## the Python client (clients/python): ruff, myp
 	exit $$rc
 
 test-outage: services ## the outage tests: they stop the shared RabbitMQ/Postgres, so they run alone
-	$(CARGO) test -p drover --test integration outage:: -- --ignored --test-threads=1
+	@# --workspace, not -p drover: the feature set of `make test`'s build (see build-dev).
+	$(CARGO) test --workspace --test integration outage:: -- --ignored --test-threads=1
 
 test-cluster: services ## three private RabbitMQ nodes (ports 5731-5733) clustered; a worker fails over when its node stops
 	@# --workspace, not -p drover: the same feature set as `make test`'s build, so polars is

@@ -13,6 +13,7 @@
 //! running → cancelled                        (operator, at a batch boundary)
 //! running → queued                           (graceful shutdown released it)
 //! running → retrying (due now) | dead        (lease expired: the rescuer re-drives it)
+//! queued → dead                              (its message reached the delivery limit)
 //! ```
 //!
 //! Invariants: a running job has exactly one lease owner; every write a worker makes about a
@@ -22,11 +23,13 @@
 mod dashboard;
 mod error;
 mod group;
+mod poison;
 mod prune;
 mod publish;
 mod read;
 mod relay;
 mod rescue;
+mod schedules;
 mod transitions;
 
 pub use dashboard::{
@@ -40,6 +43,7 @@ pub use publish::{EnqueueJob, InsertOutcome, NewJob, enqueue};
 pub use read::{AttemptView, DurationStats, JobFilter, JobProgress, JobView, StateCount};
 pub use relay::{DueJob, ENQUEUE_CHANNEL, RelaySweep};
 pub use rescue::{LedgerDrift, Rescued};
+pub use schedules::{FireReport, Fired, NewSchedule, ScheduleView};
 pub use transitions::{
     BatchRecord, Claim, ClaimedJob, Completion, FailOutcome, HeldEnd, LeaseLost, LeaseSeen,
 };

@@ -27,6 +27,7 @@ mod pipelines;
 mod prune;
 mod publish;
 mod run;
+mod schedules;
 
 pub use drover_pipeline::{
     BatchContext, BatchOutcome, ErrorKind, Input, JobSpec, Output, ParamReader, Pipeline,

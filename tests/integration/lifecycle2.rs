@@ -1,0 +1,339 @@
+//! The lifecycle of a long-running service, second part: poison messages at the delivery
+//! limit, schedules, concurrency limits, a really lowered consumer timeout.
+
+use crate::support::*;
+use futures_util::StreamExt;
+use lapin::options::{BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Connection, ConnectionProperties};
+use sqlx::Row;
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(90);
+
+/// Takes every delivery of `{ns}.jobs` and gives it back (nack, requeue) without claiming
+/// it, as workers that crash right after receiving a message would, until the broker stops
+/// delivering it: the delivery limit dead-lettered it. Returns the deliveries seen.
+async fn nack_until_dead_lettered(env: &TestEnv) -> usize {
+    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        .await
+        .expect("amqp connect");
+    let ch = conn.create_channel().await.expect("channel");
+    ch.basic_qos(1, BasicQosOptions::default())
+        .await
+        .expect("qos");
+    let mut consumer = ch
+        .basic_consume(
+            format!("{}.jobs", env.ns).as_str().into(),
+            "crashing-worker".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    let mut seen = 0;
+    loop {
+        // The last delivery the limit allows carries x-delivery-count = the limit; nacking
+        // it dead-letters the message, and nothing more is delivered.
+        let d = tokio::time::timeout(T, consumer.next())
+            .await
+            .expect("a delivery in time")
+            .expect("consumer open")
+            .expect("delivery");
+        seen += 1;
+        let count = d
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get("x-delivery-count").cloned());
+        d.acker
+            .nack(BasicNackOptions {
+                multiple: false,
+                requeue: true,
+            })
+            .await
+            .expect("nack");
+        if matches!(
+            count,
+            Some(AMQPValue::LongLongInt(2)) | Some(AMQPValue::LongInt(2))
+        ) {
+            break;
+        }
+        assert!(seen < 10, "never reached the delivery limit");
+    }
+    let _ = conn.close(200, "bye".into()).await;
+    seen
+}
+
+/// A message that reached the delivery limit is poison: its job is marked `dead` with the
+/// limit named, not published again by the lost-message sweep (which would loop), and can
+/// still be retried by hand.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_message_dead_lettered_at_the_delivery_limit_marks_its_job_dead() {
+    let mut env = TestEnv::new().await;
+    env.write_config("[worker]\ndelivery_limit = 2\n");
+    // A first worker declares the topology, the poison queue included, then leaves.
+    let w = env.start_worker(&[]);
+    env.worker(w)
+        .wait_log("consuming messages dead-lettered at the delivery limit", T);
+    env.worker(w).signal("-TERM");
+    assert!(env.worker(w).wait_exit(T).success());
+
+    env.publish_noop("poison-1", &[]);
+    assert_eq!(nack_until_dead_lettered(&env).await, 3);
+
+    // The lost-message sweep would see a queued job, no ready message, and waited long
+    // enough; the dead-lettered copy decides instead.
+    let w = env.start_worker(&["--heartbeat-secs", "1", "--lost-after-secs", "1"]);
+    let row = env
+        .wait_job("poison-1", T, |r| r.get::<String, _>("state") == "dead")
+        .await;
+    let error: String = row.get("last_error");
+    assert!(error.contains("delivery limit reached"), "{error}");
+    assert!(error.contains("x-delivery-limit 2"), "{error}");
+    assert_eq!(
+        row.get::<Option<String>, _>("error_kind").as_deref(),
+        Some("permanent")
+    );
+    let line = env
+        .worker(w)
+        .wait_log("poison message: marked the job dead", T);
+    assert!(line.contains("poison-1"), "{line}");
+    assert!(
+        !env.worker(w).log().contains("published them again"),
+        "the poison message was published again"
+    );
+    assert_eq!(env.jobs_ready().await, 0);
+    // The original stays in {ns}.dead for the operator.
+    assert_eq!(env.dead_letters().await.len(), 1);
+
+    // An operator who fixed the cause runs it again.
+    let out = env.drover(&["jobs", "retry", "poison-1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    env.wait_job("poison-1", T, |r| {
+        r.get::<String, _>("state") == "succeeded"
+    })
+    .await;
+}
+
+/// The key `drover schedules add` printed for the first slot.
+fn first_key(out: &std::process::Output) -> String {
+    let text = stdout(out);
+    let start = text.find("(job key ").expect("first key in the output") + "(job key ".len();
+    let end = text[start..].rfind(')').expect("closing parenthesis") + start;
+    text[start..end].to_string()
+}
+
+/// Two workers, one schedule firing every second: each slot's job is enqueued once (one
+/// "schedule fired" line across both workers), runs once, and is listed like any job.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_workers_fire_each_slot_of_a_schedule_exactly_once() {
+    let mut env = TestEnv::new().await;
+    let a = env.start_worker(&["--worker-id", "sched-a"]);
+    let b = env.start_worker(&["--worker-id", "sched-b"]);
+    let out = env.drover(&[
+        "schedules",
+        "add",
+        "tick",
+        "--every",
+        "1s",
+        "--pipeline",
+        "noop",
+        "--param",
+        "batches=2",
+        "--key-template",
+        "acme:{name}:{slot}",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let first = first_key(&out);
+    let slot0: chrono::DateTime<chrono::Utc> = first
+        .strip_prefix("acme:tick:")
+        .expect("key from the template")
+        .parse()
+        .expect("slot is RFC 3339");
+    let keys: Vec<String> = (0..4)
+        .map(|i| {
+            let slot = slot0 + chrono::Duration::seconds(i);
+            format!(
+                "acme:tick:{}",
+                slot.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            )
+        })
+        .collect();
+    for k in &keys {
+        env.wait_job(k, T, |r| r.get::<String, _>("state") == "succeeded")
+            .await;
+    }
+    let out = env.drover(&["schedules", "remove", "tick"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    for k in &keys {
+        let fired: usize = [a, b]
+            .iter()
+            .map(|w| {
+                env.worker(*w)
+                    .log()
+                    .lines()
+                    .filter(|l| l.contains("schedule fired") && l.contains(k.as_str()))
+                    .count()
+            })
+            .sum();
+        assert_eq!(fired, 1, "slot {k} fired {fired} times");
+        assert_eq!(outcomes(&env.show(k)), ["succeeded"], "{k} ran once");
+    }
+    let list = env.drover(&["jobs", "list", "--pipeline", "noop"]);
+    assert!(list.status.success(), "{}", stderr(&list));
+    for k in &keys {
+        assert!(stdout(&list).contains(k.as_str()), "jobs list lacks {k}");
+    }
+}
+
+/// Slots missed while no worker ran: `all` fires each, `latest` the most recent, `none`
+/// none of them; either way the schedule then waits for its next slot.
+#[tokio::test(flavor = "multi_thread")]
+async fn catch_up_policies_decide_what_missed_slots_fire() {
+    let mut env = TestEnv::new().await;
+    for policy in ["all", "latest", "none"] {
+        let out = env.drover(&[
+            "schedules",
+            "add",
+            policy,
+            "--every",
+            "1d",
+            "--pipeline",
+            "noop",
+            "--key-template",
+            "{name}:{date}",
+            "--catch-up",
+            policy,
+        ]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    // No worker ran for three days: the slots of the last three midnights and today's
+    // have passed.
+    sqlx::query(
+        "UPDATE drover.schedules SET next_slot = date_trunc('day', now()) - interval '3 days'",
+    )
+    .execute(&env.pool)
+    .await
+    .expect("move the schedules back");
+    let today: chrono::NaiveDate = sqlx::query_scalar("SELECT (now() AT TIME ZONE 'UTC')::date")
+        .fetch_one(&env.pool)
+        .await
+        .expect("today");
+    let w = env.start_worker(&[]);
+    env.wait_job(&format!("all:{today}"), T, |_| true).await;
+
+    let keys: Vec<String> =
+        sqlx::query_scalar("SELECT idempotency_key FROM drover.jobs ORDER BY idempotency_key")
+            .fetch_all(&env.pool)
+            .await
+            .expect("keys");
+    let days: Vec<String> = (0..4)
+        .rev()
+        .map(|d| format!("{}", today - chrono::Duration::days(d)))
+        .collect();
+    let mut want: Vec<String> = days.iter().map(|d| format!("all:{d}")).collect();
+    want.push(format!("latest:{today}"));
+    assert_eq!(keys, want, "none fires no missed slot");
+    let next: Vec<(String, chrono::DateTime<chrono::Utc>)> =
+        sqlx::query_as("SELECT name, next_slot FROM drover.schedules ORDER BY name")
+            .fetch_all(&env.pool)
+            .await
+            .expect("schedules");
+    let tomorrow = (today + chrono::Duration::days(1))
+        .and_hms_opt(0, 0, 0)
+        .expect("midnight")
+        .and_utc();
+    for (name, slot) in next {
+        assert_eq!(slot, tomorrow, "{name} waits for tomorrow");
+    }
+    env.worker(w)
+        .wait_log("missed schedule slots skipped by the catch-up policy", T);
+
+    let list = env.drover(&["schedules", "list", "--json"]);
+    assert!(list.status.success(), "{}", stderr(&list));
+    let v: serde_json::Value = serde_json::from_slice(&list.stdout).expect("json");
+    assert_eq!(v.as_array().map(Vec::len), Some(3));
+    assert_eq!(v[0]["last_key"], format!("all:{today}"));
+}
+
+/// `schedules add` refuses what cannot work, naming the flag and the value.
+#[tokio::test(flavor = "multi_thread")]
+async fn schedules_add_refuses_bad_input_naming_it() {
+    let env = TestEnv::new().await;
+    let cases: [(&[&str], &str); 6] = [
+        (&["--cron", "61 * * * *"], "--cron \"61 * * * *\""),
+        (&["--cron", "0 6 * * 1"], "name the days"),
+        (&["--every", "soon"], "--every \"soon\""),
+        (
+            &["--every", "1h", "--key-template", "k:{when}"],
+            "unknown placeholder {when}",
+        ),
+        (&["--every", "1h", "--key-template", "k:{date}"], "same key"),
+        (
+            &["--every", "1h", "--catch-up", "sometimes"],
+            "--catch-up \"sometimes\"",
+        ),
+    ];
+    for (extra, want) in cases {
+        let mut args = vec!["schedules", "add", "bad", "--pipeline", "noop"];
+        args.extend_from_slice(extra);
+        if !extra.contains(&"--key-template") {
+            args.extend_from_slice(&["--key-template", "k:{slot}"]);
+        }
+        let out = env.drover(&args);
+        assert!(!out.status.success(), "{args:?} was accepted");
+        assert!(stderr(&out).contains(want), "{args:?}: {}", stderr(&out));
+    }
+    let out = env.drover(&[
+        "schedules",
+        "add",
+        "bad",
+        "--every",
+        "1h",
+        "--pipeline",
+        "nope",
+        "--key-template",
+        "k:{slot}",
+    ]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("nope"), "{}", stderr(&out));
+    let list = env.drover(&["schedules", "list", "--json"]);
+    assert_eq!(stdout(&list).trim(), "[]", "nothing was added");
+
+    // Pause and resume are visible in the list.
+    let out = env.drover(&[
+        "schedules",
+        "add",
+        "ok",
+        "--every",
+        "1h",
+        "--pipeline",
+        "noop",
+        "--key-template",
+        "k:{slot}",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = env.drover(&[
+        "schedules",
+        "add",
+        "ok",
+        "--every",
+        "1h",
+        "--pipeline",
+        "noop",
+        "--key-template",
+        "k:{slot}",
+    ]);
+    assert!(!out.status.success(), "a second schedule of the same name");
+    assert!(env.drover(&["schedules", "pause", "ok"]).status.success());
+    assert!(stdout(&env.drover(&["schedules", "list"])).contains("paused"));
+    assert!(env.drover(&["schedules", "resume", "ok"]).status.success());
+    assert!(stdout(&env.drover(&["schedules", "list"])).contains("active"));
+    assert!(
+        !env.drover(&["schedules", "pause", "missing"])
+            .status
+            .success()
+    );
+}

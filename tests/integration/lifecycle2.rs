@@ -337,3 +337,133 @@ async fn schedules_add_refuses_bad_input_naming_it() {
             .success()
     );
 }
+
+/// A private RabbitMQ node (`scripts/rabbitmq-node.sh`) whose `consumer_timeout` is a few
+/// seconds, checked every second; stopped, with its data deleted, when dropped.
+struct LowTimeoutNode {
+    name: &'static str,
+    port: u16,
+    workers: Vec<Worker>,
+}
+
+const NODE_SCRIPT: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../scripts/rabbitmq-node.sh"
+);
+
+impl LowTimeoutNode {
+    fn start(name: &'static str, port: u16, timeout_ms: u64) -> LowTimeoutNode {
+        let conf = std::env::temp_dir().join(format!("{name}.conf"));
+        std::fs::write(&conf, format!("consumer_timeout = {timeout_ms}\n")).expect("conf");
+        let mut start = std::process::Command::new(NODE_SCRIPT);
+        start.args(["start", name, &port.to_string()]).arg(&conf);
+        let out = run_bounded(start, Duration::from_secs(150));
+        let _ = std::fs::remove_file(&conf);
+        let node = LowTimeoutNode {
+            name,
+            port,
+            workers: Vec::new(),
+        };
+        assert!(out.status.success(), "node start: {}", stderr(&out));
+        // The broker checks consumer timeouts on its channel tick, every 60 s by default:
+        // tick every second so a timeout of a few seconds strikes within a few seconds.
+        let mut tick = std::process::Command::new(NODE_SCRIPT);
+        tick.args([
+            "ctl",
+            name,
+            "eval",
+            "application:set_env(rabbit, channel_tick_interval, 1000).",
+        ]);
+        let out = run_bounded(tick, Duration::from_secs(60));
+        assert!(
+            out.status.success(),
+            "set channel_tick_interval: {}",
+            stderr(&out)
+        );
+        node
+    }
+
+    fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// `drover ARGS` of `env` against this node.
+    fn command(&self, env: &TestEnv, args: &[&str]) -> std::process::Command {
+        let mut c = env.command(args);
+        c.env("DROVER_AMQP_URL", self.url());
+        c
+    }
+
+    fn start_worker(&mut self, env: &TestEnv, args: &[&str]) -> &Worker {
+        let mut full = vec!["worker"];
+        full.extend_from_slice(args);
+        let w = Worker::spawn(self.command(env, &full));
+        w.wait_log("\"consuming\"", T);
+        self.workers.push(w);
+        self.workers.last().expect("just pushed")
+    }
+}
+
+impl Drop for LowTimeoutNode {
+    fn drop(&mut self) {
+        for w in &mut self.workers {
+            w.kill();
+        }
+        let mut stop = std::process::Command::new(NODE_SCRIPT);
+        stop.args(["stop", self.name]);
+        let _ = stop.status();
+    }
+}
+
+/// With `consumer_timeout` really lowered to 3 s, jobs of about ten seconds each succeed
+/// exactly once: deliveries are acked at claim. The delivery waiting unclaimed behind the
+/// first job (prefetch 1) is the one the broker times out; the worker reconnects and the
+/// second job still runs once.
+#[tokio::test(flavor = "multi_thread")]
+async fn jobs_far_longer_than_a_lowered_consumer_timeout_succeed_once() {
+    let env = TestEnv::new().await;
+    let mut node = LowTimeoutNode::start("lifecycle2-ct", 5722, 3000);
+    node.start_worker(&env, &["--prefetch", "1", "--heartbeat-secs", "1"]);
+    let keys = ["long-1", "long-2"];
+    for k in keys {
+        let out = run_bounded(
+            node.command(
+                &env,
+                &[
+                    "publish",
+                    "--pipeline",
+                    "noop",
+                    "--key",
+                    k,
+                    "--param",
+                    "batches=10",
+                    "--param",
+                    "sleep_ms=1000",
+                ],
+            ),
+            Duration::from_secs(60),
+        );
+        assert!(out.status.success(), "publish {k}: {}", stderr(&out));
+    }
+    for k in keys {
+        let row = env
+            .wait_job(k, Duration::from_secs(120), |r| {
+                r.get::<String, _>("state") == "succeeded"
+            })
+            .await;
+        let started: chrono::DateTime<chrono::Utc> = row.get("started_at");
+        let finished: chrono::DateTime<chrono::Utc> = row.get("finished_at");
+        assert!(
+            finished - started >= chrono::Duration::seconds(9),
+            "{k} ran {:?}, not longer than the timeout",
+            finished - started
+        );
+        assert_eq!(outcomes(&env.show(k)), ["succeeded"], "{k} ran once");
+    }
+    // The timeout did strike: the broker closed the channel of the delivery that waited.
+    let log = node.workers[0].log();
+    assert!(
+        log.contains("consumer error; reconnecting") || log.contains("broker connection lost"),
+        "the broker never timed a delivery out:\n{log}"
+    );
+}

@@ -467,3 +467,128 @@ async fn jobs_far_longer_than_a_lowered_consumer_timeout_succeed_once() {
         "the broker never timed a delivery out:\n{log}"
     );
 }
+
+/// A group limit (one running job per value of a param) holds across two workers: the jobs
+/// of one group never overlap, another group runs beside them, and a job held back by the
+/// limit is neither failed nor lost (one attempt each, all succeed).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_group_limit_holds_across_two_workers() {
+    let mut env = TestEnv::new().await;
+    // noop's sleep_ms stands in for a param such as client_id: one group per value.
+    env.write_config("[limits.noop]\ngroup_by = \"sleep_ms\"\nper_group = 1\n");
+    let a = env.start_worker(&["--worker-id", "limit-a", "--prefetch", "4"]);
+    let b = env.start_worker(&["--worker-id", "limit-b", "--prefetch", "4"]);
+    let groups = [
+        ("400", ["g400-1", "g400-2", "g400-3", "g400-4"].as_slice()),
+        ("401", ["g401-1", "g401-2"].as_slice()),
+    ];
+    for (sleep, keys) in groups {
+        for k in keys {
+            env.publish_noop(
+                k,
+                &[
+                    "--param",
+                    "batches=3",
+                    "--param",
+                    &format!("sleep_ms={sleep}"),
+                ],
+            );
+        }
+    }
+    for (_, keys) in groups {
+        for k in keys {
+            env.wait_job(k, T, |r| r.get::<String, _>("state") == "succeeded")
+                .await;
+        }
+    }
+    for (sleep, keys) in groups {
+        let spans: Vec<(
+            String,
+            chrono::DateTime<chrono::Utc>,
+            chrono::DateTime<chrono::Utc>,
+        )> = sqlx::query_as(
+            "SELECT j.idempotency_key, a.started_at, a.finished_at FROM drover.attempts a \
+                 JOIN drover.jobs j ON j.id = a.job_id \
+                 WHERE j.params ->> 'sleep_ms' = $1 ORDER BY a.started_at",
+        )
+        .bind(sleep)
+        .fetch_all(&env.pool)
+        .await
+        .expect("attempts");
+        assert_eq!(spans.len(), keys.len(), "one attempt per job: {spans:?}");
+        for pair in spans.windows(2) {
+            // A claim's started_at is its transaction's start, which may precede the
+            // commit of the completion it waited for by a few milliseconds.
+            assert!(
+                pair[1].1 + chrono::Duration::milliseconds(250) >= pair[0].2,
+                "group {sleep}: {} started before {} finished: {spans:?}",
+                pair[1].0,
+                pair[0].0
+            );
+        }
+        for k in keys {
+            let row = env.wait_job(k, T, |_| true).await;
+            assert_eq!(
+                row.get::<i32, _>("attempts"),
+                1,
+                "{k}: held back is no attempt"
+            );
+            assert_eq!(row.get::<i32, _>("failures"), 0, "{k}");
+        }
+    }
+    let held = [a, b]
+        .iter()
+        .map(|w| env.worker(*w).log())
+        .filter(|l| l.contains("concurrency limit reached: job held back"))
+        .count();
+    assert!(
+        held >= 1,
+        "no job was ever held back: the limit was not exercised"
+    );
+    // The two groups did run side by side at some point.
+    let overlap: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM drover.attempts x JOIN drover.jobs jx ON jx.id = x.job_id, \
+         drover.attempts y JOIN drover.jobs jy ON jy.id = y.job_id \
+         WHERE jx.params ->> 'sleep_ms' = '400' AND jy.params ->> 'sleep_ms' = '401' \
+         AND x.started_at < y.finished_at AND y.started_at < x.finished_at)",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .expect("overlap");
+    assert!(
+        overlap,
+        "the other group waited too: the limit is not per group"
+    );
+}
+
+/// `total` holds across workers and `--limit` on one worker: with a total of one, three
+/// jobs on two workers run one after another, each after one attempt.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_total_limit_holds_across_two_workers() {
+    let mut env = TestEnv::new().await;
+    env.write_config("[limits.noop]\ntotal = 1\n");
+    env.start_worker(&["--worker-id", "total-a", "--limit", "noop=3"]);
+    env.start_worker(&["--worker-id", "total-b", "--limit", "noop=3"]);
+    let keys = ["t-1", "t-2", "t-3"];
+    for k in keys {
+        env.publish_noop(k, &["--param", "batches=3", "--param", "sleep_ms=300"]);
+    }
+    for k in keys {
+        let row = env
+            .wait_job(k, T, |r| r.get::<String, _>("state") == "succeeded")
+            .await;
+        assert_eq!(row.get::<i32, _>("attempts"), 1, "{k}");
+    }
+    let spans: Vec<(chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>)> =
+        sqlx::query_as("SELECT started_at, finished_at FROM drover.attempts ORDER BY started_at")
+            .fetch_all(&env.pool)
+            .await
+            .expect("attempts");
+    assert_eq!(spans.len(), 3);
+    for pair in spans.windows(2) {
+        assert!(
+            pair[1].0 + chrono::Duration::milliseconds(250) >= pair[0].1,
+            "two jobs ran at once: {spans:?}"
+        );
+    }
+}

@@ -14,6 +14,7 @@
 //! running → queued                           (graceful shutdown released it)
 //! running → retrying (due now) | dead        (lease expired: the rescuer re-drives it)
 //! queued → dead                              (its message reached the delivery limit)
+//! queued/retrying → same, run_at pushed back  (held back by a concurrency limit)
 //! ```
 //!
 //! Invariants: a running job has exactly one lease owner; every write a worker makes about a
@@ -23,6 +24,7 @@
 mod dashboard;
 mod error;
 mod group;
+mod limits;
 mod poison;
 mod prune;
 mod publish;
@@ -38,6 +40,7 @@ pub use dashboard::{
 };
 pub use error::LedgerError;
 pub use group::Group;
+pub use limits::{HOLD_BACK, Limits};
 pub use prune::{DEFAULT_PRUNE_STATES, Pruned};
 pub use publish::{EnqueueJob, InsertOutcome, NewJob, enqueue};
 pub use read::{AttemptView, DurationStats, JobFilter, JobProgress, JobView, StateCount};

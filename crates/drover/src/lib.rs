@@ -22,6 +22,7 @@ mod dashboard;
 mod demo;
 mod doctor;
 mod jobs;
+mod limits;
 mod logging;
 mod pipelines;
 mod prune;

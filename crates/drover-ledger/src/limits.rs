@@ -10,7 +10,6 @@
 //! delivery in hand is acked. So it is retried until a slot is free, and it is never lost:
 //! the ledger holds it meanwhile.
 
-use crate::transitions::claim_in;
 use crate::{Claim, LeaseSeen, Ledger, LedgerError};
 use drover_core::JobMessage;
 use std::time::Duration;
@@ -51,7 +50,7 @@ impl Ledger {
             .bind(&msg.pipeline)
             .execute(&mut *tx)
             .await?;
-        claim_in(
+        Ledger::claim_in(
             tx,
             msg,
             max_attempts,

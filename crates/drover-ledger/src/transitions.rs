@@ -48,7 +48,7 @@ pub enum Claim {
     /// the ledger until `run_at`, when the relay publishes it again. Ack this copy.
     HeldBack {
         run_at: DateTime<Utc>,
-        /// Which limit, e.g. `per_group 1 (client_id = "acme")`.
+        /// Which limit, e.g. `per_group 1 (client_id = "acme": 1 running)`.
         limit: String,
     },
 }
@@ -134,159 +134,159 @@ impl Ledger {
         takeover: Option<&LeaseSeen>,
     ) -> Result<Claim, LedgerError> {
         let tx = self.pool.begin().await?;
-        claim_in(tx, msg, max_attempts, worker, trace_id, takeover, None).await
+        Ledger::claim_in(tx, msg, max_attempts, worker, trace_id, takeover, None).await
     }
-}
 
-/// [`Ledger::claim`] in `tx`, which it commits; with `limits`, an attempt starts only while
-/// the pipeline's concurrency limits allow it (the caller holds the pipeline's limit lock).
-pub(crate) async fn claim_in(
-    mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
-    msg: &JobMessage,
-    max_attempts: i32,
-    worker: &str,
-    trace_id: Option<&str>,
-    takeover: Option<&LeaseSeen>,
-    limits: Option<&crate::Limits>,
-) -> Result<Claim, LedgerError> {
-    sqlx::query(
-        "INSERT INTO drover.jobs (id, idempotency_key, pipeline, params, batch_size, \
+    /// [`Ledger::claim`] in `tx`, which it commits; with `limits`, an attempt starts only
+    /// while the pipeline's concurrency limits allow it (the caller holds the pipeline's
+    /// limit lock, see [`Ledger::claim_limited`]).
+    pub(crate) async fn claim_in(
+        mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
+        msg: &JobMessage,
+        max_attempts: i32,
+        worker: &str,
+        trace_id: Option<&str>,
+        takeover: Option<&LeaseSeen>,
+        limits: Option<&crate::Limits>,
+    ) -> Result<Claim, LedgerError> {
+        sqlx::query(
+            "INSERT INTO drover.jobs (id, idempotency_key, pipeline, params, batch_size, \
              max_attempts, trace_id, state, enqueued_at, timeout_secs) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, 'queued', now(), $8) \
              ON CONFLICT (idempotency_key) DO NOTHING",
-    )
-    .bind(Uuid::new_v4())
-    .bind(&msg.idempotency_key)
-    .bind(&msg.pipeline)
-    .bind(sqlx::types::Json(Value::Object(msg.params.clone())))
-    .bind(msg.batch_size.map(|b| b as i32))
-    .bind(max_attempts)
-    .bind(trace_id)
-    .bind(msg.timeout_secs.and_then(|t| i32::try_from(t).ok()))
-    .execute(&mut *tx)
-    .await?;
-    let job: LockedJob = sqlx::query_as(LOCK_JOB)
+        )
+        .bind(Uuid::new_v4())
         .bind(&msg.idempotency_key)
-        .fetch_one(&mut *tx)
-        .await?;
-
-    if job.state.is_terminal() {
-        tx.commit().await?;
-        return Ok(Claim::Done { state: job.state });
-    }
-    if (job.state == JobState::Retrying || job.state == JobState::Queued) && job.not_due {
-        tx.commit().await?;
-        return Ok(Claim::NotDue { run_at: job.run_at });
-    }
-    if job.state == JobState::Queued
-        && let Some(at) = msg.run_at
-    {
-        // A delayed job arriving early: the ledger keeps its time and no message carries
-        // it until the relay publishes it when due.
-        let scheduled: Option<DateTime<Utc>> = sqlx::query_scalar(
-            "UPDATE drover.jobs SET run_at = $2, enqueued_at = NULL, updated_at = now() \
-                 WHERE id = $1 AND $2 > now() RETURNING run_at",
-        )
-        .bind(job.id)
-        .bind(at)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if scheduled.is_some() {
-            tx.commit().await?;
-            return Ok(Claim::NotDue { run_at: scheduled });
-        }
-    }
-    if job.state == JobState::Running {
-        let stale = takeover
-            .map(|seen| seen.owner == job.lease_owner && seen.heartbeat_at == job.heartbeat_at)
-            .unwrap_or(false);
-        if !stale {
-            tx.commit().await?;
-            return Ok(Claim::Held {
-                id: job.id,
-                seen: LeaseSeen {
-                    state: job.state,
-                    owner: job.lease_owner,
-                    heartbeat_at: job.heartbeat_at,
-                },
-            });
-        }
-        // The owner stopped renewing its lease: record its attempt as lost.
-        let failures = job.failures + 1;
-        sqlx::query(
-            "UPDATE drover.attempts SET outcome = 'lost', finished_at = now(), \
-                 error = $2 WHERE job_id = $1 AND attempt = \
-                 (SELECT attempts FROM drover.jobs WHERE id = $1) AND outcome = 'running'",
-        )
-        .bind(job.id)
-        .bind(format!(
-            "lease expired: worker {} stopped heartbeating; taken over by {worker}",
-            job.lease_owner.as_deref().unwrap_or("?")
-        ))
+        .bind(&msg.pipeline)
+        .bind(sqlx::types::Json(Value::Object(msg.params.clone())))
+        .bind(msg.batch_size.map(|b| b as i32))
+        .bind(max_attempts)
+        .bind(trace_id)
+        .bind(msg.timeout_secs.and_then(|t| i32::try_from(t).ok()))
         .execute(&mut *tx)
         .await?;
-        if failures >= job.max_attempts {
-            let reason = format!(
-                "attempts exhausted: {failures} of {} attempts failed or were lost \
-                     (last: worker {} vanished mid-run)",
-                job.max_attempts,
-                job.lease_owner.as_deref().unwrap_or("?")
-            );
-            sqlx::query(
-                "UPDATE drover.jobs SET state = 'dead', failures = $2, lease_owner = NULL, \
-                     last_error = $3, error_kind = 'transient', finished_at = now(), \
-                     updated_at = now() WHERE id = $1",
+        let job: LockedJob = sqlx::query_as(LOCK_JOB)
+            .bind(&msg.idempotency_key)
+            .fetch_one(&mut *tx)
+            .await?;
+
+        if job.state.is_terminal() {
+            tx.commit().await?;
+            return Ok(Claim::Done { state: job.state });
+        }
+        if (job.state == JobState::Retrying || job.state == JobState::Queued) && job.not_due {
+            tx.commit().await?;
+            return Ok(Claim::NotDue { run_at: job.run_at });
+        }
+        if job.state == JobState::Queued
+            && let Some(at) = msg.run_at
+        {
+            // A delayed job arriving early: the ledger keeps its time and no message carries
+            // it until the relay publishes it when due.
+            let scheduled: Option<DateTime<Utc>> = sqlx::query_scalar(
+                "UPDATE drover.jobs SET run_at = $2, enqueued_at = NULL, updated_at = now() \
+                 WHERE id = $1 AND $2 > now() RETURNING run_at",
             )
             .bind(job.id)
-            .bind(failures)
-            .bind(&reason)
+            .bind(at)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if scheduled.is_some() {
+                tx.commit().await?;
+                return Ok(Claim::NotDue { run_at: scheduled });
+            }
+        }
+        if job.state == JobState::Running {
+            let stale = takeover
+                .map(|seen| seen.owner == job.lease_owner && seen.heartbeat_at == job.heartbeat_at)
+                .unwrap_or(false);
+            if !stale {
+                tx.commit().await?;
+                return Ok(Claim::Held {
+                    id: job.id,
+                    seen: LeaseSeen {
+                        state: job.state,
+                        owner: job.lease_owner,
+                        heartbeat_at: job.heartbeat_at,
+                    },
+                });
+            }
+            // The owner stopped renewing its lease: record its attempt as lost.
+            let failures = job.failures + 1;
+            sqlx::query(
+                "UPDATE drover.attempts SET outcome = 'lost', finished_at = now(), \
+                 error = $2 WHERE job_id = $1 AND attempt = \
+                 (SELECT attempts FROM drover.jobs WHERE id = $1) AND outcome = 'running'",
+            )
+            .bind(job.id)
+            .bind(format!(
+                "lease expired: worker {} stopped heartbeating; taken over by {worker}",
+                job.lease_owner.as_deref().unwrap_or("?")
+            ))
+            .execute(&mut *tx)
+            .await?;
+            if failures >= job.max_attempts {
+                let reason = format!(
+                    "attempts exhausted: {failures} of {} attempts failed or were lost \
+                     (last: worker {} vanished mid-run)",
+                    job.max_attempts,
+                    job.lease_owner.as_deref().unwrap_or("?")
+                );
+                sqlx::query(
+                    "UPDATE drover.jobs SET state = 'dead', failures = $2, lease_owner = NULL, \
+                     last_error = $3, error_kind = 'transient', finished_at = now(), \
+                     updated_at = now() WHERE id = $1",
+                )
+                .bind(job.id)
+                .bind(failures)
+                .bind(&reason)
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                return Ok(Claim::Done {
+                    state: JobState::Dead,
+                });
+            }
+            sqlx::query("UPDATE drover.jobs SET failures = $2 WHERE id = $1")
+                .bind(job.id)
+                .bind(failures)
+                .execute(&mut *tx)
+                .await?;
+        }
+        if job.cancel_requested {
+            sqlx::query(
+                "UPDATE drover.jobs SET state = 'cancelled', lease_owner = NULL, \
+                 finished_at = now(), updated_at = now() WHERE id = $1",
+            )
+            .bind(job.id)
             .execute(&mut *tx)
             .await?;
             tx.commit().await?;
             return Ok(Claim::Done {
-                state: JobState::Dead,
+                state: JobState::Cancelled,
             });
         }
-        sqlx::query("UPDATE drover.jobs SET failures = $2 WHERE id = $1")
-            .bind(job.id)
-            .bind(failures)
-            .execute(&mut *tx)
-            .await?;
-    }
-    if job.cancel_requested {
-        sqlx::query(
-            "UPDATE drover.jobs SET state = 'cancelled', lease_owner = NULL, \
-                 finished_at = now(), updated_at = now() WHERE id = $1",
-        )
-        .bind(job.id)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        return Ok(Claim::Done {
-            state: JobState::Cancelled,
-        });
-    }
-    if let Some(limits) = limits
-        && job.state != JobState::Running
-        && let Some(limit) = crate::limits::over_limit(&mut tx, limits, job.id, msg, worker).await?
-    {
-        let run_at: DateTime<Utc> = sqlx::query_scalar(
-            "UPDATE drover.jobs SET run_at = now() + make_interval(secs => $2), \
+        if let Some(limits) = limits
+            && job.state != JobState::Running
+            && let Some(limit) =
+                crate::limits::over_limit(&mut tx, limits, job.id, msg, worker).await?
+        {
+            let run_at: DateTime<Utc> = sqlx::query_scalar(
+                "UPDATE drover.jobs SET run_at = now() + make_interval(secs => $2), \
                  enqueued_at = NULL, updated_at = now() WHERE id = $1 RETURNING run_at",
-        )
-        .bind(job.id)
-        .bind(crate::limits::HOLD_BACK.as_secs_f64())
-        .fetch_one(&mut *tx)
-        .await?;
+            )
+            .bind(job.id)
+            .bind(crate::limits::HOLD_BACK.as_secs_f64())
+            .fetch_one(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            return Ok(Claim::HeldBack { run_at, limit });
+        }
+        let claimed = start_attempt(&mut tx, job.id, worker).await?;
         tx.commit().await?;
-        return Ok(Claim::HeldBack { run_at, limit });
+        Ok(Claim::Run(claimed))
     }
-    let claimed = start_attempt(&mut tx, job.id, worker).await?;
-    tx.commit().await?;
-    Ok(Claim::Run(claimed))
-}
 
-impl Ledger {
     /// Records a job's attempt timeout (the message's `timeout_secs`) when the row does not
     /// hold it yet, so a message re-published from the ledger carries it again.
     pub async fn record_timeout(&self, id: Uuid, secs: i32) -> Result<(), LedgerError> {

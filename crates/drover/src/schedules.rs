@@ -93,7 +93,11 @@ pub async fn run(ctx: &Context, cmd: SchedulesCommand) -> anyhow::Result<ExitCod
         SchedulesCommand::Add(args) => add(ctx, args).await,
         SchedulesCommand::List { json } => {
             let ledger = ctx.migrated_ledger(2).await?;
-            let list = ledger.schedules().await?;
+            let mut list = ledger.schedules().await?;
+            // Params are shown with credentials in URLs redacted, as `jobs show` does.
+            for s in &mut list {
+                s.params.0 = drover_core::config::redact_params(&s.params.0);
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&list)?);
             } else {

@@ -28,6 +28,9 @@ boundary (within --shutdown-grace-secs), checkpoint, publish the rest again, exi
 second SIGTERM/SIGINT (Ctrl-C twice) stops at once: running jobs are released to queued and
 published again, as when the grace period runs out.
 A [retention] table in the config file makes the worker prune finished jobs.
+Every worker also fires the due slots of `drover schedules` (once each, whatever the number
+of workers), and marks dead a job whose message the broker dead-lettered at the delivery
+limit (a poison message) instead of publishing it again.
 Concurrency limits beyond the prefetch: --limit PIPELINE=N (per worker), or a
 [limits.PIPELINE] table with per_worker, total (across all workers) and group_by + per_group
 (e.g. one running payroll per client_id); a job over a limit waits in the ledger (no attempt

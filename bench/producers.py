@@ -133,7 +133,7 @@ def main() -> None:
         conn_amqp = pika.BlockingConnection(pika.URLParameters(AMQP))
         ch = conn_amqp.channel()
         for ns in namespaces:
-            for q in (f"{ns}.jobs", f"{ns}.dead"):
+            for q in (f"{ns}.jobs", f"{ns}.dead", f"{ns}.poison"):
                 ch.queue_delete(q)
             for x in (ns, f"{ns}.dlx"):
                 ch.exchange_delete(x)

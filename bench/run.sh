@@ -55,6 +55,7 @@ delete_queues() {
     for ns in "$@"; do
         rabbitmqctl -q delete_queue "$ns.jobs" >/dev/null 2>&1 || true
         rabbitmqctl -q delete_queue "$ns.dead" >/dev/null 2>&1 || true
+        rabbitmqctl -q delete_queue "$ns.poison" >/dev/null 2>&1 || true
     done
 }
 cleanup() {

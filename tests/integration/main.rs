@@ -16,6 +16,7 @@ mod dashboard;
 mod exec;
 mod ledger;
 mod lifecycle;
+mod lifecycle2;
 mod observability;
 mod outage;
 mod polish;

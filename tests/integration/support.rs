@@ -321,7 +321,11 @@ impl Drop for TestEnv {
                     Connection::connect(&amqp_url(), ConnectionProperties::default()).await
                     && let Ok(ch) = conn.create_channel().await
                 {
-                    for q in [format!("{ns}.jobs"), format!("{ns}.dead")] {
+                    for q in [
+                        format!("{ns}.jobs"),
+                        format!("{ns}.dead"),
+                        format!("{ns}.poison"),
+                    ] {
                         let _ = ch
                             .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
                             .await;

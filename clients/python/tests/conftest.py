@@ -156,7 +156,7 @@ def env() -> Iterator[Env]:
         conn = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
         try:
             ch = conn.channel()
-            for q in (f"{e.namespace}.jobs", f"{e.namespace}.dead"):
+            for q in (f"{e.namespace}.jobs", f"{e.namespace}.dead", f"{e.namespace}.poison"):
                 ch.queue_delete(q)
             for x in (e.namespace, f"{e.namespace}.dlx"):
                 ch.exchange_delete(x)

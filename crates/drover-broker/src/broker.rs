@@ -216,6 +216,44 @@ impl Broker {
         Ok(())
     }
 
+    /// Declares `{ns}.poison` (a durable quorum queue) and binds it to `{ns}.dlx` with the
+    /// dead-letter routing key, so it receives a copy of every message the broker
+    /// dead-letters from `{ns}.jobs` at the delivery limit (see [`Topology::poison_queue`]).
+    /// Idempotent; workers call it after [`declare`](Self::declare).
+    pub async fn declare_poison(&self, topo: &Topology) -> Result<(), BrokerError> {
+        topo.validate()?;
+        let channel = self.open_channel("declare the poison queue").await?;
+        let queue = topo.poison_queue();
+        let dlx = topo.dead_letter_exchange();
+        channel
+            .queue_declare(
+                short("queue name", &queue)?,
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                topo.dead_queue_arguments(),
+            )
+            .await
+            .map_err(|e| {
+                self.declare_error(&format!("queue {queue}"), "a durable quorum queue", &e)
+            })?;
+        channel
+            .queue_bind(
+                short("queue name", &queue)?,
+                short("exchange name", &dlx)?,
+                short("routing key", &topo.dead_routing_key())?,
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| self.op_error(format!("bind queue {queue} to exchange {dlx}"), &e))?;
+        if let Err(e) = channel.close(200, "OK".into()).await {
+            debug!(error = %describe(&e), "closing the declare channel");
+        }
+        Ok(())
+    }
+
     /// A publisher for the namespace on its own channel in confirm mode, so every publish is
     /// known to be stored (or reported as failed) before the caller moves on.
     pub async fn publisher(&self, topo: &Topology) -> Result<Publisher, BrokerError> {
@@ -240,6 +278,29 @@ impl Broker {
         consumer_tag: &str,
     ) -> Result<JobConsumer, BrokerError> {
         topo.validate()?;
+        self.consume_queue(&topo.jobs_queue(), prefetch, consumer_tag)
+            .await
+    }
+
+    /// Starts consuming `{ns}.poison` (declared by [`declare_poison`](Self::declare_poison))
+    /// with manual acks and `basic.qos(prefetch)`.
+    pub async fn consume_poison(
+        &self,
+        topo: &Topology,
+        prefetch: u16,
+        consumer_tag: &str,
+    ) -> Result<JobConsumer, BrokerError> {
+        topo.validate()?;
+        self.consume_queue(&topo.poison_queue(), prefetch, consumer_tag)
+            .await
+    }
+
+    async fn consume_queue(
+        &self,
+        queue: &str,
+        prefetch: u16,
+        consumer_tag: &str,
+    ) -> Result<JobConsumer, BrokerError> {
         if prefetch == 0 {
             return Err(BrokerError::Invalid {
                 what: "prefetch 0".into(),
@@ -249,7 +310,7 @@ impl Broker {
             });
         }
         let tag = short("consumer tag", consumer_tag)?;
-        let queue = topo.jobs_queue();
+        let queue = queue.to_string();
         let channel = self.open_channel("open a consumer channel").await?;
         channel
             .basic_qos(prefetch, BasicQosOptions::default())

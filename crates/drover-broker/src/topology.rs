@@ -60,6 +60,15 @@ impl Topology {
         format!("{}.dead", self.namespace)
     }
 
+    /// `{ns}.poison`: the durable quorum queue that receives a copy of every message the
+    /// broker dead-letters from `{ns}.jobs` (bound to `{ns}.dlx` beside `{ns}.dead`). Workers
+    /// consume it to mark the jobs of messages that reached the delivery limit `dead` in the
+    /// ledger, so the lost-message sweep does not publish a poison message again. Rejected
+    /// messages (published straight to `{ns}.dead`) never reach it.
+    pub fn poison_queue(&self) -> String {
+        format!("{}.poison", self.namespace)
+    }
+
     /// `{ns}.dlx`: the durable direct exchange `{ns}.jobs` dead-letters into (routing key
     /// `{ns}.dead`).
     pub fn dead_letter_exchange(&self) -> String {
@@ -157,6 +166,7 @@ mod tests {
         assert_eq!(t.jobs_queue(), "acme.jobs");
         assert_eq!(t.dead_queue(), "acme.dead");
         assert_eq!(t.dead_letter_exchange(), "acme.dlx");
+        assert_eq!(t.poison_queue(), "acme.poison");
         assert_eq!(t.jobs_exchange(), "acme");
         assert_eq!(t.delivery_limit, 20);
         assert_eq!(Topology::default().jobs_queue(), "drover.jobs");

@@ -51,6 +51,21 @@ pub struct FileConfig {
     pub retry: Option<RetryPolicy>,
     /// `[retention]`: what the workers prune from the ledger (absent: nothing).
     pub retention: Option<RetentionFileConfig>,
+    /// `[limits.PIPELINE]`: concurrency limits per pipeline (absent: only the prefetch).
+    pub limits: std::collections::BTreeMap<String, LimitsFileConfig>,
+}
+
+/// `[limits.PIPELINE]` table of the TOML file: at most `per_worker` jobs of the pipeline
+/// running on one worker, `total` across all workers, `per_group` per value of the param
+/// `group_by` (e.g. one running payroll per `client_id`). Every worker of a namespace must
+/// have the same `total` and group limits.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsFileConfig {
+    pub per_worker: Option<u32>,
+    pub total: Option<u32>,
+    pub group_by: Option<String>,
+    pub per_group: Option<u32>,
 }
 
 /// `[retention]` table of the TOML file: finished jobs older than `older_than` (a duration

@@ -8,6 +8,7 @@ pub mod config;
 pub mod error;
 pub mod message;
 pub mod retry;
+pub mod schedule;
 pub mod shown;
 pub mod state;
 

@@ -13,6 +13,8 @@
 //! running → cancelled                        (operator, at a batch boundary)
 //! running → queued                           (graceful shutdown released it)
 //! running → retrying (due now) | dead        (lease expired: the rescuer re-drives it)
+//! queued → dead                              (its message reached the delivery limit)
+//! queued/retrying → same, run_at pushed back  (held back by a concurrency limit)
 //! ```
 //!
 //! Invariants: a running job has exactly one lease owner; every write a worker makes about a
@@ -22,11 +24,14 @@
 mod dashboard;
 mod error;
 mod group;
+mod limits;
+mod poison;
 mod prune;
 mod publish;
 mod read;
 mod relay;
 mod rescue;
+mod schedules;
 mod transitions;
 
 pub use dashboard::{
@@ -35,11 +40,13 @@ pub use dashboard::{
 };
 pub use error::LedgerError;
 pub use group::Group;
+pub use limits::{HOLD_BACK, Limits};
 pub use prune::{DEFAULT_PRUNE_STATES, Pruned};
 pub use publish::{EnqueueJob, InsertOutcome, NewJob, enqueue};
 pub use read::{AttemptView, DurationStats, JobFilter, JobProgress, JobView, StateCount};
 pub use relay::{DueJob, ENQUEUE_CHANNEL, RelaySweep};
 pub use rescue::{LedgerDrift, Rescued};
+pub use schedules::{FireReport, Fired, NewSchedule, ScheduleView};
 pub use transitions::{
     BatchRecord, Claim, ClaimedJob, Completion, FailOutcome, HeldEnd, LeaseLost, LeaseSeen,
 };

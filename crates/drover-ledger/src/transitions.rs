@@ -44,6 +44,13 @@ pub enum Claim {
     NotDue { run_at: Option<DateTime<Utc>> },
     /// Another worker holds the lease. Watch its heartbeat before deciding.
     Held { id: Uuid, seen: LeaseSeen },
+    /// A concurrency limit is reached: not started, no attempt counted; the job waits in
+    /// the ledger until `run_at`, when the relay publishes it again. Ack this copy.
+    HeldBack {
+        run_at: DateTime<Utc>,
+        /// Which limit, e.g. `per_group 1 (client_id = "acme": 1 running)`.
+        limit: String,
+    },
 }
 
 /// A lease as one reader saw it: the owner and its last heartbeat.
@@ -126,7 +133,22 @@ impl Ledger {
         trace_id: Option<&str>,
         takeover: Option<&LeaseSeen>,
     ) -> Result<Claim, LedgerError> {
-        let mut tx = self.pool.begin().await?;
+        let tx = self.pool.begin().await?;
+        Ledger::claim_in(tx, msg, max_attempts, worker, trace_id, takeover, None).await
+    }
+
+    /// [`Ledger::claim`] in `tx`, which it commits; with `limits`, an attempt starts only
+    /// while the pipeline's concurrency limits allow it (the caller holds the pipeline's
+    /// limit lock, see [`Ledger::claim_limited`]).
+    pub(crate) async fn claim_in(
+        mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
+        msg: &JobMessage,
+        max_attempts: i32,
+        worker: &str,
+        trace_id: Option<&str>,
+        takeover: Option<&LeaseSeen>,
+        limits: Option<&crate::Limits>,
+    ) -> Result<Claim, LedgerError> {
         sqlx::query(
             "INSERT INTO drover.jobs (id, idempotency_key, pipeline, params, batch_size, \
              max_attempts, trace_id, state, enqueued_at, timeout_secs) \
@@ -243,6 +265,22 @@ impl Ledger {
             return Ok(Claim::Done {
                 state: JobState::Cancelled,
             });
+        }
+        if let Some(limits) = limits
+            && job.state != JobState::Running
+            && let Some(limit) =
+                crate::limits::over_limit(&mut tx, limits, job.id, msg, worker).await?
+        {
+            let run_at: DateTime<Utc> = sqlx::query_scalar(
+                "UPDATE drover.jobs SET run_at = now() + make_interval(secs => $2), \
+                 enqueued_at = NULL, updated_at = now() WHERE id = $1 RETURNING run_at",
+            )
+            .bind(job.id)
+            .bind(crate::limits::HOLD_BACK.as_secs_f64())
+            .fetch_one(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            return Ok(Claim::HeldBack { run_at, limit });
         }
         let claimed = start_attempt(&mut tx, job.id, worker).await?;
         tx.commit().await?;

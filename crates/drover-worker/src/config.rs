@@ -54,6 +54,8 @@ pub struct WorkerConfig {
     /// Where `/healthz`, `/readyz` and `/metrics` are served (`None`: not served; port 0
     /// picks a free port, logged at start-up).
     pub metrics_addr: Option<SocketAddr>,
+    /// Concurrency limits by pipeline, enforced in the ledger (see `drover_ledger::Limits`).
+    pub limits: std::collections::BTreeMap<String, drover_ledger::Limits>,
 }
 
 impl WorkerConfig {
@@ -73,6 +75,7 @@ impl WorkerConfig {
             lost_after: DEFAULT_LOST_AFTER,
             retention: None,
             metrics_addr: None,
+            limits: Default::default(),
         }
     }
 }

@@ -76,7 +76,10 @@ pub(crate) async fn process(shared: &Arc<Shared>, delivery: &Incoming) -> Dispos
         // other deliveries arriving now. Anything else is decided one by one below.
         // A delayed job's early message goes to the slow path, which records its time.
         let early = msg.run_at.is_some_and(|t| t > chrono::Utc::now());
-        if !early {
+        // A pipeline with concurrency limits is claimed under its limit lock, never on the
+        // fast path (see drover_ledger::Limits).
+        let limits = shared.config.limits.get(&msg.pipeline);
+        if !early && limits.is_none() {
             match shared
                 .db("claim", || shared.group.claim_ready(msg.idempotency_key.clone()))
                 .await
@@ -93,8 +96,11 @@ pub(crate) async fn process(shared: &Arc<Shared>, delivery: &Incoming) -> Dispos
         let mut takeover: Option<LeaseSeen> = None;
         loop {
             let claim = shared
-                .db("claim", || {
-                    shared.ledger.claim(&msg, max_attempts, &worker, trace_id.as_deref(), takeover.as_ref())
+                .db("claim", || async {
+                    match limits {
+                        Some(l) => shared.ledger.claim_limited(&msg, max_attempts, &worker, trace_id.as_deref(), takeover.as_ref(), l).await,
+                        None => shared.ledger.claim(&msg, max_attempts, &worker, trace_id.as_deref(), takeover.as_ref()).await,
+                    }
                 })
                 .await;
             let claim = match claim {
@@ -113,6 +119,11 @@ pub(crate) async fn process(shared: &Arc<Shared>, delivery: &Incoming) -> Dispos
                 }
                 Claim::NotDue { run_at } => {
                     info!(run_at = ?run_at, "job is not due yet; the ledger holds its time and the relay publishes it then");
+                    return Disposition::Ack;
+                }
+                Claim::HeldBack { run_at, limit } => {
+                    shared.metrics.job(&msg.pipeline, "held_back");
+                    info!(%run_at, %limit, "concurrency limit reached: job held back (no attempt counted); the relay publishes it again at run_at");
                     return Disposition::Ack;
                 }
                 Claim::Held { id, seen } => {

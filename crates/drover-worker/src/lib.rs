@@ -44,9 +44,11 @@ mod delivery;
 mod error;
 mod heartbeat;
 mod metrics;
+mod poison;
 mod relay;
 mod rescue;
 mod retention;
+mod schedule;
 mod shared;
 
 pub use config::{
@@ -229,6 +231,8 @@ pub async fn run_with_stop(
     let heartbeat = tokio::spawn(heartbeat::heartbeat_loop(shared.clone()));
     let relay = tokio::spawn(relay::relay_loop(shared.clone()));
     let rescuer = tokio::spawn(rescue::rescue_loop(shared.clone()));
+    let poison = tokio::spawn(poison::poison_loop(shared.clone()));
+    let schedules = tokio::spawn(schedule::schedule_loop(shared.clone()));
     let retention = shared
         .config
         .retention
@@ -261,6 +265,8 @@ pub async fn run_with_stop(
         release_all(&shared).await;
     }
     rescuer.abort();
+    poison.abort();
+    schedules.abort();
     if let Some(r) = retention {
         r.abort();
     }

@@ -83,6 +83,7 @@ pub struct Metrics {
     relayed: Counter,
     rescued: Counter,
     republished: Counter,
+    poisoned: Counter,
     /// Connected to RabbitMQ and consuming.
     pub consuming: AtomicBool,
 }
@@ -139,8 +140,15 @@ impl Metrics {
             "Queued jobs whose message was gone from the queue, published again",
             republished.clone(),
         );
+        let poisoned = Counter::default();
+        registry.register(
+            "jobs_poisoned",
+            "Queued jobs marked dead because the broker dead-lettered their message at the delivery limit",
+            poisoned.clone(),
+        );
         Metrics {
             registry,
+            poisoned,
             rescued,
             republished,
             jobs,
@@ -191,6 +199,11 @@ impl Metrics {
     pub fn relayed(&self, n: usize, lag_secs: f64) {
         self.relayed.inc_by(n as u64);
         self.relay_lag_ms.set((lag_secs * 1000.0) as i64);
+    }
+
+    /// Counts a job marked dead because its message reached the delivery limit.
+    pub fn poisoned(&self) {
+        self.poisoned.inc();
     }
 
     /// Counts jobs the rescuer re-drove after their lease expired.

@@ -10,8 +10,10 @@
 //!   would ever bring such a job back: this is the only path, and it is the same for a
 //!   worker killed, frozen, or partitioned away.
 //! - A job `queued` for longer than `lost_after` while `{ns}.jobs` holds no ready message
-//!   has lost its message (a purged queue, a dead-lettered poison message): it is published
-//!   again. A duplicate (its message was still buffered by a busy worker) is harmless.
+//!   has lost its message (a purged queue): it is published again. A duplicate (its message
+//!   was still buffered by a busy worker) is harmless. A message the broker dead-lettered at
+//!   the delivery limit is not lost but poison: `poison.rs` marks its job `dead`, and this
+//!   sweep waits while `{ns}.poison` still holds copies nobody has handled.
 
 use crate::shared::Shared;
 use drover_broker::OutgoingJob;
@@ -80,15 +82,21 @@ async fn rescue_lost(shared: &Shared) {
     let depth = match shared.addresses.connect(&name).await {
         Ok(b) => {
             let depth = b.queue_depth(&shared.topo.jobs_queue()).await;
+            // Dead-lettered copies not yet handled by a poison consumer: their jobs are
+            // about to be marked dead, not published again (an absent queue counts as 0).
+            let poison = b
+                .queue_depth_if_exists(&shared.topo.poison_queue())
+                .await
+                .map(|d| d.map_or(0, |d| d.ready));
             if let Err(e) = b.close().await {
                 debug!(error = %e, "closing the rescuer's broker connection");
             }
-            depth
+            depth.and_then(|d| poison.map(|p| (d.ready, p)))
         }
         Err(e) => Err(e),
     };
-    let ready = match depth {
-        Ok(d) => d.ready,
+    let (ready, poison_ready) = match depth {
+        Ok(d) => d,
         Err(e) => {
             debug!(error = %e, "could not inspect the work queue");
             return;
@@ -96,6 +104,13 @@ async fn rescue_lost(shared: &Shared) {
     };
     if ready > 0 {
         // Messages are still waiting: these jobs are behind them, not lost.
+        return;
+    }
+    if poison_ready > 0 {
+        debug!(
+            poison_ready,
+            "dead-lettered messages wait in the poison queue; lost-message sweep deferred"
+        );
         return;
     }
     let sweep = match shared.ledger.lost_sweep(lost_after, RESCUE_BATCH).await {

@@ -137,7 +137,7 @@ impl Env {
         .expect("raw connect");
         let topo = Topology::for_connections(&self.conns);
         if let Ok(ch) = conn.create_channel().await {
-            for q in [topo.jobs_queue(), topo.dead_queue()] {
+            for q in [topo.jobs_queue(), topo.dead_queue(), topo.poison_queue()] {
                 let _ = ch.queue_delete(q.into(), Default::default()).await;
             }
             for x in [topo.jobs_exchange(), topo.dead_letter_exchange()] {

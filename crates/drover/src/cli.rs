@@ -104,6 +104,9 @@ pub enum Command {
     Jobs(crate::jobs::JobsCommand),
     /// Run a pipeline in-process, without broker or ledger, and print its summary.
     Run(crate::run::RunArgs),
+    /// Jobs on a cron expression or a fixed period: add, list, remove, pause, resume.
+    #[command(subcommand)]
+    Schedules(crate::schedules::SchedulesCommand),
     /// Delete finished jobs older than a duration from the ledger (outputs only when asked).
     Prune(crate::prune::PruneArgs),
     /// Compare the ledger with the broker: stale leases, jobs without a message, overdue
@@ -179,6 +182,7 @@ pub async fn dispatch(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> 
         Command::Jobs(cmd) => crate::jobs::run(&ctx, cmd).await,
         Command::Run(args) => crate::run::run(&ctx, args).await,
         Command::Prune(args) => crate::prune::run(&ctx, args).await,
+        Command::Schedules(cmd) => crate::schedules::run(&ctx, cmd).await,
         Command::Doctor(args) => crate::doctor::run(&ctx, args).await,
         Command::Stats(args) => crate::jobs::stats(&ctx, args).await,
         Command::Pipelines(args) => crate::pipelines::run(&ctx, args),

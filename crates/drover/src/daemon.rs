@@ -28,6 +28,13 @@ boundary (within --shutdown-grace-secs), checkpoint, publish the rest again, exi
 second SIGTERM/SIGINT (Ctrl-C twice) stops at once: running jobs are released to queued and
 published again, as when the grace period runs out.
 A [retention] table in the config file makes the worker prune finished jobs.
+Every worker also fires the due slots of `drover schedules` (once each, whatever the number
+of workers), and marks dead a job whose message the broker dead-lettered at the delivery
+limit (a poison message) instead of publishing it again.
+Concurrency limits beyond the prefetch: --limit PIPELINE=N (per worker), or a
+[limits.PIPELINE] table with per_worker, total (across all workers) and group_by + per_group
+(e.g. one running payroll per client_id); a job over a limit waits in the ledger (no attempt
+counted) and is published again every 2 s until a slot is free.
 Broker loss: reconnect with jittered backoff. Postgres loss: stop taking work until it is back.")]
 pub struct WorkerArgs {
     /// Jobs in flight at once (AMQP basic.qos prefetch) [default: 8].
@@ -63,6 +70,10 @@ pub struct WorkerArgs {
     /// [default: 60].
     #[arg(long, env = "DROVER_LOST_AFTER_SECS", value_name = "SECS")]
     lost_after_secs: Option<u64>,
+    /// Most jobs of PIPELINE running on this worker at once (repeatable), over
+    /// `[limits.PIPELINE] per_worker`.
+    #[arg(long = "limit", value_name = "PIPELINE=N")]
+    limits: Vec<String>,
 }
 
 impl WorkerArgs {
@@ -134,6 +145,7 @@ impl WorkerArgs {
                 Some(retention)
             }
         };
+        c.limits = crate::limits::resolve(&ctx.file.limits, &self.limits, &ctx.registry)?;
         c.retry = ctx.file.retry.clone().unwrap_or_default();
         let metrics_addr = self
             .metrics_addr

@@ -22,11 +22,13 @@ mod dashboard;
 mod demo;
 mod doctor;
 mod jobs;
+mod limits;
 mod logging;
 mod pipelines;
 mod prune;
 mod publish;
 mod run;
+mod schedules;
 
 pub use drover_pipeline::{
     BatchContext, BatchOutcome, ErrorKind, Input, JobSpec, Output, ParamReader, Pipeline,

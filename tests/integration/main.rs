@@ -15,6 +15,7 @@ mod dashboard;
 mod exec;
 mod ledger;
 mod lifecycle;
+mod lineage;
 mod observability;
 mod outage;
 mod polish;

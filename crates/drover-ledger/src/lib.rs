@@ -41,7 +41,8 @@ pub use read::{AttemptView, DurationStats, JobFilter, JobProgress, JobView, Stat
 pub use relay::{DueJob, ENQUEUE_CHANNEL, RelaySweep};
 pub use rescue::{LedgerDrift, Rescued};
 pub use transitions::{
-    BatchRecord, Claim, ClaimedJob, Completion, FailOutcome, HeldEnd, LeaseLost, LeaseSeen,
+    BatchRecord, Claim, ClaimedJob, Completion, FailOutcome, HeldEnd, IdentityRecord, LeaseLost,
+    LeaseSeen,
 };
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};

@@ -19,6 +19,7 @@
 //! * Synthetic: a fixed number of one-row batches, for pipelines without input (`noop`).
 
 use crate::PipelineError;
+use crate::lineage::Fingerprint;
 use crate::pg_source::{PgInput, PgSource};
 use polars::prelude::*;
 use std::fs::File;
@@ -143,6 +144,8 @@ pub(crate) struct Source {
     /// Data rows consumed so far (including skipped batches): the next batch's first row.
     position: u64,
     label: String,
+    /// The input's identity, taken as it was opened.
+    fingerprint: Fingerprint,
 }
 
 enum SourceKind {
@@ -198,6 +201,7 @@ impl Source {
         skip_batches: u32,
     ) -> Result<Self, PipelineError> {
         let skip_rows = skip_batches as u64 * batch_size as u64;
+        let mut fingerprint = None;
         let (kind, label) = match &input.kind {
             InputKind::Synthetic { batches } => (
                 SourceKind::Synthetic {
@@ -213,7 +217,17 @@ impl Source {
                         "input {label}: expected a .parquet or .csv file"
                     ))
                 })?;
-                let file = File::open(path).map_err(|e| input_io(&label, e))?;
+                let mut file = File::open(path).map_err(|e| input_io(&label, e))?;
+                let started = std::time::Instant::now();
+                let f =
+                    crate::lineage::file_fingerprint(&mut file, format == Format::Parquet, &label)?;
+                // bench/lineage.sh reads this line to measure what fingerprinting costs.
+                tracing::debug!(
+                    input = %label,
+                    fingerprint_us = started.elapsed().as_micros() as u64,
+                    "input fingerprinted"
+                );
+                fingerprint = Some(f);
                 let kind = match format {
                     Format::Parquet => SourceKind::Parquet(ParquetSource::open(
                         file,
@@ -242,6 +256,35 @@ impl Source {
                 (SourceKind::Postgres(src), label)
             }
         };
+        let fingerprint = match (fingerprint, &kind) {
+            (Some(f), _) => f,
+            (None, SourceKind::Synthetic { total, .. }) => {
+                Fingerprint::Synthetic { batches: *total }
+            }
+            (None, SourceKind::Postgres(p)) => Fingerprint::Postgres {
+                source: match &input.kind {
+                    InputKind::Postgres(pg) => {
+                        let filters: Vec<String> = pg
+                            .filters
+                            .iter()
+                            .map(|(c, v)| format!("{c} = {v:?}"))
+                            .collect();
+                        if filters.is_empty() {
+                            label.clone()
+                        } else {
+                            format!("{label} where {}", filters.join(" and "))
+                        }
+                    }
+                    _ => label.clone(),
+                },
+                rows: p.total_rows(),
+            },
+            (None, _) => {
+                return Err(PipelineError::permanent(format!(
+                    "input {label}: no fingerprint was taken"
+                )));
+            }
+        };
         let position = match &kind {
             SourceKind::Synthetic { next, .. } => *next as u64,
             SourceKind::Parquet(p) => skip_rows.min(p.total_rows),
@@ -255,7 +298,13 @@ impl Source {
             batch_size,
             position,
             label,
+            fingerprint,
         })
+    }
+
+    /// The input's identity as opened (see [`crate::lineage`]).
+    pub(crate) fn fingerprint(&self) -> &Fingerprint {
+        &self.fingerprint
     }
 
     /// Number of batches in the whole input (including skipped ones), when known.

@@ -22,6 +22,7 @@ mod dashboard;
 mod demo;
 mod doctor;
 mod jobs;
+mod lineage;
 mod logging;
 mod pipelines;
 mod prune;
@@ -29,8 +30,8 @@ mod publish;
 mod run;
 
 pub use drover_pipeline::{
-    BatchContext, BatchOutcome, ErrorKind, Input, JobSpec, Output, ParamReader, Pipeline,
-    PipelineError, Registry, Summary, noop, payroll,
+    BatchContext, BatchOutcome, ErrorKind, Input, JobSpec, Output, OutputColumn, OutputSchema,
+    ParamReader, Pipeline, PipelineError, Registry, Summary, noop, payroll,
 };
 
 use clap::Parser;

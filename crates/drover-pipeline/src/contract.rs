@@ -94,6 +94,64 @@ mod tests {
     use super::*;
     use polars::prelude::*;
 
+    /// Passes batches through, declaring `batch` as a string column: every output breaks
+    /// the contract (`batch` is i64).
+    struct Mislabelled;
+
+    impl crate::Pipeline for Mislabelled {
+        type Params = ();
+        type Reference = ();
+        fn name(&self) -> &'static str {
+            "mislabelled"
+        }
+        fn validate(&self, _: &serde_json::Value) -> Result<(), PipelineError> {
+            Ok(())
+        }
+        fn input(&self, _: &(), _: &crate::JobSpec) -> Result<crate::Input, PipelineError> {
+            Ok(crate::Input::synthetic(2))
+        }
+        fn load_reference(&self, _: &()) -> Result<(), PipelineError> {
+            Ok(())
+        }
+        fn transform(
+            &self,
+            _: &(),
+            _: &(),
+            batch: DataFrame,
+            _: &crate::BatchContext,
+        ) -> Result<Option<DataFrame>, PipelineError> {
+            Ok(Some(batch))
+        }
+        fn output_schema(&self, _: &()) -> Option<OutputSchema> {
+            Some(OutputSchema::new().column("batch", DataType::String))
+        }
+    }
+
+    #[test]
+    fn a_batch_breaking_the_contract_fails_permanently_before_its_part_is_written() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut registry = crate::Registry::empty();
+        registry.register(Mislabelled);
+        let spec = crate::JobSpec {
+            key: "contract-1".into(),
+            pipeline: "mislabelled".into(),
+            params: serde_json::json!({}),
+            batch_size: None,
+            attempt: 1,
+            output_root: tmp.path().to_path_buf(),
+        };
+        let mut run = registry.open(&spec, 0).unwrap();
+        let e = run.next_batch().unwrap_err();
+        assert_eq!(e.kind, drover_core::ErrorKind::Permanent);
+        assert!(
+            e.message.contains("batch 0: column \"batch\" is i64"),
+            "{}",
+            e.message
+        );
+        let dir = tmp.path().join("mislabelled").join("contract-1");
+        assert!(!dir.join("part-00000.parquet").exists(), "nothing written");
+    }
+
     #[test]
     fn each_breach_names_the_batch_and_the_column() {
         let schema = OutputSchema::new()

@@ -21,7 +21,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::fmt;
 use std::fs::File;
-use std::io::{self, Read, Seek, SeekFrom};
+use std::io;
+use std::os::unix::fs::FileExt;
 
 /// What a file fingerprint's hash covers.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -216,10 +217,12 @@ impl JobIdentity {
 const HASH_CHUNK: usize = 1 << 20;
 
 /// Fingerprints an open input file: the whole content for CSV, the footer for Parquet.
-/// Reads `file` from wherever it is and leaves it at its start, so the source opened on the
-/// same handle (the same inode: a file replaced meanwhile cannot slip in) reads from there.
+/// Reads with positioned reads (`pread`), so the handle's offset is untouched and a source
+/// opened on the same handle (the same inode: a file replaced meanwhile cannot slip in) can
+/// read it at the same time, as the CSV source's record scan does while this runs on a
+/// thread of its own.
 pub(crate) fn file_fingerprint(
-    file: &mut File,
+    file: &File,
     parquet: bool,
     label: &str,
 ) -> Result<Fingerprint, PipelineError> {
@@ -240,8 +243,7 @@ pub(crate) fn file_fingerprint(
             )));
         }
         let mut tail = [0u8; 8];
-        file.seek(SeekFrom::End(-8)).map_err(io_err)?;
-        file.read_exact(&mut tail).map_err(io_err)?;
+        file.read_exact_at(&mut tail, size - 8).map_err(io_err)?;
         let len = u64::from(u32::from_le_bytes([tail[0], tail[1], tail[2], tail[3]]));
         if &tail[4..] != b"PAR1" || len + 8 > size {
             return Err(PipelineError::permanent(format!(
@@ -249,23 +251,29 @@ pub(crate) fn file_fingerprint(
             )));
         }
         let mut footer = vec![0u8; len as usize];
-        file.seek(SeekFrom::End(-8 - len as i64)).map_err(io_err)?;
-        file.read_exact(&mut footer).map_err(io_err)?;
+        file.read_exact_at(&mut footer, size - 8 - len)
+            .map_err(io_err)?;
         hasher.update(&footer);
         hasher.update(tail);
         HashScope::ParquetFooter
     } else {
         let mut buf = vec![0u8; HASH_CHUNK];
+        let mut at = 0u64;
         loop {
-            let n = file.read(&mut buf).map_err(io_err)?;
+            let n = file.read_at(&mut buf, at).map_err(io_err)?;
             if n == 0 {
                 break;
             }
             hasher.update(&buf[..n]);
+            at += n as u64;
+        }
+        if at != size {
+            return Err(PipelineError::transient(format!(
+                "input {label}: the file changed size while it was fingerprinted ({size} then {at} bytes)"
+            )));
         }
         HashScope::Content
     };
-    file.seek(SeekFrom::Start(0)).map_err(io_err)?;
     Ok(Fingerprint::File {
         path: label.to_string(),
         size,
@@ -344,12 +352,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.parquet");
         std::fs::write(&path, b"PAR1....footer\x06\x00\x00\x00PAR1").unwrap();
-        let f = file_fingerprint(&mut File::open(&path).unwrap(), true, "x").unwrap();
+        let f = file_fingerprint(&File::open(&path).unwrap(), true, "x").unwrap();
         let Fingerprint::File { size, scope, .. } = &f else {
             panic!("{f:?}")
         };
         assert_eq!((*size, *scope), (22, HashScope::ParquetFooter));
         std::fs::write(&path, b"not parquet").unwrap();
-        assert!(file_fingerprint(&mut File::open(&path).unwrap(), true, "x").is_err());
+        assert!(file_fingerprint(&File::open(&path).unwrap(), true, "x").is_err());
     }
 }

@@ -112,7 +112,7 @@ pub async fn run(ctx: &Context, cmd: JobsCommand) -> anyhow::Result<ExitCode> {
                     println!("output:     {}", o.dir.display());
                     println!("            {}", o.status);
                 }
-                lineage.print();
+                lineage.print(false);
             }
             ExitCode::SUCCESS
         }

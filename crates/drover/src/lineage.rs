@@ -112,8 +112,8 @@ impl Lineage {
         })
     }
 
-    /// The text `jobs show` prints.
-    pub fn print(&self) {
+    /// The text `jobs show` (a long table cut, `all` false) and `lineage` print.
+    pub fn print(&self, all: bool) {
         println!(
             "version:    {}",
             self.pipeline_version.as_deref().unwrap_or("(not recorded)")
@@ -132,7 +132,19 @@ impl Lineage {
             return;
         }
         println!("lineage:    batch  input rows             rows out  attempt  part  sha256");
-        for b in &self.batches {
+        // A long job's table is cut: the first and last batches, and where the rest is.
+        const SHOWN: usize = 20;
+        let n = if all { 0 } else { self.batches.len() };
+        for (i, b) in self.batches.iter().enumerate() {
+            if n > SHOWN && i == SHOWN / 2 {
+                println!(
+                    "            ... {} more batches (`drover lineage KEY` lists them all)",
+                    self.batches.len() - SHOWN
+                );
+            }
+            if n > SHOWN && (SHOWN / 2..n - SHOWN / 2).contains(&i) {
+                continue;
+            }
             println!(
                 "            {:<5}  {:<21}  {:>8}  {:>7}  {}  {}",
                 b.batch_index,
@@ -176,7 +188,7 @@ pub async fn lineage(ctx: &Context, args: LineageArgs) -> anyhow::Result<ExitCod
         if args.json {
             println!("{}", serde_json::to_string_pretty(&lin.json())?);
         } else {
-            lin.print();
+            lin.print(true);
         }
         return Ok(ExitCode::SUCCESS);
     };

@@ -25,7 +25,7 @@ export DROVER_TEST_AMQP_URL DROVER_TEST_DATABASE_URL
 # Test runner: cargo-nextest when installed (NEXTEST=auto), or force it with NEXTEST=1 / 0.
 NEXTEST ?= auto
 
-.PHONY: help services browser build build-dev lint fmt check-deploy test test-python test-outage test-cluster migrate demo clean-demo bench bench-dashboard dashboard-screenshots
+.PHONY: help services browser build build-dev lint fmt check-deploy test test-python test-outage test-cluster migrate demo clean-demo bench bench-lineage bench-dashboard dashboard-screenshots
 
 help: ## list the targets
 	@echo 'usage: make <target>   (builds in $(CARGO_TARGET_DIR))'
@@ -107,6 +107,10 @@ dashboard-screenshots: services browser ## screenshots of the dashboard's pages 
 
 bench-dashboard: services build-dev ## time the dashboard's pages on a throwaway ledger of 1,000,000 jobs (bench/dashboard.sh; updates docs/benchmarks.md)
 	bench/dashboard.sh $(DROVER)
+
+bench-lineage: ## what input fingerprinting costs a 1M-row payroll job, release build (bench/lineage.sh; no services needed)
+	$(CARGO) build --release -p drover
+	bench/lineage.sh $(CARGO_TARGET_DIR)/release/drover
 
 bench: services ## build the release binary and run the benchmarks (bench/run.sh; rewrites docs/benchmarks.md)
 	$(CARGO) build --release -p drover

@@ -112,6 +112,8 @@ fi
 mkdir -p "$(dirname "$DOC")"
 # bench/dashboard.sh's section (between its markers) survives this rewrite.
 DASH_SECTION=$(sed -n '/<!-- dashboard-bench:start -->/,/<!-- dashboard-bench:end -->/p' "$DOC" 2>/dev/null || true)
+# So does bench/lineage.sh's.
+LINEAGE_SECTION=$(sed -n '/<!-- lineage-bench:start -->/,/<!-- lineage-bench:end -->/p' "$DOC" 2>/dev/null || true)
 {
     echo "# drover benchmarks"
     echo
@@ -459,5 +461,8 @@ emit "| publish → start latency, idle worker | p50 $LAT_P50 ms, p99 $LAT_P99 m
 emit ""
 if [[ -n $DASH_SECTION ]]; then
     printf '\n%s\n' "$DASH_SECTION" >>"$DOC"
+fi
+if [[ -n $LINEAGE_SECTION ]]; then
+    printf '\n%s\n' "$LINEAGE_SECTION" >>"$DOC"
 fi
 progress "done in $(($(date +%s) - T_START)) s; wrote $DOC"

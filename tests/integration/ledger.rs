@@ -57,6 +57,9 @@ fn record(batch_index: i32, rows: i64, checksum: &str) -> BatchRecord {
         output: Some(format!("part-{batch_index:05}.parquet")),
         checksum: Some(checksum.into()),
         summary: sqlx::types::Json(json!({ "rows": rows })),
+        first_row: Some(i64::from(batch_index) * rows),
+        rows_out: Some(rows),
+        attempt: None,
     }
 }
 

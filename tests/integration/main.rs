@@ -17,6 +17,7 @@ mod exec;
 mod ledger;
 mod lifecycle;
 mod lifecycle2;
+mod lineage;
 mod observability;
 mod outage;
 mod polish;

@@ -48,7 +48,8 @@ pub use relay::{DueJob, ENQUEUE_CHANNEL, RelaySweep};
 pub use rescue::{LedgerDrift, Rescued};
 pub use schedules::{FireReport, Fired, NewSchedule, ScheduleView};
 pub use transitions::{
-    BatchRecord, Claim, ClaimedJob, Completion, FailOutcome, HeldEnd, LeaseLost, LeaseSeen,
+    BatchRecord, Claim, ClaimedJob, Completion, FailOutcome, HeldEnd, IdentityRecord, LeaseLost,
+    LeaseSeen,
 };
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};

@@ -186,6 +186,60 @@ impl Ledger {
     }
 }
 
+impl Ledger {
+    /// `drover jobs retry KEY --from-scratch`: a [`redrive`](Self::redrive) that also
+    /// forgets the job's progress, so its next attempt starts at batch 0 and records the
+    /// inputs and pipeline version afresh: its checkpoints are deleted, `batches_done`,
+    /// `batches_total`, `rows_done` and the recorded identity cleared, in one transaction.
+    /// Only a job that is not running (`dead`, `rejected` or `cancelled`) qualifies. The
+    /// caller removes the output parts first (while the job cannot run), using
+    /// [`checkpoints`](Self::checkpoints) for where they are.
+    pub async fn redrive_from_scratch(&self, key: &str) -> Result<u64, LedgerError> {
+        let mut tx = self.pool.begin().await?;
+        let id: Option<Uuid> = sqlx::query_scalar(
+            "UPDATE drover.jobs SET state = 'retrying', run_at = now(), cancel_requested = false, \
+             last_error = NULL, error_kind = NULL, result = NULL, \
+             batches_done = 0, batches_total = NULL, rows_done = 0, \
+             pipeline_version = NULL, inputs = NULL, \
+             max_attempts = GREATEST(max_attempts, failures + 1), finished_at = NULL, \
+             updated_at = now() \
+             WHERE idempotency_key = $1 AND state IN ('dead', 'rejected', 'cancelled') \
+             RETURNING id",
+        )
+        .bind(key)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(id) = id else {
+            drop(tx);
+            let job = self.get(key).await?;
+            return Err(LedgerError::WrongState {
+                key: key.to_string(),
+                state: job.state,
+                message: "only dead, rejected or cancelled jobs can be retried".into(),
+            });
+        };
+        let deleted = sqlx::query("DELETE FROM drover.checkpoints WHERE job_id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        tx.commit().await?;
+        Ok(deleted)
+    }
+
+    /// Keys of the jobs that succeeded at or after `since`, oldest first (`drover verify
+    /// --since`).
+    pub async fn succeeded_since(&self, since: DateTime<Utc>) -> Result<Vec<String>, LedgerError> {
+        Ok(sqlx::query_scalar(
+            "SELECT idempotency_key FROM drover.jobs \
+             WHERE finished_at >= $1 AND state = 'succeeded' ORDER BY finished_at, id",
+        )
+        .bind(since)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+}
+
 /// One line of `drover stats`: jobs of a pipeline in a state.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct StateCount {

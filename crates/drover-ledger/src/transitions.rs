@@ -61,7 +61,7 @@ pub struct LeaseSeen {
     pub heartbeat_at: Option<DateTime<Utc>>,
 }
 
-/// One completed batch, as checkpointed.
+/// One completed batch, as checkpointed, with its lineage.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, sqlx::FromRow)]
 pub struct BatchRecord {
     pub batch_index: i32,
@@ -69,6 +69,23 @@ pub struct BatchRecord {
     pub output: Option<String>,
     pub checksum: Option<String>,
     pub summary: sqlx::types::Json<Value>,
+    /// First input row the batch read (`None` for batches of a release that recorded no
+    /// lineage).
+    pub first_row: Option<i64>,
+    /// Rows in the batch's output (`None`: no output, or not recorded).
+    pub rows_out: Option<i64>,
+    /// The attempt that wrote the checkpoint. Filled when read; a write records the
+    /// writer's own attempt whatever this says.
+    pub attempt: Option<i32>,
+}
+
+/// A job's identity as an attempt saw it, recorded with the job (see the migration
+/// `20261204000001_lineage.sql`): the pipeline's version and its inputs' fingerprints.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IdentityRecord {
+    pub pipeline_version: String,
+    /// A JSON list of fingerprints (their shape is the pipeline crate's business).
+    pub inputs: Value,
 }
 
 /// The worker no longer holds the job's lease (taken over, or changed by an operator).
@@ -371,6 +388,21 @@ impl Ledger {
         batches: &[BatchRecord],
         batches_total: Option<i32>,
     ) -> Result<Result<bool, LeaseLost>, LedgerError> {
+        self.checkpoint_batches_with(job, worker, batches, batches_total, None)
+            .await
+    }
+
+    /// [`checkpoint_batches`](Self::checkpoint_batches) that also records the job's
+    /// identity (pipeline version and input fingerprints) in the same transaction: an
+    /// attempt passes it with its first checkpoint.
+    pub async fn checkpoint_batches_with(
+        &self,
+        job: &ClaimedJob,
+        worker: &str,
+        batches: &[BatchRecord],
+        batches_total: Option<i32>,
+        identity: Option<&IdentityRecord>,
+    ) -> Result<Result<bool, LeaseLost>, LedgerError> {
         let mut tx = self.pool.begin_with(ASYNC_COMMIT_BEGIN).await?;
         let mut cancel = false;
         for batch in batches {
@@ -379,15 +411,47 @@ impl Ledger {
                 None => return Ok(Err(LeaseLost)),
             }
         }
+        if let Some(id) = identity {
+            let n = sqlx::query(
+                "UPDATE drover.jobs SET pipeline_version = $4, inputs = $5 \
+                 WHERE id = $1 AND lease_owner = $2 AND attempts = $3 AND state = 'running'",
+            )
+            .bind(job.id)
+            .bind(worker)
+            .bind(job.attempt)
+            .bind(&id.pipeline_version)
+            .bind(sqlx::types::Json(&id.inputs))
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if n == 0 {
+                return Ok(Err(LeaseLost));
+            }
+        }
         tx.commit().await?;
         Ok(Ok(cancel))
     }
 
-    /// Every checkpoint of a job, in batch order (to resume, and to summarise at the end).
+    /// The identity a job's earlier attempt recorded: its pipeline version and input
+    /// fingerprints (`None` where nothing was recorded).
+    pub async fn identity(
+        &self,
+        job_id: Uuid,
+    ) -> Result<(Option<String>, Option<Value>), LedgerError> {
+        let row: Option<(Option<String>, Option<sqlx::types::Json<Value>>)> =
+            sqlx::query_as("SELECT pipeline_version, inputs FROM drover.jobs WHERE id = $1")
+                .bind(job_id)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.map_or((None, None), |(v, i)| (v, i.map(|j| j.0))))
+    }
+
+    /// Every checkpoint of a job, in batch order (to resume, to summarise at the end, and
+    /// as its lineage).
     pub async fn checkpoints(&self, job_id: Uuid) -> Result<Vec<BatchRecord>, LedgerError> {
         Ok(sqlx::query_as(
-            "SELECT batch_index, rows, output, checksum, summary FROM drover.checkpoints \
-             WHERE job_id = $1 ORDER BY batch_index",
+            "SELECT batch_index, rows, output, checksum, summary, first_row, rows_out, attempt \
+             FROM drover.checkpoints WHERE job_id = $1 ORDER BY batch_index",
         )
         .bind(job_id)
         .fetch_all(&self.pool)
@@ -643,6 +707,8 @@ pub struct Completion {
     pub final_batch: Option<BatchRecord>,
     /// Fills `batches_total` when it is still unset.
     pub batches_total: Option<i32>,
+    /// The job's identity, when this attempt has not recorded it with a checkpoint.
+    pub identity: Option<IdentityRecord>,
 }
 
 impl Completion {
@@ -654,6 +720,7 @@ impl Completion {
             result,
             final_batch: None,
             batches_total: None,
+            identity: None,
         }
     }
 }
@@ -767,7 +834,19 @@ impl Ledger {
         let mut checksums: Vec<Option<String>> = Vec::with_capacity(n);
         let mut summaries = Vec::with_capacity(n);
         let mut totals: Vec<Option<i32>> = Vec::with_capacity(n);
+        let mut first_rows: Vec<Option<i64>> = Vec::with_capacity(n);
+        let mut rows_out: Vec<Option<i64>> = Vec::with_capacity(n);
+        let mut versions: Vec<Option<String>> = Vec::with_capacity(n);
+        let mut inputs: Vec<Option<sqlx::types::Json<Value>>> = Vec::with_capacity(n);
         for c in items {
+            first_rows.push(c.final_batch.as_ref().and_then(|b| b.first_row));
+            rows_out.push(c.final_batch.as_ref().and_then(|b| b.rows_out));
+            versions.push(c.identity.as_ref().map(|i| i.pipeline_version.clone()));
+            inputs.push(
+                c.identity
+                    .as_ref()
+                    .map(|i| sqlx::types::Json(i.inputs.clone())),
+            );
             ids.push(c.id);
             attempts.push(c.attempt);
             results.push(sqlx::types::Json(c.result.clone()));
@@ -787,9 +866,10 @@ impl Ledger {
             WITH input AS (
                 SELECT * FROM unnest($2::uuid[], $3::int4[], $4::jsonb[], $5::int4[],
                                      $6::int8[], $7::text[], $8::text[], $9::jsonb[],
-                                     $10::int4[])
+                                     $10::int4[], $11::int8[], $12::int8[], $13::text[],
+                                     $14::jsonb[])
                     AS t(job_id, attempt, result, batch_index, batch_rows, output, checksum,
-                         summary, total)
+                         summary, total, first_row, rows_out, version, inputs)
             ), lease AS (
                 SELECT i.* FROM input i JOIN drover.jobs j ON j.id = i.job_id
                 WHERE j.lease_owner = $1 AND j.attempts = i.attempt AND j.state = 'running'
@@ -800,19 +880,23 @@ impl Ledger {
                 JOIN lease l ON c.job_id = l.job_id AND c.batch_index = l.batch_index
             ), cp AS (
                 INSERT INTO drover.checkpoints (job_id, batch_index, rows, output, checksum,
-                                                summary, attempt)
-                SELECT job_id, batch_index, batch_rows, output, checksum, summary, attempt
+                                                summary, attempt, first_row, rows_out)
+                SELECT job_id, batch_index, batch_rows, output, checksum, summary, attempt,
+                       first_row, rows_out
                 FROM lease WHERE batch_index IS NOT NULL
                 ON CONFLICT (job_id, batch_index) DO UPDATE
                     SET rows = EXCLUDED.rows, output = EXCLUDED.output,
                         checksum = EXCLUDED.checksum, summary = EXCLUDED.summary,
-                        attempt = EXCLUDED.attempt, committed_at = now()
+                        attempt = EXCLUDED.attempt, first_row = EXCLUDED.first_row,
+                        rows_out = EXCLUDED.rows_out, committed_at = now()
             ), j AS (
                 UPDATE drover.jobs j
                 SET state = 'succeeded', result = l.result, lease_owner = NULL,
                     batches_done = CASE WHEN l.batch_index IS NULL THEN j.batches_done
                                         ELSE GREATEST(j.batches_done, l.batch_index + 1) END,
                     batches_total = COALESCE(j.batches_total, l.total),
+                    pipeline_version = COALESCE(l.version, j.pipeline_version),
+                    inputs = COALESCE(l.inputs, j.inputs),
                     rows_done = j.rows_done + COALESCE(l.batch_rows, 0)
                         - COALESCE((SELECT o.rows FROM old o WHERE o.job_id = l.job_id), 0),
                     finished_at = now(), updated_at = now()
@@ -836,6 +920,10 @@ impl Ledger {
         .bind(&checksums)
         .bind(&summaries)
         .bind(&totals)
+        .bind(&first_rows)
+        .bind(&rows_out)
+        .bind(&versions)
+        .bind(&inputs)
         .fetch_all(&self.pool)
         .await?;
         let done: std::collections::HashSet<Uuid> = done.into_iter().collect();
@@ -870,12 +958,13 @@ async fn checkpoint_in(
             SELECT rows FROM drover.checkpoints WHERE job_id = $1 AND batch_index = $4
         ), cp AS (
             INSERT INTO drover.checkpoints (job_id, batch_index, rows, output, checksum,
-                                            summary, attempt)
-            SELECT id, $4, $5, $6, $7, $8, $3 FROM lease
+                                            summary, attempt, first_row, rows_out)
+            SELECT id, $4, $5, $6, $7, $8, $3, $10, $11 FROM lease
             ON CONFLICT (job_id, batch_index) DO UPDATE
                 SET rows = EXCLUDED.rows, output = EXCLUDED.output,
                     checksum = EXCLUDED.checksum, summary = EXCLUDED.summary,
-                    attempt = EXCLUDED.attempt, committed_at = now()
+                    attempt = EXCLUDED.attempt, first_row = EXCLUDED.first_row,
+                    rows_out = EXCLUDED.rows_out, committed_at = now()
             RETURNING 1
         )
         UPDATE drover.jobs j
@@ -898,6 +987,8 @@ async fn checkpoint_in(
     .bind(&batch.checksum)
     .bind(&batch.summary)
     .bind(batches_total)
+    .bind(batch.first_row)
+    .bind(batch.rows_out)
     .fetch_optional(tx)
     .await?;
     Ok(cancel)

@@ -147,6 +147,27 @@ impl Pipeline for Exec {
         })
     }
 
+    /// The child's program is the formula: the version is a SHA-256 over the command's
+    /// words and the content of every word that names a file (the script, typically), so
+    /// an edited script between two attempts is a different version. A word that names no
+    /// file (an interpreter found on PATH, a flag) counts by its text.
+    fn version(&self, params: &ExecParams) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        for word in &params.command {
+            h.update(word.as_bytes());
+            h.update([0]);
+            let path = std::path::Path::new(word);
+            if path.is_file()
+                && let Ok((sum, _)) = crate::verify::hash_file(path)
+            {
+                h.update(sum.as_bytes());
+            }
+            h.update([0]);
+        }
+        format!("exec-{}", &hex::encode(h.finalize())[..16])
+    }
+
     fn input(&self, params: &ExecParams, _spec: &JobSpec) -> Result<Input, PipelineError> {
         Ok(Input::file(&params.input))
     }

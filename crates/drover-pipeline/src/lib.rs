@@ -18,9 +18,11 @@
 
 #![warn(missing_docs)]
 
+mod contract;
 mod describe;
 mod error;
 pub mod exec;
+pub mod lineage;
 pub mod noop;
 mod params;
 pub mod payroll;
@@ -28,13 +30,16 @@ mod pg_source;
 mod sink;
 mod source;
 pub mod sql;
+pub mod verify;
 
+pub use contract::{OutputColumn, OutputSchema};
 pub use describe::{Description, Field};
 pub use drover_core::ErrorKind;
 pub use error::PipelineError;
+pub use lineage::{Fingerprint, JobIdentity, RecordedIdentity};
 pub use params::ParamReader;
 pub use payroll::generate_payroll;
-pub use sink::{MANIFEST, key_path};
+pub use sink::{MANIFEST, Manifest, ManifestPart, key_path};
 pub use source::Input;
 
 use polars::prelude::DataFrame;
@@ -68,13 +73,24 @@ pub struct JobSpec {
     pub output_root: PathBuf,
 }
 
-/// One completed batch: exactly what the ledger checkpoints.
+/// One completed batch: exactly what the ledger checkpoints, and its lineage.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct BatchOutcome {
     /// 0-based batch index.
     pub index: u32,
+    /// 0-based input row of the batch's first row: it read input rows
+    /// `first_row..first_row + rows`.
+    #[serde(default)]
+    pub first_row: u64,
     /// Input rows in the batch.
     pub rows: u64,
+    /// Rows in the batch's output (`None` when it wrote none, or for batches checkpointed
+    /// by a release that did not record it).
+    #[serde(default)]
+    pub rows_out: Option<u64>,
+    /// The attempt that computed the batch and wrote its part.
+    #[serde(default)]
+    pub attempt: u32,
     /// Path of the part file (`None` for pipelines or batches without output).
     pub output: Option<String>,
     /// SHA-256 (hex) of the part file's bytes.
@@ -254,6 +270,23 @@ pub trait Pipeline: Send + Sync + 'static {
     /// Attempts before `dead` when the message does not say; `None` defers to the
     /// worker's configuration.
     fn default_max_attempts(&self) -> Option<u32> {
+        None
+    }
+
+    /// The version of what the pipeline computes for these params. Recorded with the job at
+    /// its first attempt; an attempt that would resume a job under another version is
+    /// refused (the job fails permanently), so a deploy between two attempts never mixes
+    /// two formulas in one output. Change it whenever a batch's output for the same input
+    /// would change. The default, `"1"`, suits a pipeline that never changes its formula.
+    fn version(&self, _params: &Self::Params) -> String {
+        "1".to_string()
+    }
+
+    /// The columns every batch's output must have (names, dtypes, nullability, and no
+    /// others). A batch whose output breaks it fails the attempt permanently, naming the
+    /// batch and the column, before its part is written. `None` (the default) checks
+    /// nothing.
+    fn output_schema(&self, _params: &Self::Params) -> Option<OutputSchema> {
         None
     }
 
@@ -504,6 +537,7 @@ impl Registry {
 /// Object-safe view of a running job (hides the pipeline's associated types).
 trait BatchRunner: Send {
     fn batch_size(&self) -> usize;
+    fn identity(&self) -> &JobIdentity;
     fn batches_total(&self) -> Option<u32>;
     fn next_batch(&mut self) -> Result<Option<BatchOutcome>, PipelineError>;
     fn finish(self: Box<Self>, batches: &[BatchOutcome]) -> Result<Value, PipelineError>;
@@ -528,6 +562,13 @@ impl JobRun {
     /// Rows per batch for this job.
     pub fn batch_size(&self) -> usize {
         self.inner.batch_size()
+    }
+
+    /// The job's identity as this open saw it: the pipeline's version and its inputs'
+    /// fingerprints. The worker records it at the first attempt and, before a resumed
+    /// attempt runs a batch, checks it with [`JobIdentity::check_resume`].
+    pub fn identity(&self) -> &JobIdentity {
+        self.inner.identity()
     }
 
     /// Batches in the whole job (including resumed ones), when the source can tell: Parquet
@@ -556,6 +597,12 @@ struct Runner<P: Pipeline> {
     params: P::Params,
     reference: P::Reference,
     source: source::Source,
+    /// The pipeline's version and the input's fingerprint, taken at open.
+    identity: JobIdentity,
+    /// The message's params, for the manifest.
+    params_json: Value,
+    /// The pipeline's output contract, checked on every batch before its part is written.
+    schema: Option<OutputSchema>,
     /// Output directory, created at open; `None` when the pipeline writes nothing.
     out_dir: Option<PathBuf>,
     key: String,
@@ -587,7 +634,9 @@ const WRITE_AHEAD: usize = 3;
 /// A batch whose part is being written.
 struct Writing {
     index: u32,
+    first_row: u64,
     rows: u64,
+    rows_out: Option<u64>,
     summary: Summary,
     /// `None` when the batch has no output.
     part: Option<std::thread::JoinHandle<Result<(PathBuf, String), PipelineError>>>,
@@ -595,7 +644,9 @@ struct Writing {
 
 /// One batch read, transformed and summarised, its part not yet written.
 struct Prepared {
+    first_row: u64,
     rows: u64,
+    rows_out: Option<u64>,
     out: Option<DataFrame>,
     summary: Summary,
 }
@@ -615,6 +666,11 @@ impl<P: Pipeline> Runner<P> {
         let input = pipeline.input(&params, spec)?;
         // Input and reference first: a job that cannot read its input leaves no directory.
         let source = source::Source::open(&input, batch_size, resume_after)?;
+        let identity = JobIdentity {
+            pipeline_version: pipeline.version(&params),
+            inputs: vec![source.fingerprint().clone()],
+        };
+        let schema = pipeline.output_schema(&params);
         let reference = pipeline.load_reference(&params)?;
         let out_dir = match pipeline.output(&params) {
             Output::None => None,
@@ -631,6 +687,9 @@ impl<P: Pipeline> Runner<P> {
             params,
             reference,
             source,
+            identity,
+            params_json: spec.params.clone(),
+            schema,
             out_dir,
             key: spec.key.clone(),
             attempt: spec.attempt,
@@ -662,6 +721,10 @@ impl<P: Pipeline> Runner<P> {
         let out = self
             .pipeline
             .transform(&self.params, &self.reference, batch, &ctx)?;
+        if let (Some(schema), Some(df)) = (&self.schema, &out) {
+            schema.check(self.pipeline.name(), index, df)?;
+        }
+        let rows_out = out.as_ref().map(|df| df.height() as u64);
         let summary = self
             .pipeline
             .summarise_batch(&self.params, rows, out.as_ref())?;
@@ -671,7 +734,13 @@ impl<P: Pipeline> Runner<P> {
                 self.pipeline.name()
             )));
         }
-        Ok(Some(Prepared { rows, out, summary }))
+        Ok(Some(Prepared {
+            first_row,
+            rows,
+            rows_out,
+            out,
+            summary,
+        }))
     }
 
     /// The next batch, its part written and durable (the caller checkpoints it next), or
@@ -693,7 +762,13 @@ impl<P: Pipeline> Runner<P> {
             let index = self.next_index + self.writing.len() as u32;
             match self.prepare(index) {
                 Ok(None) => self.source_done = true,
-                Ok(Some(Prepared { rows, out, summary })) => {
+                Ok(Some(Prepared {
+                    first_row,
+                    rows,
+                    rows_out,
+                    out,
+                    summary,
+                })) => {
                     let part = match (out, self.out_dir.clone()) {
                         (Some(mut df), Some(dir)) => Some(
                             std::thread::Builder::new()
@@ -709,7 +784,9 @@ impl<P: Pipeline> Runner<P> {
                     };
                     self.writing.push_back(Writing {
                         index,
+                        first_row,
                         rows,
+                        rows_out,
                         summary,
                         part,
                     });
@@ -741,7 +818,10 @@ impl<P: Pipeline> Runner<P> {
         self.next_index += 1;
         Ok(Some(BatchOutcome {
             index: w.index,
+            first_row: w.first_row,
             rows: w.rows,
+            rows_out: w.rows_out,
+            attempt: self.attempt,
             output,
             checksum,
             summary: w.summary,
@@ -764,6 +844,10 @@ impl<P: Pipeline> Drop for Runner<P> {
 impl<P: Pipeline> BatchRunner for Runner<P> {
     fn batch_size(&self) -> usize {
         self.batch_size
+    }
+
+    fn identity(&self) -> &JobIdentity {
+        &self.identity
     }
 
     fn batches_total(&self) -> Option<u32> {
@@ -834,7 +918,14 @@ impl<P: Pipeline> BatchRunner for Runner<P> {
             if let (Some(Value::Object(extra)), Value::Object(result)) = (extra, &mut result) {
                 result.extend(extra);
             }
-            sink::write_manifest(dir, &self.key, self.pipeline.name(), &sorted, &result)?;
+            let job = sink::ManifestJob {
+                key: &self.key,
+                pipeline: self.pipeline.name(),
+                pipeline_version: &self.identity.pipeline_version,
+                inputs: &self.identity.inputs,
+                params: drover_core::config::redact_params(&self.params_json),
+            };
+            sink::write_manifest(dir, &job, &sorted, &result)?;
         }
         Ok(result)
     }

@@ -107,6 +107,10 @@ impl Pipeline for Noop {
         })
     }
 
+    fn version(&self, _params: &NoopParams) -> String {
+        "noop-1".to_string()
+    }
+
     fn input(&self, params: &NoopParams, _spec: &JobSpec) -> Result<Input, PipelineError> {
         Ok(Input::synthetic(params.batches))
     }

@@ -2,9 +2,10 @@
 //! the job's directory, fsynced and renamed into place, so a replayed batch replaces its own
 //! part atomically and a reader never sees a half-written file.
 
+use crate::lineage::Fingerprint;
 use crate::{BatchOutcome, PipelineError};
 use polars::prelude::*;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
@@ -204,24 +205,65 @@ fn write_parquet(w: &mut dyn Write, df: &DataFrame) -> PolarsResult<()> {
     Ok(())
 }
 
-/// One entry of `_manifest.json`'s `parts`.
-#[derive(Debug, Serialize)]
-struct ManifestPart<'a> {
-    index: u32,
-    file: String,
-    rows: u64,
-    sha256: Option<&'a str>,
+/// One entry of `_manifest.json`'s `parts`: a batch's part and its lineage.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ManifestPart {
+    /// The batch's index.
+    pub index: u32,
+    /// The part's file name, in the manifest's directory.
+    pub file: String,
+    /// First input row the batch read (it read `first_row..first_row + rows`).
+    #[serde(default)]
+    pub first_row: u64,
+    /// Input rows in the batch.
+    pub rows: u64,
+    /// Rows in the part (`None` when not recorded).
+    #[serde(default)]
+    pub rows_out: Option<u64>,
+    /// SHA-256 (hex) of the part's bytes.
+    pub sha256: Option<String>,
+    /// The part's size in bytes.
+    #[serde(default)]
+    pub bytes: Option<u64>,
+    /// The attempt that wrote the part.
+    #[serde(default)]
+    pub attempt: Option<u32>,
 }
 
-/// `_manifest.json`: what a downstream reader needs to trust the output directory.
-#[derive(Debug, Serialize)]
-struct Manifest<'a> {
-    key: &'a str,
-    pipeline: &'a str,
-    rows: u64,
-    batches: u32,
-    parts: Vec<ManifestPart<'a>>,
-    summary: &'a serde_json::Value,
+/// `_manifest.json`: what a downstream reader needs to trust the output directory, and the
+/// job's lineage (inputs with fingerprints, pipeline and version, params, result).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Manifest {
+    /// The job's idempotency key.
+    pub key: String,
+    /// The pipeline's name.
+    pub pipeline: String,
+    /// The pipeline's version (see [`crate::Pipeline::version`]).
+    #[serde(default)]
+    pub pipeline_version: Option<String>,
+    /// The job's params, passwords removed.
+    #[serde(default)]
+    pub params: serde_json::Value,
+    /// The inputs' fingerprints, as the job's first attempt recorded them.
+    #[serde(default)]
+    pub inputs: Vec<Fingerprint>,
+    /// Input rows: the sum of every batch's rows.
+    pub rows: u64,
+    /// Batches in the job.
+    pub batches: u32,
+    /// Every part, in batch order.
+    pub parts: Vec<ManifestPart>,
+    /// The job's result.
+    pub summary: serde_json::Value,
+}
+
+/// The job-level fields of the manifest.
+pub(crate) struct ManifestJob<'a> {
+    pub key: &'a str,
+    pub pipeline: &'a str,
+    pub pipeline_version: &'a str,
+    pub inputs: &'a [Fingerprint],
+    pub params: serde_json::Value,
 }
 
 /// Checks that every part a batch recorded is present, writes `_manifest.json` atomically,
@@ -229,8 +271,7 @@ struct Manifest<'a> {
 /// beyond the job's batch count) so the directory holds exactly what the manifest lists.
 pub(crate) fn write_manifest(
     dir: &Path,
-    key: &str,
-    pipeline: &str,
+    job: &ManifestJob<'_>,
     batches: &[BatchOutcome],
     summary: &serde_json::Value,
 ) -> Result<PathBuf, PipelineError> {
@@ -239,27 +280,37 @@ pub(crate) fn write_manifest(
         let Some(output) = &b.output else { continue };
         let name = part_name(b.index);
         let path = dir.join(&name);
-        if !path.is_file() {
-            return Err(PipelineError::permanent(format!(
-                "output {}: part of batch {} is missing (recorded as {output})",
-                path.display(),
-                b.index
-            )));
-        }
+        let meta = match fs::metadata(&path) {
+            Ok(m) if m.is_file() => m,
+            _ => {
+                return Err(PipelineError::permanent(format!(
+                    "output {}: part of batch {} is missing (recorded as {output})",
+                    path.display(),
+                    b.index
+                )));
+            }
+        };
         parts.push(ManifestPart {
             index: b.index,
             file: name,
+            first_row: b.first_row,
             rows: b.rows,
-            sha256: b.checksum.as_deref(),
+            rows_out: b.rows_out,
+            sha256: b.checksum.clone(),
+            bytes: Some(meta.len()),
+            attempt: (b.attempt > 0).then_some(b.attempt),
         });
     }
     let manifest = Manifest {
-        key,
-        pipeline,
+        key: job.key.to_string(),
+        pipeline: job.pipeline.to_string(),
+        pipeline_version: Some(job.pipeline_version.to_string()),
+        params: job.params.clone(),
+        inputs: job.inputs.to_vec(),
         rows: batches.iter().map(|b| b.rows).sum(),
         batches: batches.len() as u32,
         parts,
-        summary,
+        summary: summary.clone(),
     };
     let path = dir.join(MANIFEST);
     write_atomic(&path, |w| {

@@ -19,6 +19,7 @@
 //! * Synthetic: a fixed number of one-row batches, for pipelines without input (`noop`).
 
 use crate::PipelineError;
+use crate::lineage::Fingerprint;
 use crate::pg_source::{PgInput, PgSource};
 use polars::prelude::*;
 use std::fs::File;
@@ -143,6 +144,8 @@ pub(crate) struct Source {
     /// Data rows consumed so far (including skipped batches): the next batch's first row.
     position: u64,
     label: String,
+    /// The input's identity, taken as it was opened.
+    fingerprint: Fingerprint,
 }
 
 enum SourceKind {
@@ -198,6 +201,7 @@ impl Source {
         skip_batches: u32,
     ) -> Result<Self, PipelineError> {
         let skip_rows = skip_batches as u64 * batch_size as u64;
+        let mut fingerprint = None;
         let (kind, label) = match &input.kind {
             InputKind::Synthetic { batches } => (
                 SourceKind::Synthetic {
@@ -214,17 +218,54 @@ impl Source {
                     ))
                 })?;
                 let file = File::open(path).map_err(|e| input_io(&label, e))?;
-                let kind = match format {
-                    Format::Parquet => SourceKind::Parquet(ParquetSource::open(
-                        file,
-                        &input.columns,
-                        batch_size.max(DECODE_WINDOW_ROWS),
-                        &label,
-                    )?),
+                // What the fingerprint took, and how long the open waited for it.
+                let (took, waited);
+                let (kind, f) = match format {
+                    Format::Parquet => {
+                        // The footer: a few KiB, read before the source reads it again.
+                        let started = std::time::Instant::now();
+                        let f = crate::lineage::file_fingerprint(&file, true, &label)?;
+                        (took, waited) = (started.elapsed(), started.elapsed());
+                        let kind = SourceKind::Parquet(ParquetSource::open(
+                            file,
+                            &input.columns,
+                            batch_size.max(DECODE_WINDOW_ROWS),
+                            &label,
+                        )?);
+                        (kind, f)
+                    }
                     Format::Csv => {
-                        SourceKind::Csv(CsvSource::open(file, path, batch_size, skip_rows, &label)?)
+                        // The whole file is hashed on a thread of its own while the source
+                        // scans it for record boundaries, so the hash adds little wall time.
+                        let clone = file.try_clone().map_err(|e| input_io(&label, e))?;
+                        let l = label.clone();
+                        let hashing = std::thread::Builder::new()
+                            .name("drover-fingerprint".into())
+                            .spawn(move || {
+                                let started = std::time::Instant::now();
+                                crate::lineage::file_fingerprint(&clone, false, &l)
+                                    .map(|f| (f, started.elapsed()))
+                            })
+                            .map_err(|e| input_io(&label, e))?;
+                        let opened = CsvSource::open(file, path, batch_size, skip_rows, &label);
+                        let join = std::time::Instant::now();
+                        let (f, t) = hashing.join().unwrap_or_else(|_| {
+                            Err(PipelineError::transient(format!(
+                                "input {label}: fingerprinting panicked"
+                            )))
+                        })?;
+                        (took, waited) = (t, join.elapsed());
+                        (SourceKind::Csv(opened?), f)
                     }
                 };
+                // bench/lineage.sh reads this line to measure what fingerprinting costs.
+                tracing::debug!(
+                    input = %label,
+                    fingerprint_us = took.as_micros() as u64,
+                    waited_us = waited.as_micros() as u64,
+                    "input fingerprinted"
+                );
+                fingerprint = Some(f);
                 (kind, label)
             }
             InputKind::Postgres(pg) => {
@@ -242,6 +283,35 @@ impl Source {
                 (SourceKind::Postgres(src), label)
             }
         };
+        let fingerprint = match (fingerprint, &kind) {
+            (Some(f), _) => f,
+            (None, SourceKind::Synthetic { total, .. }) => {
+                Fingerprint::Synthetic { batches: *total }
+            }
+            (None, SourceKind::Postgres(p)) => Fingerprint::Postgres {
+                source: match &input.kind {
+                    InputKind::Postgres(pg) => {
+                        let filters: Vec<String> = pg
+                            .filters
+                            .iter()
+                            .map(|(c, v)| format!("{c} = {v:?}"))
+                            .collect();
+                        if filters.is_empty() {
+                            label.clone()
+                        } else {
+                            format!("{label} where {}", filters.join(" and "))
+                        }
+                    }
+                    _ => label.clone(),
+                },
+                rows: p.total_rows(),
+            },
+            (None, _) => {
+                return Err(PipelineError::permanent(format!(
+                    "input {label}: no fingerprint was taken"
+                )));
+            }
+        };
         let position = match &kind {
             SourceKind::Synthetic { next, .. } => *next as u64,
             SourceKind::Parquet(p) => skip_rows.min(p.total_rows),
@@ -255,7 +325,13 @@ impl Source {
             batch_size,
             position,
             label,
+            fingerprint,
         })
+    }
+
+    /// The input's identity as opened (see [`crate::lineage`]).
+    pub(crate) fn fingerprint(&self) -> &Fingerprint {
+        &self.fingerprint
     }
 
     /// Number of batches in the whole input (including skipped ones), when known.

@@ -452,6 +452,13 @@ impl Pipeline for Sql {
         plan(params, &references).map(|_| ())
     }
 
+    /// The query and its settings are params, which a key can never change; what can
+    /// change between two attempts is the SQL engine that runs them, so the version names
+    /// this pipeline's revision and drover's release.
+    fn version(&self, _params: &SqlParams) -> String {
+        format!("sql-1 (drover {})", env!("CARGO_PKG_VERSION"))
+    }
+
     fn input(&self, params: &SqlParams, _spec: &JobSpec) -> Result<Input, PipelineError> {
         let input = Input::file(&params.input);
         if format_of(&params.input) != Some(Format::Csv) {

@@ -776,7 +776,15 @@ fn batches_straddling_row_groups_agree_with_csv_and_replay_identically() {
     while let Some(b) = run.next_batch().unwrap() {
         replayed.push(b);
     }
-    assert_eq!(replayed, pq_batches[10..]);
+    // Same rows, parts and checksums; only the attempt that wrote them differs.
+    let expected: Vec<BatchOutcome> = pq_batches[10..]
+        .iter()
+        .map(|b| BatchOutcome {
+            attempt: 2,
+            ..b.clone()
+        })
+        .collect();
+    assert_eq!(replayed, expected);
 }
 
 #[test]

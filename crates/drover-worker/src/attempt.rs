@@ -4,8 +4,10 @@
 use crate::delivery::dead_letter;
 use crate::shared::{DbStop, Disposition, Shared};
 use drover_broker::Incoming;
-use drover_ledger::{BatchRecord, ClaimedJob, Completion, FailOutcome, HeldEnd};
-use drover_pipeline::{BatchOutcome, JobRun, JobSpec, PipelineError, Registry};
+use drover_ledger::{BatchRecord, ClaimedJob, Completion, FailOutcome, HeldEnd, IdentityRecord};
+use drover_pipeline::{
+    BatchOutcome, JobIdentity, JobRun, JobSpec, PipelineError, RecordedIdentity, Registry,
+};
 use serde_json::Value;
 use std::future::Future;
 use std::pin::{Pin, pin};
@@ -69,10 +71,28 @@ pub(crate) async fn run_attempt(
         output_root: shared.config.output_root.clone(),
     };
     let resume = job.batches_done.max(0) as u32;
+    // A resumed attempt checks the job's identity (pipeline version, input fingerprints)
+    // against what the first attempt recorded, before it runs a batch.
+    let recorded = if resume > 0 {
+        match shared
+            .db("identity", || shared.ledger.identity(job.id))
+            .await
+        {
+            Ok((pipeline_version, inputs)) => Some(RecordedIdentity {
+                pipeline_version,
+                inputs,
+            }),
+            Err(stop) => return stopped(shared, job, stop).await,
+        }
+    } else {
+        None
+    };
     // Opened by the first hop to the blocking pool, taken by the one that finishes.
     let mut slot = Slot {
         spec: Some(spec),
         run: None,
+        recorded,
+        resume,
     };
     // The input's batch count, known once the first hop opened it.
     let mut total: Option<i32> = None;
@@ -180,9 +200,12 @@ pub(crate) async fn run_attempt(
             }
         };
         let hop = match computed {
-            Ok((s, hop)) => {
+            Ok((s, mut hop)) => {
                 slot = s;
                 total = hop.total;
+                if let Some(id) = hop.identity.take() {
+                    cps.identity = Some(identity_record(&id));
+                }
                 hop
             }
             Err(e) => {
@@ -206,6 +229,10 @@ pub(crate) async fn run_attempt(
     if let Err(stop) = cps.flush(true, total).await {
         return stopped_at_checkpoint(shared, job, stop).await;
     }
+    // Recorded with the success when no checkpoint of this attempt carried it.
+    let identity = (!cps.identity_recorded)
+        .then(|| cps.identity.clone())
+        .flatten();
     let (done_here, final_batch) = cps.into_parts();
     let result = match result {
         Some(r) => r,
@@ -234,6 +261,7 @@ pub(crate) async fn run_attempt(
     let completion = Completion {
         final_batch: final_batch.as_ref().map(record_of),
         batches_total: total,
+        identity,
         ..Completion::of(job, result.clone())
     };
     match shared
@@ -261,6 +289,11 @@ pub(crate) async fn run_attempt(
 pub(crate) struct Slot {
     spec: Option<JobSpec>,
     run: Option<JobRun>,
+    /// What the job's first attempt recorded, checked once the job is open (resumed
+    /// attempts only).
+    recorded: Option<RecordedIdentity>,
+    /// Batches checkpointed before this attempt.
+    resume: u32,
 }
 
 /// What one hop to the blocking pool did.
@@ -274,6 +307,8 @@ pub(crate) struct Hop {
     result: Option<Value>,
     /// The input's batch count, when known.
     total: Option<i32>,
+    /// The job's identity, from the hop that opened it.
+    identity: Option<JobIdentity>,
 }
 
 impl Slot {
@@ -287,12 +322,20 @@ impl Slot {
         resume: u32,
         finish_with: Option<Vec<BatchOutcome>>,
     ) -> Result<Hop, PipelineError> {
+        let mut identity = None;
         if self.run.is_none() {
             let spec = self
                 .spec
                 .take()
                 .ok_or_else(|| PipelineError::transient("job run already finished"))?;
-            self.run = Some(registry.open(&spec, resume)?);
+            let run = registry.open(&spec, resume)?;
+            // Before any batch: a changed input or pipeline version must not be resumed.
+            if let Some(recorded) = self.recorded.take() {
+                run.identity()
+                    .check_resume(&spec.key, self.resume, &recorded)?;
+            }
+            identity = Some(run.identity().clone());
+            self.run = Some(run);
         }
         let Some(run) = self.run.as_mut() else {
             return Err(PipelineError::transient("job run already finished"));
@@ -300,6 +343,7 @@ impl Slot {
         let total = run.batches_total().map(|t| t as i32);
         let mut hop = Hop {
             total,
+            identity,
             ..Hop::default()
         };
         loop {
@@ -366,7 +410,10 @@ pub(crate) async fn gather_batches(
             index,
             BatchOutcome {
                 index,
+                first_row: r.first_row.and_then(|n| u64::try_from(n).ok()).unwrap_or(0),
                 rows,
+                rows_out: r.rows_out.and_then(|n| u64::try_from(n).ok()),
+                attempt: r.attempt.and_then(|n| u32::try_from(n).ok()).unwrap_or(0),
                 output: r.output,
                 checksum: r.checksum,
                 summary,
@@ -382,6 +429,9 @@ pub(crate) fn record_of(b: &BatchOutcome) -> BatchRecord {
     BatchRecord {
         batch_index: b.index as i32,
         rows: b.rows as i64,
+        first_row: i64::try_from(b.first_row).ok(),
+        rows_out: b.rows_out.and_then(|n| i64::try_from(n).ok()),
+        attempt: i32::try_from(b.attempt).ok(),
         output: b.output.clone(),
         checksum: b.checksum.clone(),
         summary: sqlx::types::Json(Value::Object(
@@ -390,6 +440,14 @@ pub(crate) fn record_of(b: &BatchOutcome) -> BatchRecord {
                 .map(|(k, v)| (k.clone(), Value::from(*v)))
                 .collect(),
         )),
+    }
+}
+
+/// What the ledger records of a job's identity.
+fn identity_record(id: &JobIdentity) -> IdentityRecord {
+    IdentityRecord {
+        pipeline_version: id.pipeline_version.clone(),
+        inputs: serde_json::to_value(&id.inputs).unwrap_or(Value::Null),
     }
 }
 
@@ -440,6 +498,12 @@ pub(crate) struct Checkpoints<'a> {
     pending: Vec<BatchOutcome>,
     in_flight: usize,
     commit: Option<Commit<'a>>,
+    /// The job's identity as this attempt opened it, recorded with its first checkpoint.
+    identity: Option<IdentityRecord>,
+    /// A commit of this attempt recorded `identity`.
+    identity_recorded: bool,
+    /// The commit under way carries `identity`.
+    identity_in_flight: bool,
 }
 
 impl<'a> Checkpoints<'a> {
@@ -451,6 +515,9 @@ impl<'a> Checkpoints<'a> {
             pending: Vec::new(),
             in_flight: 0,
             commit: None,
+            identity: None,
+            identity_recorded: false,
+            identity_in_flight: false,
         }
     }
 
@@ -477,12 +544,19 @@ impl<'a> Checkpoints<'a> {
         self.in_flight = n;
         let records: Vec<BatchRecord> = self.pending[..n].iter().map(record_of).collect();
         let (shared, job) = (self.shared, self.job);
-        self.commit = Some(Box::pin(checkpoint(shared, job, records, total)));
+        let identity = if self.identity_recorded {
+            None
+        } else {
+            self.identity.clone()
+        };
+        self.identity_in_flight = identity.is_some();
+        self.commit = Some(Box::pin(checkpoint(shared, job, records, total, identity)));
     }
 
     /// The commit under way succeeded.
     fn committed(&mut self) {
         self.commit = None;
+        self.identity_recorded |= self.identity_in_flight;
         self.done.extend(self.pending.drain(..self.in_flight));
         self.in_flight = 0;
     }
@@ -518,13 +592,14 @@ pub(crate) async fn checkpoint(
     job: &ClaimedJob,
     records: Vec<BatchRecord>,
     total: Option<i32>,
+    identity: Option<IdentityRecord>,
 ) -> Result<bool, CheckpointStop> {
     let worker = shared.config.worker_id.as_str();
     match shared
         .db("checkpoint", || {
             shared
                 .ledger
-                .checkpoint_batches(job, worker, &records, total)
+                .checkpoint_batches_with(job, worker, &records, total, identity.as_ref())
         })
         .await
     {

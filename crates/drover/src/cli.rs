@@ -120,6 +120,11 @@ pub enum Command {
     /// Serve the web dashboard: overview, jobs, job detail (live), retry/cancel with the
     /// admin token, JSON under /api/.
     Dashboard(crate::dashboard::DashboardArgs),
+    /// Which part holds input row N of a job (`--row N`), or the job's whole lineage.
+    Lineage(crate::lineage::LineageArgs),
+    /// Re-hash jobs' output parts against their manifest and the ledger and reconcile row
+    /// counts; names the first batch that disagrees and exits 1 on any mismatch.
+    Verify(crate::lineage::VerifyArgs),
     /// Demo helpers.
     #[command(subcommand)]
     Demo(crate::demo::DemoCommand),
@@ -186,6 +191,8 @@ pub async fn dispatch(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> 
         Command::Doctor(args) => crate::doctor::run(&ctx, args).await,
         Command::Stats(args) => crate::jobs::stats(&ctx, args).await,
         Command::Pipelines(args) => crate::pipelines::run(&ctx, args),
+        Command::Lineage(args) => crate::lineage::lineage(&ctx, args).await,
+        Command::Verify(args) => crate::lineage::verify(&ctx, args).await,
         Command::Demo(cmd) => crate::demo::run(cmd).await,
         Command::Dashboard(args) => crate::dashboard::run(&ctx, args).await,
     }

@@ -28,7 +28,8 @@ pub enum JobsCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Show one job with its attempt history.
+    /// Show one job with its attempt history and lineage (pipeline version, input
+    /// fingerprints, and per batch: input rows, rows out, part, SHA-256, attempt).
     Show {
         /// Idempotency key.
         key: String,
@@ -52,10 +53,17 @@ pub enum JobsCommand {
         /// Idempotency key.
         key: String,
     },
-    /// Re-drive a dead, rejected or cancelled job (attempt numbers continue).
+    /// Re-drive a dead, rejected or cancelled job (attempt numbers continue). It resumes
+    /// after its last checkpoint unless --from-scratch.
     Retry {
         /// Idempotency key.
         key: String,
+        /// Start over: delete the job's output parts and manifest (at the paths the worker
+        /// recorded; run this where the worker runs) and its checkpoints, and forget its
+        /// recorded input fingerprints and pipeline version. The way out after the job died
+        /// because its input or pipeline version changed.
+        #[arg(long)]
+        from_scratch: bool,
     },
 }
 
@@ -87,10 +95,12 @@ pub async fn run(ctx: &Context, cmd: JobsCommand) -> anyhow::Result<ExitCode> {
         JobsCommand::Show { key, json } => {
             let job = ledger.get(&key).await?;
             let attempts = ledger.attempts(job.id).await?;
+            let lineage = crate::lineage::Lineage::load(&ledger, &job).await?;
             let output = output_of(ctx, &job);
             if json {
                 let mut v = job_json(&job);
                 v["attempt_history"] = serde_json::to_value(&attempts)?;
+                v["lineage"] = lineage.json();
                 v["output"] = output.as_ref().map_or(
                     serde_json::Value::Null,
                     |o| json!({"dir": o.dir, "manifest": o.manifest, "status": o.status}),
@@ -102,6 +112,7 @@ pub async fn run(ctx: &Context, cmd: JobsCommand) -> anyhow::Result<ExitCode> {
                     println!("output:     {}", o.dir.display());
                     println!("            {}", o.status);
                 }
+                lineage.print(false);
             }
             ExitCode::SUCCESS
         }
@@ -119,14 +130,64 @@ pub async fn run(ctx: &Context, cmd: JobsCommand) -> anyhow::Result<ExitCode> {
             }
             ExitCode::SUCCESS
         }
-        JobsCommand::Retry { key } => {
-            ledger.redrive(&key).await?;
-            println!("{key}: scheduled for another attempt");
+        JobsCommand::Retry { key, from_scratch } => {
+            if from_scratch {
+                retry_from_scratch(&ledger, &key).await?;
+            } else {
+                ledger.redrive(&key).await?;
+                println!("{key}: scheduled for another attempt");
+            }
             ExitCode::SUCCESS
         }
     };
     ledger.close().await;
     Ok(code)
+}
+
+/// `jobs retry KEY --from-scratch`: removes the output the checkpoints recorded (while the
+/// job cannot run: it must be dead, rejected or cancelled), then resets the job in the
+/// ledger so its next attempt starts at batch 0.
+async fn retry_from_scratch(ledger: &Ledger, key: &str) -> anyhow::Result<()> {
+    let job = ledger.get(key).await?;
+    if !matches!(
+        job.state,
+        JobState::Dead | JobState::Rejected | JobState::Cancelled
+    ) {
+        anyhow::bail!(
+            "{key}: {}: only dead, rejected or cancelled jobs can be retried",
+            job.state
+        );
+    }
+    let mut dirs = std::collections::BTreeSet::new();
+    let mut removed = 0usize;
+    for b in ledger.checkpoints(job.id).await? {
+        let Some(part) = b.output else { continue };
+        let path = std::path::PathBuf::from(&part);
+        if let Some(d) = path.parent() {
+            dirs.insert(d.to_path_buf());
+        }
+        match std::fs::remove_file(&path) {
+            Ok(()) => removed += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => anyhow::bail!("{key}: removing part {part}: {e}; nothing was reset"),
+        }
+    }
+    for d in &dirs {
+        match std::fs::remove_file(d.join(drover_pipeline::MANIFEST)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => anyhow::bail!(
+                "{key}: removing {}: {e}; nothing was reset",
+                d.join(drover_pipeline::MANIFEST).display()
+            ),
+        }
+    }
+    let checkpoints = ledger.redrive_from_scratch(key).await?;
+    println!(
+        "{key}: scheduled to start over from batch 0 ({checkpoints} checkpoints discarded, \
+         {removed} output parts removed)"
+    );
+    Ok(())
 }
 
 /// The documented JSON shape of a job (RFC 3339 times).
@@ -180,20 +241,7 @@ struct OutputView {
 /// (`DROVER_OUTPUT_ROOT`, then `[worker] output_root`, then `./drover-output`), or the
 /// pipeline's own `output` param; `None` for pipelines without output or unknown here.
 fn output_of(ctx: &Context, job: &JobView) -> Option<OutputView> {
-    let root = std::env::var_os("DROVER_OUTPUT_ROOT")
-        .map(std::path::PathBuf::from)
-        .or_else(|| ctx.file.worker.output_root.clone())
-        .unwrap_or_else(|| std::path::PathBuf::from(drover_worker::DEFAULT_OUTPUT_ROOT));
-    let spec = drover_pipeline::JobSpec {
-        key: job.idempotency_key.clone(),
-        pipeline: job.pipeline.clone(),
-        params: job.params.0.clone(),
-        batch_size: None,
-        attempt: 1,
-        output_root: root,
-    };
-    let dir = ctx.registry.output_dir(&spec).ok()??;
-    let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
+    let dir = output_dir_here(ctx, job)?;
     let manifest = dir.join(drover_pipeline::MANIFEST).is_file();
     let status = if manifest {
         "complete: _manifest.json is written (it lists every part)".to_string()
@@ -216,6 +264,25 @@ fn output_of(ctx: &Context, job: &JobView) -> Option<OutputView> {
         manifest,
         status,
     })
+}
+
+/// The job's output directory as this host's worker configuration resolves it; `None` for
+/// pipelines without output or unknown here.
+pub(crate) fn output_dir_here(ctx: &Context, job: &JobView) -> Option<std::path::PathBuf> {
+    let root = std::env::var_os("DROVER_OUTPUT_ROOT")
+        .map(std::path::PathBuf::from)
+        .or_else(|| ctx.file.worker.output_root.clone())
+        .unwrap_or_else(|| std::path::PathBuf::from(drover_worker::DEFAULT_OUTPUT_ROOT));
+    let spec = drover_pipeline::JobSpec {
+        key: job.idempotency_key.clone(),
+        pipeline: job.pipeline.clone(),
+        params: job.params.0.clone(),
+        batch_size: None,
+        attempt: 1,
+        output_root: root,
+    };
+    let dir = ctx.registry.output_dir(&spec).ok()??;
+    Some(std::fs::canonicalize(&dir).unwrap_or(dir))
 }
 
 fn print_table(jobs: &[JobView]) {

@@ -23,6 +23,7 @@ mod demo;
 mod doctor;
 mod jobs;
 mod limits;
+mod lineage;
 mod logging;
 mod pipelines;
 mod prune;
@@ -31,8 +32,8 @@ mod run;
 mod schedules;
 
 pub use drover_pipeline::{
-    BatchContext, BatchOutcome, ErrorKind, Input, JobSpec, Output, ParamReader, Pipeline,
-    PipelineError, Registry, Summary, noop, payroll,
+    BatchContext, BatchOutcome, ErrorKind, Input, JobSpec, Output, OutputColumn, OutputSchema,
+    ParamReader, Pipeline, PipelineError, Registry, Summary, noop, payroll,
 };
 
 use clap::Parser;

@@ -1,5 +1,6 @@
 use drover::{
-    BatchContext, Input, JobSpec, ParamReader, Pipeline, PipelineError, Registry, Summary,
+    BatchContext, Input, JobSpec, OutputSchema, ParamReader, Pipeline, PipelineError, Registry,
+    Summary,
 };
 use polars::prelude::*;
 use serde_json::Value;
@@ -17,6 +18,20 @@ impl Pipeline for Invoices {
     type Reference = LazyFrame;
     fn name(&self) -> &'static str {
         "invoices"
+    }
+    /// Bump with any change to how tax is computed: a job never resumes under another.
+    fn version(&self, _: &Params) -> String {
+        "invoices-1".into()
+    }
+    fn output_schema(&self, _: &Params) -> Option<OutputSchema> {
+        Some(
+            OutputSchema::new()
+                .column("customer", DataType::String)
+                .column("region", DataType::String)
+                .column("cents", DataType::Int64)
+                .column("rate_bp", DataType::Int64)
+                .column("tax_cents", DataType::Int64),
+        )
     }
     fn validate(&self, params: &Value) -> Result<Params, PipelineError> {
         let mut r = ParamReader::new(self.name(), params)?;

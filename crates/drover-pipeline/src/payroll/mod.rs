@@ -76,6 +76,9 @@ pub const INPUT_COLUMNS: [(&str, bool); 15] = [
     ("ytd_retirement_cents", true),
 ];
 
+/// The version of the payroll formulas and reference tables (see [`Pipeline::version`]).
+pub const VERSION: &str = "payroll-2026.1";
+
 /// Money columns of the output (all i64 cents), in output order.
 pub const MONEY_COLUMNS: [&str; 9] = [
     "gross",
@@ -218,6 +221,25 @@ impl Pipeline for Payroll {
             ],
             result: "{\"rows\": employees, \"total_gross\": ..., \"total_net\": ...}: rows, and the sum over every employee of each money column as total_<column> (i64 cents)",
         })
+    }
+
+    /// The payroll formulas' version (docs/payroll.md): bump it with any change that alters
+    /// a cent of output for the same input and reference tables.
+    fn version(&self, _params: &PayrollParams) -> String {
+        VERSION.to_string()
+    }
+
+    /// `employee_id`, `client_id`, `period`, then every money column as i64 cents; no
+    /// nulls anywhere.
+    fn output_schema(&self, _params: &PayrollParams) -> Option<crate::OutputSchema> {
+        let mut schema = crate::OutputSchema::new()
+            .column("employee_id", DataType::Int64)
+            .column("client_id", DataType::String)
+            .column("period", DataType::String);
+        for name in MONEY_COLUMNS {
+            schema = schema.column(name, DataType::Int64);
+        }
+        Some(schema)
     }
 
     fn validate(&self, params: &Value) -> Result<PayrollParams, PipelineError> {

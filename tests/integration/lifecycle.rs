@@ -574,3 +574,38 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// A worker that received a delayed job early defers it (run_at kept in the ledger,
+/// enqueued_at cleared so the relay publishes it when due). When the producer's confirm is
+/// recorded after that deferral (a fast worker, a slow confirm), `drover.mark_published` must
+/// not mark the job again: that race once left a delayed job waiting a minute for the
+/// lost-message sweep. A due job is still marked.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_late_confirm_does_not_unschedule_a_deferred_job() {
+    let env = TestEnv::new().await;
+    env.publish_noop("deferred", &["--delay", "1h"]);
+    env.publish_noop("due", &[]);
+    // What a worker's deferral does, then what a late confirm does, to both jobs.
+    sqlx::query(
+        "UPDATE drover.jobs SET enqueued_at = NULL, \
+         run_at = CASE idempotency_key WHEN 'deferred' THEN now() + interval '1 hour' END",
+    )
+    .execute(&env.pool)
+    .await
+    .expect("defer");
+    sqlx::query("SELECT drover.mark_published(array_agg(id)) FROM drover.jobs")
+        .execute(&env.pool)
+        .await
+        .expect("mark_published");
+    let marked: Vec<(String, bool)> = sqlx::query_as(
+        "SELECT idempotency_key, enqueued_at IS NOT NULL FROM drover.jobs ORDER BY 1",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .expect("rows");
+    assert_eq!(
+        marked,
+        [("deferred".to_string(), false), ("due".to_string(), true)],
+        "a late confirm must leave the deferred job to the relay and mark the due one"
+    );
+}

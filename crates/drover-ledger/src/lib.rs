@@ -27,6 +27,7 @@ mod publish;
 mod read;
 mod relay;
 mod rescue;
+mod roles;
 mod transitions;
 
 pub use dashboard::{
@@ -40,6 +41,7 @@ pub use publish::{EnqueueJob, InsertOutcome, NewJob, enqueue};
 pub use read::{AttemptView, DurationStats, JobFilter, JobProgress, JobView, StateCount};
 pub use relay::{DueJob, ENQUEUE_CHANNEL, RelaySweep};
 pub use rescue::{LedgerDrift, Rescued};
+pub use roles::{RoleGrants, RoleNames, quote_role};
 pub use transitions::{
     BatchRecord, Claim, ClaimedJob, Completion, FailOutcome, HeldEnd, LeaseLost, LeaseSeen,
 };

@@ -456,7 +456,8 @@ else:
     check("pg_isready" in hc("postgres"), "compose: postgres healthcheck is pg_isready",
           f"compose: postgres healthcheck {hc('postgres')!r}")
     m = services.get("migrate", {}) or {}
-    check(m.get("command") in (["migrate"], "migrate") and str(m.get("restart")) == "no"
+    mcmd = m.get("command")
+    check((mcmd == "migrate" or (isinstance(mcmd, list) and mcmd[:1] == ["migrate"])) and str(m.get("restart")) == "no"
           and depends("migrate").get("postgres") == "service_healthy",
           "compose: migrate runs `drover migrate` once, after postgres is healthy",
           f"compose: migrate needs command [migrate], restart \"no\", depends_on postgres service_healthy")

@@ -718,3 +718,109 @@ async fn url_files_are_checked_and_named() {
     );
     assert!(out.status.success(), "{}", stderr(&out));
 }
+
+/// A raw HTTP/1.0 POST with a bearer token; returns the status.
+fn http_post_bearer(addr: &str, path: &str, token: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect dashboard");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(
+        s,
+        "POST {path} HTTP/1.0\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\
+         Content-Length: 0\r\n\r\n"
+    )
+    .expect("write");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("read");
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, text)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_dashboard_role_acts_only_with_dashboard_actions() {
+    let id = &uuid::Uuid::new_v4().simple().to_string()[..10];
+    let group = |part: &str| format!("secd_{id}_{part}");
+    let dash_login = format!("secd_{id}_login");
+    let _roles = Roles(vec![
+        dash_login.clone(),
+        group("worker"),
+        group("producer"),
+        group("dashboard"),
+    ]);
+    let env = TestEnv::new().await;
+    let migrate_roles = |extra: &[&str]| {
+        let (w, p, d) = (group("worker"), group("producer"), group("dashboard"));
+        let mut args = vec![
+            "migrate",
+            "--roles",
+            "--worker-role",
+            &w,
+            "--producer-role",
+            &p,
+            "--dashboard-role",
+            &d,
+        ];
+        args.extend_from_slice(extra);
+        let out = env.drover(&args);
+        assert!(out.status.success(), "migrate --roles: {}", stderr(&out));
+    };
+    migrate_roles(&[]);
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "CREATE ROLE \"{dash_login}\" LOGIN IN ROLE \"{}\"",
+        group("dashboard")
+    )))
+    .execute(&env.pool)
+    .await
+    .expect("create login role");
+    for key in ["act-1", "act-2"] {
+        let queued: bool = sqlx::query_scalar("SELECT drover.enqueue($1, 'noop')")
+            .bind(key)
+            .fetch_one(&env.pool)
+            .await
+            .expect("enqueue");
+        assert!(queued);
+    }
+    let token = "dashboard-admin-token-for-the-test";
+    let start = || {
+        let p = Proc(Worker::spawn({
+            let mut c =
+                env.command(&["dashboard", "--addr", "127.0.0.1:0", "--admin-token", token]);
+            c.env("DATABASE_URL", url_with_user(&env.db_url, &dash_login, "x"));
+            c
+        }));
+        let line = p.0.wait_log("dashboard listening", T);
+        let v: Value = serde_json::from_str(&line).expect("JSON log line");
+        let addr = v["addr"]
+            .as_str()
+            .or_else(|| v["fields"]["addr"].as_str())
+            .unwrap_or_else(|| panic!("no addr in {line}"))
+            .to_string();
+        (p, addr)
+    };
+
+    // Read-only grants: the cancel is refused by Postgres, the job stays queued.
+    let (dash, addr) = start();
+    let (status, reply) = http_post_bearer(&addr, "/api/jobs/act-1/cancel", token);
+    assert!(status >= 400, "cancel with a read-only role: {reply}");
+    assert_eq!(env.state("act-1").await.as_deref(), Some("queued"));
+    drop(dash);
+
+    // With --dashboard-actions the same dashboard may cancel, and the action is recorded.
+    migrate_roles(&["--dashboard-actions"]);
+    let (dash, addr) = start();
+    let (status, reply) = http_post_bearer(&addr, "/api/jobs/act-2/cancel", token);
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(env.state("act-2").await.as_deref(), Some("cancelled"));
+    let recorded: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM drover.actions WHERE 'act-2' = ANY(keys)")
+            .fetch_one(&env.pool)
+            .await
+            .expect("actions");
+    assert_eq!(recorded, 1);
+    drop(dash);
+}

@@ -824,3 +824,95 @@ async fn the_dashboard_role_acts_only_with_dashboard_actions() {
     assert_eq!(recorded, 1);
     drop(dash);
 }
+
+/// `openssl s_server` on `port` with the test CA's server certificate: an HTTPS endpoint that
+/// prints what a client sends. Lines arrive on the receiver; killed on drop.
+struct TlsEcho {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl TlsEcho {
+    fn start(dir: &Path, port: u16) -> TlsEcho {
+        use std::io::BufRead;
+        let mut child = Command::new("openssl")
+            .args(["s_server", "-accept", &format!("127.0.0.1:{port}"), "-cert"])
+            .arg(dir.join("server.pem"))
+            .arg("-key")
+            .arg(dir.join("server.key"))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("openssl s_server");
+        let out = child.stdout.take().expect("stdout");
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+        let echo = TlsEcho { child, lines };
+        echo.wait_for("ACCEPT");
+        echo
+    }
+
+    /// Waits (bounded) for a line containing `needle`; false when none came.
+    fn saw(&self, needle: &str, timeout: Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) if l.contains(needle) => return true,
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
+    }
+
+    fn wait_for(&self, needle: &str) {
+        assert!(
+            self.saw(needle, T),
+            "openssl s_server printed no {needle:?}"
+        );
+    }
+}
+
+impl Drop for TlsEcho {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn otlp_exports_over_https_trusting_the_configured_ca() {
+    let env = TestEnv::new().await;
+    make_certs(env.dir.path(), "");
+    make_certs(env.dir.path(), "other-");
+    let publish = |key: &str, ca: &str| {
+        let mut c = env.command(&["publish", "--pipeline", "noop", "--key", key]);
+        c.env("OTEL_EXPORTER_OTLP_ENDPOINT", "https://127.0.0.1:5718")
+            .env("OTEL_EXPORTER_OTLP_CERTIFICATE", env.path(ca))
+            .env("OTEL_EXPORTER_OTLP_TIMEOUT", "2000");
+        let out = run_bounded(c, T);
+        assert!(out.status.success(), "publish: {}", stderr(&out));
+    };
+
+    let echo = TlsEcho::start(env.dir.path(), 5718);
+    publish("otlp-1", "ca.pem");
+    assert!(
+        echo.saw("POST /v1/traces", T),
+        "no OTLP request arrived over TLS"
+    );
+    drop(echo);
+
+    // A CA that did not sign the collector's certificate: the handshake fails, nothing is
+    // sent (and publishing is not affected).
+    let echo = TlsEcho::start(env.dir.path(), 5718);
+    publish("otlp-2", "other-ca.pem");
+    assert!(
+        !echo.saw("POST /v1/traces", Duration::from_secs(3)),
+        "an OTLP request arrived although the collector's certificate is not trusted"
+    );
+}

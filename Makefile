@@ -25,7 +25,7 @@ export DROVER_TEST_AMQP_URL DROVER_TEST_DATABASE_URL
 # Test runner: cargo-nextest when installed (NEXTEST=auto), or force it with NEXTEST=1 / 0.
 NEXTEST ?= auto
 
-.PHONY: help services browser build build-dev lint fmt check-deploy deny test test-python test-outage migrate demo clean-demo bench bench-dashboard dashboard-screenshots
+.PHONY: help services browser build build-dev lint fmt check-deploy deny test test-python test-outage test-cluster migrate demo clean-demo bench bench-dashboard dashboard-screenshots
 
 help: ## list the targets
 	@echo 'usage: make <target>   (builds in $(CARGO_TARGET_DIR))'
@@ -87,11 +87,21 @@ test-python: services build-dev ## the Python client (clients/python): ruff, myp
 	exit $$rc
 
 test-outage: services ## the outage tests: they stop the shared RabbitMQ/Postgres, so they run alone
-	$(CARGO) test -p drover --test integration outage:: -- --ignored --test-threads=1
+	@# --workspace, not -p drover: the feature set of `make test`'s build (see build-dev).
+	$(CARGO) test --workspace --test integration outage:: -- --ignored --test-threads=1
+
+test-cluster: services ## three private RabbitMQ nodes (ports 5731-5733) clustered; a worker fails over when its node stops
+	@# --workspace, not -p drover: the same feature set as `make test`'s build, so polars is
+	@# not compiled a second time.
+	$(CARGO) test --workspace --test integration cluster:: -- --ignored --test-threads=1
 	scripts/ensure-services.sh
 
-build-dev: ## build the dev-profile binary that demo and migrate run
-	$(CARGO) build -p drover
+build-dev: ## build the dev-profile binary that demo and migrate run, with every test target
+	@# Every target, not just -p drover: a build without the dev-dependencies resolves other
+	@# features for shared crates (syn's "fold", through the browser tests' dependencies),
+	@# which rebuilds polars and everything else a second time; this way demo, the test run and
+	@# test-python share one build.
+	$(CARGO) build --workspace --all-targets
 
 migrate: build-dev ## create the ledger database if absent and apply migrations (drover migrate)
 	$(DROVER) migrate

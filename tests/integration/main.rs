@@ -10,6 +10,7 @@ mod support;
 pub const BIN: &str = env!("CARGO_BIN_EXE_drover");
 
 mod cli;
+mod cluster;
 mod core;
 mod dashboard;
 mod exec;

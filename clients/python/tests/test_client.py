@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import time
 from pathlib import Path
 
@@ -34,6 +35,28 @@ def test_publish_wait_and_read(env: Env) -> None:
         info = c.job("py-1")
         assert info is not None and info.batches_done == 3 and info.id == out.id
         assert c.job("absent") is None
+
+
+def test_publish_fails_over_to_the_next_broker_address(env: Env) -> None:
+    # A port nobody listens on first (a stopped node), then the real broker.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead_port = s.getsockname()[1]
+    dead = f"amqp://guest:n0t-shown@127.0.0.1:{dead_port}/%2f"
+    env.start_worker()
+    with Client(
+        amqp_url=f"{dead},{env.amqp_url}",
+        database_url=env.database_url,
+        namespace=env.namespace,
+    ) as c:
+        assert c.publish("py-failover", "noop").status == "published"
+        [job] = c.wait(["py-failover"], timeout=60)
+        assert job.succeeded, job
+    with Client(amqp_url=dead, database_url=env.database_url, namespace=env.namespace) as c:
+        with pytest.raises(drover.DroverError) as e:
+            c.publish("py-nobroker", "noop")
+        assert f"127.0.0.1:{dead_port}" in str(e.value)
+        assert "n0t-shown" not in str(e.value)
 
 
 def test_same_request_exists_different_request_conflicts(env: Env) -> None:

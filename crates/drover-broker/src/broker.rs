@@ -234,16 +234,18 @@ impl Broker {
                 .await
                 .map_err(|e| self.declare_error(&object, "a durable direct exchange", &e))?;
         }
-        channel
+        if let Err(e) = channel
             .queue_declare(
                 short("queue name", &dead)?,
                 durable_queue,
                 topo.dead_queue_arguments(),
             )
             .await
-            .map_err(|e| {
-                self.declare_error(&format!("queue {dead}"), "a durable quorum queue", &e)
-            })?;
+        {
+            return Err(self
+                .queue_declare_error(&dead, "a durable quorum queue", &e)
+                .await);
+        }
         channel
             .queue_bind(
                 short("queue name", &dead)?,
@@ -254,22 +256,22 @@ impl Broker {
             )
             .await
             .map_err(|e| self.op_error(format!("bind queue {dead} to exchange {dlx}"), &e))?;
-        channel
+        if let Err(e) = channel
             .queue_declare(
                 short("queue name", &jobs)?,
                 durable_queue,
                 topo.jobs_queue_arguments(),
             )
             .await
-            .map_err(|e| {
-                let expected = format!(
-                    "a durable quorum queue with x-delivery-limit {} that dead-letters to \
-                     exchange {dlx} with routing key {}",
-                    topo.delivery_limit,
-                    topo.dead_routing_key()
-                );
-                self.declare_error(&format!("queue {jobs}"), &expected, &e)
-            })?;
+        {
+            let expected = format!(
+                "a durable quorum queue with x-delivery-limit {} that dead-letters to \
+                 exchange {dlx} with routing key {}",
+                topo.delivery_limit,
+                topo.dead_routing_key()
+            );
+            return Err(self.queue_declare_error(&jobs, &expected, &e).await);
+        }
         channel
             .queue_bind(
                 short("queue name", &jobs)?,
@@ -485,6 +487,81 @@ impl Broker {
         }
     }
 
+    /// [`Broker::declare_error`] for a queue, which also finds out the existing queue's type
+    /// when it is not a quorum queue: RabbitMQ names only the first argument that differs
+    /// (for a classic queue, usually `x-dead-letter-exchange`), so the error would not say
+    /// that the queue is of the wrong type, the one difference that cannot be fixed in place.
+    async fn queue_declare_error(
+        &self,
+        queue: &str,
+        expected: &str,
+        e: &lapin::Error,
+    ) -> BrokerError {
+        let err = self.declare_error(&format!("queue {queue}"), expected, e);
+        if !is_precondition_failed(e) {
+            return err;
+        }
+        match (self.existing_queue_type(queue).await, err) {
+            (
+                Some((current, untyped)),
+                BrokerError::TopologyMismatch {
+                    object,
+                    endpoint,
+                    detail,
+                    ..
+                },
+            ) => {
+                let hint = queue_type_hint(queue, &current, untyped, expected);
+                BrokerError::TopologyMismatch {
+                    object,
+                    endpoint,
+                    detail,
+                    hint,
+                }
+            }
+            (_, err) => err,
+        }
+    }
+
+    /// The type of existing queue `queue` when it is not `quorum` (`None` when it is, or when
+    /// the broker does not say), and whether it has no `x-queue-type` argument at all. Declares it, on a channel of its own, with nothing but
+    /// `x-queue-type: quorum`: every other argument is then absent on both sides, so a
+    /// PRECONDITION_FAILED can only name `x-queue-type`, with the existing value (`none`
+    /// for a queue declared without one: classic, the default type).
+    async fn existing_queue_type(&self, queue: &str) -> Option<(String, bool)> {
+        let channel = self.open_channel("probe the queue's type").await.ok()?;
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-queue-type".into(),
+            lapin::types::AMQPValue::LongString("quorum".into()),
+        );
+        let probe = channel
+            .queue_declare(
+                short("queue name", queue).ok()?,
+                QueueDeclareOptions {
+                    durable: true,
+                    ..QueueDeclareOptions::default()
+                },
+                args,
+            )
+            .await;
+        let Err(e) = probe else {
+            if let Err(e) = channel.close(200, "OK".into()).await {
+                debug!(error = %describe(&e), "closing the probe channel");
+            }
+            return None;
+        };
+        let detail = describe(&e);
+        if !detail.contains("inequivalent arg 'x-queue-type'") {
+            return None;
+        }
+        let untyped = detail.trim_end().ends_with("current is none");
+        Some((
+            current_value(&detail).unwrap_or("classic").to_string(),
+            untyped,
+        ))
+    }
+
     fn declare_error(&self, object: &str, expected: &str, e: &lapin::Error) -> BrokerError {
         if !is_precondition_failed(e) {
             return self.op_error(format!("declare {object}"), e);
@@ -523,6 +600,12 @@ fn mismatch_hint(object: &str, expected: &str, detail: &str) -> String {
     let Some(arg) = arg else {
         return format!("{expected}; {remedy}");
     };
+    if arg == "x-queue-type" {
+        // A queue declared without the argument is of the broker's default type, classic.
+        let current = current_value(detail).unwrap_or("classic");
+        let untyped = detail.trim_end().ends_with("current is none");
+        return queue_type_hint(name, current, untyped, &expected);
+    }
     if detail.trim_end().ends_with("current is none") {
         return format!(
             "the existing {kind} has no {arg} argument, so it was not declared by drover (a \
@@ -530,10 +613,6 @@ fn mismatch_hint(object: &str, expected: &str, detail: &str) -> String {
         );
     }
     match arg {
-        "x-queue-type" => format!(
-            "it is not a quorum queue, and a queue's type cannot be changed in place; \
-             {expected}; {remedy}"
-        ),
         "x-delivery-limit" => format!(
             "it was declared with another delivery limit: give every producer and worker of \
              this namespace the same delivery limit, or {remedy}"
@@ -547,9 +626,53 @@ fn mismatch_hint(object: &str, expected: &str, detail: &str) -> String {
     }
 }
 
+/// The hint for queue `name` found to be of type `current` where drover declares a quorum
+/// queue: it names both types, since a queue's type is the one difference that cannot be
+/// changed in place. `untyped`: the queue has no `x-queue-type` argument at all.
+fn queue_type_hint(name: &str, current: &str, untyped: bool, expected: &str) -> String {
+    let origin = if untyped {
+        " (it has no x-queue-type argument, so it was not declared by drover)"
+    } else {
+        ""
+    };
+    let expected = expected
+        .strip_prefix("drover declares it as ")
+        .unwrap_or(expected);
+    format!(
+        "{name} is a {current} queue{origin} and drover needs a quorum queue (replicated on \
+         the cluster's nodes, with a native delivery limit); a queue's type cannot be changed \
+         in place, so drain it and delete it (`rabbitmqctl delete_queue {name}`) so drover \
+         can recreate it as {expected}, or use another --namespace"
+    )
+}
+
+/// The existing object's value in the broker's `… but current is the value 'X' of type …`
+/// (or `… current is 'X'`); `None` when it says `current is none` or something else.
+fn current_value(detail: &str) -> Option<&str> {
+    let (_, current) = detail.split_once("but current is ")?;
+    let current = current.strip_prefix("the value ").unwrap_or(current);
+    let quoted = current.strip_prefix('\'')?;
+    quoted.split_once('\'').map(|(v, _)| v)
+}
+
 #[cfg(test)]
 mod tests {
     use super::mismatch_hint;
+
+    #[test]
+    fn queue_type_hints_name_both_types() {
+        let exp = "a durable quorum queue";
+        let d = "PRECONDITION_FAILED - inequivalent arg 'x-queue-type' for queue 'n.jobs' in vhost '/': received the value 'quorum' of type 'longstr' but current is none";
+        let h = mismatch_hint("queue n.jobs", exp, d);
+        assert!(
+            h.starts_with("n.jobs is a classic queue (it has no x-queue-type argument"),
+            "{h}"
+        );
+        assert!(h.contains("drover needs a quorum queue"), "{h}");
+        let d = "PRECONDITION_FAILED - inequivalent arg 'x-queue-type' for queue 'n.jobs' in vhost '/': received the value 'quorum' of type 'longstr' but current is the value 'stream' of type 'longstr'";
+        let h = mismatch_hint("queue n.jobs", exp, d);
+        assert!(h.starts_with("n.jobs is a stream queue and drover"), "{h}");
+    }
 
     #[test]
     fn hints_name_the_argument() {

@@ -110,8 +110,21 @@ pub(crate) fn percent_decode(s: &str) -> Option<String> {
 ///
 /// Operators need to see which broker a worker talks to; they must never see its password.
 /// A URL that cannot be parsed yields `<unparseable AMQP URL>` rather than echoing it, since
-/// the unparseable text may well contain the password.
+/// the unparseable text may well contain the password. A list of a cluster's addresses
+/// (comma-separated, see [`crate::BrokerAddresses`]) is shown address by address, joined by
+/// `, `.
 pub fn redact_url(url: &str) -> String {
+    if url.contains(crate::ADDRESS_SEPARATOR) {
+        return url
+            .split(crate::ADDRESS_SEPARATOR)
+            .map(|one| redact_one(one.trim()))
+            .collect::<Vec<_>>()
+            .join(", ");
+    }
+    redact_one(url)
+}
+
+fn redact_one(url: &str) -> String {
     match Endpoint::parse(url) {
         Ok(e) => e.to_string(),
         Err(_) => "<unparseable AMQP URL>".to_string(),
@@ -141,6 +154,18 @@ mod tests {
         assert_eq!(redact_url("amqps://h"), "h:5671 (vhost /, TLS)");
         assert_eq!(redact_url("amqp://[::1]:5673/v"), "[::1]:5673 (vhost v)");
         assert_eq!(redact_url("amqp://"), "localhost:5672 (vhost /)");
+    }
+
+    #[test]
+    fn lists_are_shown_node_by_node() {
+        assert_eq!(
+            redact_url("amqp://g:pw1@r1:5731/%2f, amqp://g:pw1@r2:5732/%2f"),
+            "r1:5731 (vhost /), r2:5732 (vhost /)"
+        );
+        assert_eq!(
+            redact_url("amqp://r1,http://u:hunter2@x"),
+            "r1:5672 (vhost /), <unparseable AMQP URL>"
+        );
     }
 
     #[test]

@@ -12,13 +12,18 @@
 //! * [`JobConsumer`] yields [`Incoming`] deliveries under `basic.qos(prefetch)`, each acked
 //!   or requeued explicitly.
 //!
+//! * [`BrokerAddresses`] holds the addresses of a cluster's nodes and connects to the first
+//!   that answers, so a caller fails over to another node when its own goes away.
+//!
 //! There is no automatic reconnection here: when the connection goes, the consumer ends and
-//! the caller builds a new [`Broker`], redeclares and resumes, with its own backoff. Every
+//! the caller builds a new [`Broker`] (through [`BrokerAddresses::connect`], on the next
+//! node), redeclares and resumes, with its own backoff. Every
 //! error is a [`BrokerError`] that names the broker as `host:port (vhost …)` (see
 //! [`redact_url`]) and never its password.
 
 #![warn(missing_docs)]
 
+mod addresses;
 mod broker;
 mod consumer;
 mod endpoint;
@@ -28,6 +33,7 @@ pub mod tls;
 mod topology;
 pub mod trace;
 
+pub use addresses::{ADDRESS_SEPARATOR, BrokerAddresses};
 pub use broker::{Broker, CLOSE_TIMEOUT, CONNECT_TIMEOUT, QueueDepth};
 pub use consumer::{DELIVERY_COUNT_HEADER, Incoming, JobConsumer};
 pub use endpoint::redact_url;

@@ -191,6 +191,16 @@ async fn declare_against_conflicting_classic_queue_explains() {
         assert!(text.contains("inequivalent arg"), "{text}");
         assert!(text.contains("not declared by drover"), "{text}");
         assert!(text.contains("quorum queue"), "{text}");
+        // RabbitMQ names the first differing argument (x-dead-letter-exchange); the error
+        // still names both types, the difference that cannot be fixed in place.
+        assert!(
+            text.contains(&format!(
+                "{} is a classic queue (it has no x-queue-type argument",
+                topo.jobs_queue()
+            )),
+            "{text}"
+        );
+        assert!(text.contains("drover needs a quorum queue"), "{text}");
         assert!(text.contains("127.0.0.1:5672") || !amqp_url().contains("127.0.0.1"));
         assert!(!text.contains("guest:guest"), "{text}");
         assert_eq!(err.kind(), drover_core::ErrorKind::Permanent);

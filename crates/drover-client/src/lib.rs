@@ -38,7 +38,7 @@ pub use drover_ledger::{JobProgress, JobView};
 pub use error::{ClientError, Conflict};
 
 use chrono::{DateTime, Utc};
-use drover_broker::{Broker, OutgoingJob, Publisher, Topology};
+use drover_broker::{Broker, BrokerAddresses, OutgoingJob, Publisher, Topology};
 use drover_core::ExposeSecret;
 use drover_core::config::Connections;
 use drover_ledger::{EnqueueJob, InsertOutcome, Ledger, LedgerError, NewJob};
@@ -167,7 +167,9 @@ impl Client {
         )
         .await?;
         ledger.check_schema().await?;
-        let broker = Broker::connect(conns.amqp_url.expose_secret(), "drover-client").await?;
+        let broker = BrokerAddresses::parse(conns.amqp_url.expose_secret())?
+            .connect("drover-client")
+            .await?;
         let topo = Topology::for_connections(conns);
         broker.declare(&topo).await?;
         let publisher = broker.publisher(&topo).await?;

@@ -252,6 +252,7 @@ impl Connections {
                 message: format!("{:?}: use 1-64 of [A-Za-z0-9._-]", c.namespace),
             });
         }
+        check_amqp_addresses(c.amqp_url)?;
         let delivery_limit = file.worker.delivery_limit.unwrap_or(DEFAULT_DELIVERY_LIMIT);
         if delivery_limit == 0 {
             return Err(ConfigError::Invalid {
@@ -267,15 +268,64 @@ impl Connections {
         })
     }
 
-    /// The broker URL with its password replaced by `***`, for messages and logs.
+    /// The broker URL with its password replaced by `***`, for messages and logs (each
+    /// address of a list, see [`Connections::amqp_urls`]).
     pub fn amqp_shown(&self) -> String {
-        redact(self.amqp_url.expose_secret())
+        split_amqp_addresses(self.amqp_url.expose_secret())
+            .map(redact)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The broker addresses: `amqp_url` may list the nodes of a RabbitMQ cluster separated by
+    /// commas (`amqp://u:p@rabbit-1/%2f,amqp://u:p@rabbit-2/%2f`); connections go to the first
+    /// that answers and fail over to the others. A single URL is a list of one.
+    pub fn amqp_urls(&self) -> Vec<SecretString> {
+        split_amqp_addresses(self.amqp_url.expose_secret())
+            .map(|u| SecretString::from(u.to_string()))
+            .collect()
     }
 
     /// The ledger URL with its password replaced by `***`, for messages and logs.
     pub fn database_shown(&self) -> String {
         redact(self.database_url.expose_secret())
     }
+}
+
+/// The addresses of an `amqp_url` that lists several nodes, separated by commas (blanks
+/// around them ignored). A comma in a password is written `%2C`, as in any URL.
+fn split_amqp_addresses(list: &str) -> impl Iterator<Item = &str> {
+    list.split(',').map(str::trim)
+}
+
+/// Every address of a list must be an AMQP URL; errors name its position, never its text.
+fn check_amqp_addresses(list: &str) -> Result<(), ConfigError> {
+    let count = split_amqp_addresses(list).count();
+    for (i, url) in split_amqp_addresses(list).enumerate() {
+        let which = if count > 1 {
+            format!("address {} of {count}", i + 1)
+        } else {
+            "the address".to_string()
+        };
+        if url.is_empty() {
+            return Err(ConfigError::Invalid {
+                field: "amqp url (--amqp-url / DROVER_AMQP_URL)",
+                message: format!(
+                    "{which} is empty; separate the addresses of a cluster's nodes with single commas"
+                ),
+            });
+        }
+        if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
+            return Err(ConfigError::Invalid {
+                field: "amqp url (--amqp-url / DROVER_AMQP_URL)",
+                message: format!(
+                    "{which}, {:?}, does not start with amqp:// or amqps://",
+                    redact(url)
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The values checked by [`Connections::resolve`] before they are wrapped.
@@ -474,6 +524,42 @@ mod tests {
         std::fs::write(&path, "amqp://a\namqp://b\n").unwrap();
         let e = AMQP_URL_SETTING.resolve(None, Some(&path)).unwrap_err();
         assert!(e.to_string().contains("more than one line"), "{e}");
+    }
+
+    #[test]
+    fn several_broker_addresses() {
+        let list = "amqp://u:hunter2@r1:5731/%2f, amqp://u:hunter2@r2:5732/%2f";
+        let c =
+            Connections::resolve(Some(list.into()), None, None, &FileConfig::default()).unwrap();
+        let urls: Vec<String> = c
+            .amqp_urls()
+            .iter()
+            .map(|u| u.expose_secret().to_string())
+            .collect();
+        assert_eq!(
+            urls,
+            [
+                "amqp://u:hunter2@r1:5731/%2f",
+                "amqp://u:hunter2@r2:5732/%2f"
+            ]
+        );
+        assert_eq!(
+            c.amqp_shown(),
+            "amqp://u:***@r1:5731/%2f,amqp://u:***@r2:5732/%2f"
+        );
+        let f = FileConfig::default();
+        let e = Connections::resolve(Some("amqp://r1,,amqp://r3".into()), None, None, &f)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("address 2 of 3 is empty"), "{e}");
+        let e = Connections::resolve(Some("amqp://r1,http://u:pw@r2".into()), None, None, &f)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("address 2 of 2") && e.contains("DROVER_AMQP_URL"),
+            "{e}"
+        );
+        assert!(!e.contains(":pw@"), "{e}");
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! dashboard needs no management plugin. One connection, opened on first use and reopened
 //! after it is lost; a broker that does not answer is shown as such, never an error page.
 
-use drover_broker::{Broker, Topology};
+use drover_broker::{Broker, BrokerAddresses, Topology};
 use drover_core::{ExposeSecret, SecretString};
 use serde::Serialize;
 use std::time::Duration;
@@ -70,7 +70,11 @@ impl BrokerProbe {
         let mut guard = self.conn.lock().await;
         let broker = match guard.take() {
             Some(b) if b.is_connected() => b,
-            _ => Broker::connect(self.url.expose_secret(), "drover dashboard").await?,
+            _ => {
+                BrokerAddresses::parse(self.url.expose_secret())?
+                    .connect("drover dashboard")
+                    .await?
+            }
         };
         let mut out = Vec::new();
         for name in [self.topology.jobs_queue(), self.topology.dead_queue()] {

@@ -24,27 +24,25 @@ pub(crate) async fn consume_loop(
     // bounds the jobs running here; a delivery is taken off the consumer only with a free
     // slot, held until its job ends. Slots outlive reconnections (jobs run on through them).
     let slots = Arc::new(Semaphore::new(usize::from(shared.config.prefetch)));
+    // Consumer sessions lost so far, logged with each `consuming` line.
+    let mut reconnects: u64 = 0;
     loop {
         if *shutdown.borrow() {
             return first;
         }
         let broker = match first.take() {
             Some(b) => b,
-            None => {
-                match Broker::connect(&crate::amqp_url(&shared.config), &shared.config.worker_id)
-                    .await
-                {
-                    Ok(b) => b,
-                    Err(e) => {
-                        let wait = backoff.next_backoff().unwrap_or(Duration::from_secs(15));
-                        warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "broker unavailable; reconnecting");
-                        tokio::select! {
-                            _ = tokio::time::sleep(wait) => continue,
-                            _ = shutdown.changed() => return None,
-                        }
+            None => match shared.addresses.connect(&shared.config.worker_id).await {
+                Ok(b) => b,
+                Err(e) => {
+                    let wait = backoff.next_backoff().unwrap_or(Duration::from_secs(15));
+                    warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "broker unavailable; reconnecting");
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => continue,
+                        _ = shutdown.changed() => return None,
                     }
                 }
-            }
+            },
         };
         let setup = async {
             broker.declare(&shared.topo).await?;
@@ -64,16 +62,19 @@ pub(crate) async fn consume_loop(
                 let wait = backoff.next_backoff().unwrap_or(Duration::from_secs(15));
                 warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "broker setup failed; reconnecting");
                 let _ = broker.close().await;
+                // A node shutting down may still accept connections: try another next.
+                shared.addresses.skip_current();
                 tokio::select! {
                     _ = tokio::time::sleep(wait) => continue,
                     _ = shutdown.changed() => return None,
                 }
             }
         };
+        let broker_endpoint = broker.endpoint().to_string();
         *shared.publisher.write().await = Some(Arc::new(publisher));
         shared.metrics.consuming.store(true, Ordering::SeqCst);
         backoff.reset();
-        info!(queue = %shared.topo.jobs_queue(), prefetch = shared.config.prefetch, "consuming");
+        info!(queue = %shared.topo.jobs_queue(), prefetch = shared.config.prefetch, endpoint = %broker.endpoint(), reconnects, "consuming");
         loop {
             tokio::select! {
                 biased;
@@ -109,5 +110,12 @@ pub(crate) async fn consume_loop(
         shared.metrics.consuming.store(false, Ordering::SeqCst);
         *shared.publisher.write().await = None;
         let _ = broker.close().await;
+        reconnects += 1;
+        // Its node is probably going away (stopped, upgraded, partitioned): start the
+        // reconnect with the next node of the cluster, so no time goes waiting on this one.
+        if shared.addresses.len() > 1 {
+            shared.addresses.skip_current();
+            info!(lost = %broker_endpoint, next = %shared.addresses.preferred(), "failing over to the next broker node");
+        }
     }
 }

@@ -7,14 +7,17 @@ use std::net::SocketAddr;
 use thiserror::Error;
 
 /// A start-up failure of [`run`](crate::run).
+///
+/// Each message already includes its cause, so no variant names a `source`: an error chain
+/// printed with `{:#}` (as the CLI does) says each cause once.
 #[derive(Debug, Error)]
 pub enum WorkerError {
     /// The ledger could not be reached or is not migrated.
     #[error("starting the worker: {0}")]
-    Ledger(#[from] LedgerError),
+    Ledger(LedgerError),
     /// The broker could not be reached or its topology declared.
     #[error("starting the worker: {0}")]
-    Broker(#[from] BrokerError),
+    Broker(BrokerError),
     /// The configuration is unusable.
     #[error("{field}: {message}")]
     Config {
@@ -25,12 +28,24 @@ pub enum WorkerError {
     },
     /// The HTTP port for health and metrics could not be bound.
     #[error(
-        "--metrics-addr {addr}: cannot listen: {source} (another worker on this host? use port 0 for a free port, or \"off\")"
+        "--metrics-addr {addr}: cannot listen: {error} (another worker on this host? use port 0 for a free port, or \"off\")"
     )]
     Listen {
         /// The address asked for.
         addr: SocketAddr,
         /// Why binding failed.
-        source: std::io::Error,
+        error: std::io::Error,
     },
+}
+
+impl From<LedgerError> for WorkerError {
+    fn from(e: LedgerError) -> Self {
+        WorkerError::Ledger(e)
+    }
+}
+
+impl From<BrokerError> for WorkerError {
+    fn from(e: BrokerError) -> Self {
+        WorkerError::Broker(e)
+    }
 }

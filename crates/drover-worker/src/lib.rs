@@ -57,7 +57,7 @@ pub use error::WorkerError;
 pub use rescue::due_message;
 pub use retention::{PRUNE_BATCH, Retention, delete_outputs};
 
-use drover_broker::{Broker, Topology};
+use drover_broker::{BrokerAddresses, BrokerError, Topology};
 use drover_core::ExposeSecret;
 use drover_ledger::{ClaimedJob, Group, HeldEnd, Ledger};
 use drover_pipeline::Registry;
@@ -180,7 +180,11 @@ pub async fn run_with_stop(
     ledger.check_schema().await?;
     let topo = Topology::for_connections(&config.conns);
     // Fail fast on a bad URL or an unreachable broker at start-up; later losses reconnect.
-    let first = Broker::connect(&amqp_url(&config), &config.worker_id).await?;
+    let addresses = broker_addresses(&config)?;
+    if addresses.len() > 1 {
+        info!(nodes = %addresses.shown(), "broker addresses: failing over between these nodes");
+    }
+    let first = addresses.connect(&config.worker_id).await?;
     first.declare(&topo).await?;
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -196,6 +200,7 @@ pub async fn run_with_stop(
         registry,
         config,
         topo,
+        addresses,
         inflight: Default::default(),
         draining: AtomicBool::new(false),
         shutdown: shutdown_rx,
@@ -276,18 +281,22 @@ pub async fn run_with_stop(
     Ok(())
 }
 
-/// The broker URL the worker connects with: the AMQP heartbeat set to the lease's period
-/// (in whole seconds, at least 1) unless the URL names one. A frozen worker's connection
-/// then closes within a few periods and the messages RabbitMQ had pushed to it (a rescued
-/// job's among them) go to live workers, instead of waiting out the broker's default 60 s.
-pub(crate) fn amqp_url(config: &WorkerConfig) -> String {
-    let url = config.conns.amqp_url.expose_secret();
-    if url.contains("heartbeat=") {
-        return url.to_string();
-    }
+/// The broker addresses the worker connects with (one URL, or a cluster's nodes separated
+/// by commas), each with the AMQP heartbeat set to the lease's period (in whole seconds, at
+/// least 1) unless the URL names one. A frozen worker's connection then closes within a few
+/// periods and the messages RabbitMQ had pushed to it (a rescued job's among them) go to
+/// live workers, instead of waiting out the broker's default 60 s.
+pub(crate) fn broker_addresses(config: &WorkerConfig) -> Result<BrokerAddresses, BrokerError> {
     let secs = config.heartbeat.as_secs().max(1);
-    let sep = if url.contains('?') { '&' } else { '?' };
-    format!("{url}{sep}heartbeat={secs}")
+    Ok(
+        BrokerAddresses::parse(config.conns.amqp_url.expose_secret())?.map_urls(|url| {
+            if url.contains("heartbeat=") {
+                return url.to_string();
+            }
+            let sep = if url.contains('?') { '&' } else { '?' };
+            format!("{url}{sep}heartbeat={secs}")
+        }),
+    )
 }
 
 /// Releases every job still registered as in flight back to `queued` (after the grace

@@ -258,7 +258,7 @@ pub async fn serve(
     m: Arc<Metrics>,
     ledger: drover_ledger::Ledger,
 ) -> Result<tokio::task::JoinHandle<()>, crate::WorkerError> {
-    let listen_error = |source| crate::WorkerError::Listen { addr, source };
+    let listen_error = |error| crate::WorkerError::Listen { addr, error };
     let listener = TcpListener::bind(addr).await.map_err(listen_error)?;
     let local = listener.local_addr().map_err(listen_error)?;
     let app = Router::new()

@@ -14,8 +14,8 @@
 //!   again. A duplicate (its message was still buffered by a busy worker) is harmless.
 
 use crate::shared::Shared;
-use drover_broker::{Broker, OutgoingJob};
-use drover_core::{ExposeSecret, JobMessage};
+use drover_broker::OutgoingJob;
+use drover_core::JobMessage;
 use drover_ledger::{ClaimedJob, DueJob};
 use serde_json::Value;
 use std::sync::Arc;
@@ -76,9 +76,8 @@ async fn rescue_lost(shared: &Shared) {
     let Some(publisher) = shared.publisher().await else {
         return;
     };
-    let url = shared.config.conns.amqp_url.expose_secret();
     let name = format!("{}-rescuer", shared.config.worker_id);
-    let depth = match Broker::connect(url, &name).await {
+    let depth = match shared.addresses.connect(&name).await {
         Ok(b) => {
             let depth = b.queue_depth(&shared.topo.jobs_queue()).await;
             if let Err(e) = b.close().await {

@@ -5,7 +5,7 @@ use crate::config::WorkerConfig;
 use crate::metrics::Metrics;
 use backoff::ExponentialBackoff;
 use backoff::backoff::Backoff;
-use drover_broker::{Publisher, Topology};
+use drover_broker::{BrokerAddresses, Publisher, Topology};
 use drover_ledger::{ClaimedJob, Group, Ledger, LedgerError};
 use drover_pipeline::Registry;
 use std::collections::HashMap;
@@ -92,6 +92,9 @@ pub(crate) struct Shared {
     pub(crate) registry: Registry,
     pub(crate) config: WorkerConfig,
     pub(crate) topo: Topology,
+    /// The broker's nodes (one or several), with the AMQP heartbeat set: every connection
+    /// the worker opens goes to the first that answers, starting with the one it was on.
+    pub(crate) addresses: BrokerAddresses,
     pub(crate) inflight: InflightMap,
     /// Set once on SIGTERM/SIGINT; jobs check it at batch boundaries.
     pub(crate) draining: AtomicBool,

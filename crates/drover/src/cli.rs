@@ -20,7 +20,8 @@ batches, and keeps an idempotency-keyed ledger in Postgres (schema `drover`).
 
 Configuration comes from flags, then environment variables, then a TOML file (--config, or
 ./drover.toml when present), then defaults that work with local services:
-  DROVER_AMQP_URL   amqp://guest:guest@127.0.0.1:5672/%2f
+  DROVER_AMQP_URL   amqp://guest:guest@127.0.0.1:5672/%2f  (a cluster: its nodes' URLs,
+                    comma-separated; workers fail over between them)
   DATABASE_URL      postgres://postgres@127.0.0.1:5432/drover  (created if absent)
   DROVER_NAMESPACE  drover  (queues drover.jobs and drover.dead)
 The URLs carry passwords: give them as files instead (DROVER_AMQP_URL_FILE,
@@ -49,7 +50,10 @@ pub struct Cli {
 #[derive(Debug, Args)]
 #[command(next_help_heading = "Global options (see drover --help)")]
 pub struct GlobalArgs {
-    /// RabbitMQ URL (amqp:// or amqps://).
+    /// RabbitMQ URL (amqp:// or amqps://). For a cluster, every node's URL separated by
+    /// commas (amqp://u:p@rabbit-1/%2f,amqp://u:p@rabbit-2/%2f): commands connect to the first
+    /// that answers, and a worker that loses its node fails over to the next one (a comma in
+    /// a password is written %2C).
     #[arg(
         long,
         env = "DROVER_AMQP_URL",

@@ -4,7 +4,7 @@
 
 use crate::cli::Context;
 use clap::Args;
-use drover_broker::{Broker, OutgoingJob, Topology};
+use drover_broker::{Broker, BrokerAddresses, OutgoingJob, Topology};
 use drover_core::ExposeSecret;
 use drover_ledger::{Ledger, RelaySweep};
 use std::process::ExitCode;
@@ -59,7 +59,9 @@ pub async fn run(ctx: &Context, args: DoctorArgs) -> anyhow::Result<ExitCode> {
     let lost_after = Duration::from_secs(args.lost_after_secs);
     let ledger = ctx.migrated_ledger(2).await?;
     let topo = Topology::for_connections(&ctx.conns);
-    let broker = Broker::connect(ctx.conns.amqp_url.expose_secret(), "drover-doctor").await?;
+    let broker = BrokerAddresses::parse(ctx.conns.amqp_url.expose_secret())?
+        .connect("drover-doctor")
+        .await?;
     broker.declare(&topo).await?;
     let jobs = broker.queue_depth(&topo.jobs_queue()).await?;
     let dead = broker.queue_depth(&topo.dead_queue()).await?;

@@ -4,7 +4,7 @@
 use crate::cli::Context;
 use anyhow::Context as _;
 use clap::Args;
-use drover_broker::{Broker, Topology};
+use drover_broker::{BrokerAddresses, Topology};
 use drover_core::ExposeSecret;
 use drover_ledger::{RoleGrants, RoleNames};
 use std::process::ExitCode;
@@ -93,7 +93,9 @@ pub async fn run(ctx: &Context, args: MigrateArgs) -> anyhow::Result<ExitCode> {
     }
     ledger.close().await;
     if args.broker {
-        let broker = Broker::connect(ctx.conns.amqp_url.expose_secret(), "drover-migrate").await?;
+        let broker = BrokerAddresses::parse(ctx.conns.amqp_url.expose_secret())?
+            .connect("drover-migrate")
+            .await?;
         broker
             .declare(&Topology::for_connections(&ctx.conns))
             .await?;

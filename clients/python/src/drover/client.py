@@ -278,7 +278,7 @@ class Client:
 
     def _send(self, messages: Sequence[tuple[uuid.UUID, bytes]]) -> None:
         if self._publisher is None or not self._publisher.is_open:
-            self._publisher = ConfirmPublisher(self.amqp_url, _redact(self.amqp_url))
+            self._publisher = _connect_any(self.amqp_url)
         try:
             self._publisher.publish(
                 f"{self.namespace}.jobs",
@@ -422,6 +422,19 @@ def enqueue(
     if row is None:
         raise DroverError(f"{key}: drover.enqueue returned no row")
     return bool(row[0])
+
+
+def _connect_any(amqp_url: str) -> ConfirmPublisher:
+    """Connects to the first node of ``amqp_url`` that answers: one URL, or a RabbitMQ
+    cluster's nodes separated by commas, as the worker takes them (a comma in a password is
+    written ``%2C``). When none answers, the error names every node's reason."""
+    reasons: list[str] = []
+    for url in (u.strip() for u in amqp_url.split(",")):
+        try:
+            return ConfirmPublisher(url, _redact(url))
+        except DroverError as e:
+            reasons.append(str(e))
+    raise DroverError("; ".join(reasons))
 
 
 def _redact(url: str) -> str:

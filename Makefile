@@ -25,7 +25,7 @@ export DROVER_TEST_AMQP_URL DROVER_TEST_DATABASE_URL
 # Test runner: cargo-nextest when installed (NEXTEST=auto), or force it with NEXTEST=1 / 0.
 NEXTEST ?= auto
 
-.PHONY: help services browser build build-dev lint fmt check-deploy test test-python test-outage test-cluster migrate demo clean-demo bench bench-lineage bench-dashboard dashboard-screenshots
+.PHONY: help services browser build build-dev lint fmt check-deploy deny test test-python test-outage test-cluster migrate demo clean-demo bench bench-lineage bench-dashboard dashboard-screenshots
 
 help: ## list the targets
 	@echo 'usage: make <target>   (builds in $(CARGO_TARGET_DIR))'
@@ -50,9 +50,19 @@ fmt: ## format the workspace (cargo fmt)
 check-deploy: ## static checks of deploy/ (systemd, Docker, compose, Kubernetes)
 	scripts/check-deploy.sh
 
+# cargo-deny is installed on first use (cargo install --locked, into ~/.cargo/bin). Its
+# advisory database is fetched from GitHub on every run; DENY_FLAGS=--offline reuses the
+# copy a previous run left in ~/.cargo/advisory-dbs (see docs/security.md).
+CARGO_DENY ?= $(CARGO) deny
+DENY_FLAGS ?=
+deny: ## audit dependencies: advisories, licenses, bans (duplicates), sources (deny.toml)
+	@$(CARGO_DENY) --version >/dev/null 2>&1 || $(CARGO) install --locked cargo-deny
+	$(CARGO_DENY) $(DENY_FLAGS) check advisories bans licenses sources
+
 test: services browser ## start the services, lint, check deploy/, run every test against them
 	$(MAKE) lint
 	$(MAKE) check-deploy
+	$(MAKE) deny
 	@# The exec pipeline's test children (tests/exec/*.py) run with this venv's python.
 	@DROVER_TEST_PYTHON="$$(scripts/ensure-python.sh | tail -n 1)"; export DROVER_TEST_PYTHON; \
 	if [[ $(NEXTEST) == 1 ]] || { [[ $(NEXTEST) == auto ]] && $(CARGO) nextest --version >/dev/null 2>&1; }; then \

@@ -183,9 +183,9 @@ else:
     for s in secrets.values():
         secret_keys |= set((get(s, "stringData", default={}) or {}).keys())
         secret_keys |= set((get(s, "data", default={}) or {}).keys())
-    check({"DATABASE_URL", "DROVER_AMQP_URL"} <= secret_keys,
-          "k8s: the Secret holds DATABASE_URL and DROVER_AMQP_URL",
-          f"k8s: the Secret lacks DATABASE_URL/DROVER_AMQP_URL (has {sorted(secret_keys)})")
+    check("DROVER_AMQP_URL" in secret_keys,
+          "k8s: a Secret holds KEDA's DROVER_AMQP_URL",
+          f"k8s: no Secret holds DROVER_AMQP_URL for KEDA (has {sorted(secret_keys)})")
     leaked = sorted(k for k in cm_data if k in ("DATABASE_URL", "DROVER_AMQP_URL"))
     check(not leaked, "k8s: no connection URL in the ConfigMap",
           f"k8s: {leaked} belong in the Secret, not the ConfigMap")
@@ -200,19 +200,44 @@ else:
         return env
 
     def check_env_from(kind, name, pod_spec):
+        """The ConfigMap through envFrom; the credentials as files from a secret volume
+        (DATABASE_URL_FILE, DROVER_AMQP_URL_FILE), never as environment values."""
         refs = []
+        problems = []
+        volumes = {v.get("name"): v for v in pod_spec.get("volumes", []) or []}
         for c in pod_spec.get("containers", []) or []:
             for ef in c.get("envFrom", []) or []:
                 if "configMapRef" in ef:
                     refs.append(("ConfigMap", ef["configMapRef"].get("name"), cms))
                 if "secretRef" in ef:
-                    refs.append(("Secret", ef["secretRef"].get("name"), secrets))
+                    problems.append(f"envFrom secretRef {ef['secretRef'].get('name')} "
+                                    "(mount credentials as files)")
+            env = env_of(c)
+            for var in ("DATABASE_URL", "DROVER_AMQP_URL"):
+                if var in env:
+                    problems.append(f"{var} in env (use {var}_FILE)")
+            mounts = {m.get("mountPath"): m.get("name") for m in c.get("volumeMounts", []) or []}
+            for var, key in (("DATABASE_URL_FILE", "database-url"), ("DROVER_AMQP_URL_FILE", "amqp-url")):
+                path = env.get(var) or ""
+                mount = os.path.dirname(path)
+                vol = volumes.get(mounts.get(mount), {})
+                sname = get(vol, "secret", "secretName")
+                if not path:
+                    problems.append(f"{var} not set")
+                elif sname not in secrets:
+                    problems.append(f"{var} {path}: not in a volume of a Secret in the manifests")
+                else:
+                    sec = secrets[sname]
+                    keys = set((get(sec, "stringData", default={}) or {}).keys()) | set((get(sec, "data", default={}) or {}).keys())
+                    if os.path.basename(path) not in keys:
+                        problems.append(f"{var} {path}: Secret {sname} has no key {os.path.basename(path)}")
         kinds = {k for k, _, _ in refs}
         missing = [f"{k} {n}" for k, n, known in refs if n not in known]
-        check({"ConfigMap", "Secret"} <= kinds and not missing,
-              f"k8s: {kind} {name} takes its env from the ConfigMap and the Secret",
-              f"k8s: {kind} {name}: envFrom must reference the manifests' ConfigMap and Secret"
-              + (f" (unknown: {', '.join(missing)})" if missing else ""))
+        check("ConfigMap" in kinds and not missing and not problems,
+              f"k8s: {kind} {name} takes its env from the ConfigMap, its credentials as files from a Secret",
+              f"k8s: {kind} {name}: " + "; ".join(
+                  (["envFrom must reference the manifests' ConfigMap"] if "ConfigMap" not in kinds else [])
+                  + ([f"unknown: {', '.join(missing)}"] if missing else []) + problems))
 
     if len(deps) != 1:
         fail(f"k8s: expected one Deployment, found {len(deps)}")
@@ -315,10 +340,10 @@ else:
         jname = get(job, "metadata", "name")
         pod = get(job, "spec", "template", "spec", default={})
         c = (pod.get("containers") or [{}])[0]
-        check(c.get("args") == ["migrate"] and isinstance(get(job, "spec", "backoffLimit"), int)
+        check((c.get("args") or [None])[0] == "migrate" and isinstance(get(job, "spec", "backoffLimit"), int)
               and pod.get("restartPolicy") in ("Never", "OnFailure"),
               f"k8s: Job {jname} runs `drover migrate` with backoffLimit {get(job, 'spec', 'backoffLimit')}",
-              f"k8s: Job {jname} must run args ['migrate'] with a backoffLimit and restartPolicy Never/OnFailure")
+              f"k8s: Job {jname} must run args ['migrate', ...] with a backoffLimit and restartPolicy Never/OnFailure")
         check_env_from("Job", jname, pod)
         if deps:
             dimg = get(deps[0], "spec", "template", "spec", "containers", 0, "image")
@@ -431,7 +456,8 @@ else:
     check("pg_isready" in hc("postgres"), "compose: postgres healthcheck is pg_isready",
           f"compose: postgres healthcheck {hc('postgres')!r}")
     m = services.get("migrate", {}) or {}
-    check(m.get("command") in (["migrate"], "migrate") and str(m.get("restart")) == "no"
+    mcmd = m.get("command")
+    check((mcmd == "migrate" or (isinstance(mcmd, list) and mcmd[:1] == ["migrate"])) and str(m.get("restart")) == "no"
           and depends("migrate").get("postgres") == "service_healthy",
           "compose: migrate runs `drover migrate` once, after postgres is healthy",
           f"compose: migrate needs command [migrate], restart \"no\", depends_on postgres service_healthy")

@@ -23,4 +23,5 @@ mod outage;
 mod polish;
 mod producers;
 mod reliability;
+mod security;
 mod sql;

@@ -11,7 +11,7 @@ use lapin::options::{
     QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{Channel, Connection, ConnectionProperties, DefaultConnectionBuilder, ExchangeKind};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 use tracing::{debug, info, warn};
@@ -51,6 +51,10 @@ impl Broker {
     /// Connects to `url` (`amqp://user:pass@host:port/vhost`), naming the connection
     /// `connection_name` in the management UI, within [`CONNECT_TIMEOUT`].
     ///
+    /// An `amqps://` URL connects with TLS (rustls), trusting the system's roots and the CA
+    /// named by a `cacertfile=` query parameter, presenting the client certificate of
+    /// `certfile=` and `keyfile=` when given (see [`crate::tls`]).
+    ///
     /// Errors name `host:port (vhost …)` and the cause, never the password. Needs a tokio
     /// runtime (lapin's I/O is bound to it); outside one this returns an error, not a panic.
     pub async fn connect(url: &str, connection_name: &str) -> Result<Broker, BrokerError> {
@@ -80,14 +84,18 @@ impl Broker {
                 ),
             });
         }
+        let tls = crate::tls::tls_config(url, endpoint.tls)?;
         let props = ConnectionProperties::default().with_connection_name(connection_name.into());
         debug!(endpoint = %endpoint_text, connection_name, "connecting to RabbitMQ");
-        let connection = match tokio::time::timeout(
-            CONNECT_TIMEOUT,
-            Connection::connect_uri(uri, props),
-        )
-        .await
-        {
+        let connect = async {
+            DefaultConnectionBuilder::new()?
+                .with_uri(uri)
+                .with_properties(props)
+                .with_tls_config(tls)
+                .connect()
+                .await
+        };
+        let connection = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
                 return Err(BrokerError::Connect {
@@ -131,7 +139,74 @@ impl Broker {
     /// a classic queue, another delivery limit — RabbitMQ answers PRECONDITION_FAILED and this
     /// returns [`BrokerError::TopologyMismatch`] naming the object, the differing argument
     /// and what to do.
+    ///
+    /// An account without the configure permission (a least-privilege worker or producer,
+    /// see docs/security.md) is refused the declare; then the objects are checked with
+    /// passive declares instead, which need no permission: if they all exist (an
+    /// administrator declared them, e.g. with `drover migrate --broker`), that is enough,
+    /// else the refusal is returned.
     pub async fn declare(&self, topo: &Topology) -> Result<(), BrokerError> {
+        match self.declare_objects(topo).await {
+            Err(
+                refused @ BrokerError::Operation {
+                    permanent: true, ..
+                },
+            ) => match self.verify_objects(topo).await {
+                Ok(()) => {
+                    info!(endpoint = %self.endpoint, namespace = %topo.namespace,
+                            "no permission to declare the topology; it exists, using it");
+                    Ok(())
+                }
+                Err(e) => {
+                    debug!(error = %e, "passive check of the topology failed too");
+                    Err(refused)
+                }
+            },
+            other => other,
+        }
+    }
+
+    /// Passive declares of the namespace's exchanges and queues: they must exist.
+    async fn verify_objects(&self, topo: &Topology) -> Result<(), BrokerError> {
+        let channel = self.open_channel("check the topology").await?;
+        let passive_exchange = ExchangeDeclareOptions {
+            passive: true,
+            durable: true,
+            ..ExchangeDeclareOptions::default()
+        };
+        for exchange in [topo.dead_letter_exchange(), topo.jobs_exchange()] {
+            channel
+                .exchange_declare(
+                    short("exchange name", &exchange)?,
+                    ExchangeKind::Direct,
+                    passive_exchange,
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| self.op_error(format!("find exchange {exchange}"), &e))?;
+        }
+        let passive_queue = QueueDeclareOptions {
+            passive: true,
+            durable: true,
+            ..QueueDeclareOptions::default()
+        };
+        for queue in [topo.dead_queue(), topo.jobs_queue()] {
+            channel
+                .queue_declare(
+                    short("queue name", &queue)?,
+                    passive_queue,
+                    FieldTable::default(),
+                )
+                .await
+                .map_err(|e| self.op_error(format!("find queue {queue}"), &e))?;
+        }
+        if let Err(e) = channel.close(200, "OK".into()).await {
+            debug!(error = %describe(&e), "closing the check channel");
+        }
+        Ok(())
+    }
+
+    async fn declare_objects(&self, topo: &Topology) -> Result<(), BrokerError> {
         topo.validate()?;
         let channel = self.open_channel("declare the topology").await?;
         let durable_exchange = ExchangeDeclareOptions {

@@ -29,6 +29,7 @@ mod consumer;
 mod endpoint;
 mod error;
 mod publisher;
+pub mod tls;
 mod topology;
 pub mod trace;
 

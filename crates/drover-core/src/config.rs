@@ -37,6 +37,77 @@ pub enum ConfigError {
         field: &'static str,
         message: String,
     },
+    /// A `*_FILE` variable names a file that cannot be read (or holds no value).
+    #[error("{var} {path}: {message}")]
+    SecretFile {
+        /// The variable (and flag) that named the file, e.g. `DATABASE_URL_FILE`.
+        var: &'static str,
+        path: PathBuf,
+        message: String,
+    },
+}
+
+/// A setting that can be given directly (flag or variable) or as a file holding it, the way
+/// Kubernetes secrets and systemd credentials are mounted: `DATABASE_URL` or
+/// `DATABASE_URL_FILE`, `DROVER_AMQP_URL` or `DROVER_AMQP_URL_FILE`.
+#[derive(Debug, Clone, Copy)]
+pub struct SecretSetting {
+    /// The direct form, as shown in messages: `--database-url / DATABASE_URL`.
+    pub direct: &'static str,
+    /// The file form, as shown in messages: `--database-url-file / DATABASE_URL_FILE`.
+    pub file: &'static str,
+}
+
+/// `DATABASE_URL` and its file form.
+pub const DATABASE_URL_SETTING: SecretSetting = SecretSetting {
+    direct: "--database-url / DATABASE_URL",
+    file: "--database-url-file / DATABASE_URL_FILE",
+};
+
+/// `DROVER_AMQP_URL` and its file form.
+pub const AMQP_URL_SETTING: SecretSetting = SecretSetting {
+    direct: "--amqp-url / DROVER_AMQP_URL",
+    file: "--amqp-url-file / DROVER_AMQP_URL_FILE",
+};
+
+impl SecretSetting {
+    /// The value given directly, else the content of `file` (one line; the trailing newline
+    /// an editor or `echo` leaves is removed), else `None` (the config file or the default
+    /// applies). Both given is an error: which one wins would be a guess. Errors name the
+    /// setting and the path, never the content.
+    pub fn resolve(
+        &self,
+        direct: Option<String>,
+        file: Option<&Path>,
+    ) -> Result<Option<String>, ConfigError> {
+        let Some(path) = file else {
+            return Ok(direct);
+        };
+        if direct.is_some() {
+            return Err(ConfigError::SecretFile {
+                var: self.file,
+                path: path.to_path_buf(),
+                message: format!("{} is set too; set only one of the two", self.direct),
+            });
+        }
+        let bad = |message: String| ConfigError::SecretFile {
+            var: self.file,
+            path: path.to_path_buf(),
+            message,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+        let value = text.strip_suffix('\n').unwrap_or(&text);
+        let value = value.strip_suffix('\r').unwrap_or(value);
+        if value.trim().is_empty() {
+            return Err(bad("the file is empty".into()));
+        }
+        if value.contains('\n') {
+            return Err(bad(
+                "the file has more than one line; it must hold the value alone".into(),
+            ));
+        }
+        Ok(Some(value.to_string()))
+    }
 }
 
 /// The TOML file's shape. Every field is optional; unknown fields are an error so a typo
@@ -427,6 +498,47 @@ mod tests {
             "{shown}"
         );
         assert!(shown.contains("acme"), "{shown}");
+    }
+
+    #[test]
+    fn secret_files_are_read_trimmed_and_exclusive() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db-url");
+        std::fs::write(&path, "postgres://u:hunter2@h/db\n").unwrap();
+        let got = DATABASE_URL_SETTING.resolve(None, Some(&path)).unwrap();
+        assert_eq!(got.as_deref(), Some("postgres://u:hunter2@h/db"));
+        assert_eq!(
+            DATABASE_URL_SETTING
+                .resolve(Some("postgres://x/y".into()), None)
+                .unwrap()
+                .as_deref(),
+            Some("postgres://x/y")
+        );
+
+        let e = DATABASE_URL_SETTING
+            .resolve(Some("postgres://x/y".into()), Some(&path))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("DATABASE_URL_FILE") && e.contains("set only one"),
+            "{e}"
+        );
+        assert!(!e.contains("hunter2"), "{e}");
+
+        let missing = dir.path().join("absent");
+        let e = AMQP_URL_SETTING
+            .resolve(None, Some(&missing))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("DROVER_AMQP_URL_FILE"), "{e}");
+        assert!(e.contains(&missing.display().to_string()), "{e}");
+
+        std::fs::write(&path, "\n").unwrap();
+        let e = AMQP_URL_SETTING.resolve(None, Some(&path)).unwrap_err();
+        assert!(e.to_string().contains("empty"), "{e}");
+        std::fs::write(&path, "amqp://a\namqp://b\n").unwrap();
+        let e = AMQP_URL_SETTING.resolve(None, Some(&path)).unwrap_err();
+        assert!(e.to_string().contains("more than one line"), "{e}");
     }
 
     #[test]

@@ -32,6 +32,7 @@ mod read;
 mod relay;
 mod rescue;
 mod schedules;
+mod roles;
 mod transitions;
 
 pub use dashboard::{
@@ -47,6 +48,7 @@ pub use read::{AttemptView, DurationStats, JobFilter, JobProgress, JobView, Stat
 pub use relay::{DueJob, ENQUEUE_CHANNEL, RelaySweep};
 pub use rescue::{LedgerDrift, Rescued};
 pub use schedules::{FireReport, Fired, NewSchedule, ScheduleView};
+pub use roles::{RoleGrants, RoleNames, quote_role};
 pub use transitions::{
     BatchRecord, Claim, ClaimedJob, Completion, FailOutcome, HeldEnd, IdentityRecord, LeaseLost,
     LeaseSeen,

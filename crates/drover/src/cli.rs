@@ -1,10 +1,9 @@
 //! Command-line interface: the clap definitions and the dispatch to each subcommand.
 
 use crate::logging::LogFormat;
-use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use drover_core::ExposeSecret;
-use drover_core::config::{Connections, FileConfig};
+use drover_core::config::{AMQP_URL_SETTING, Connections, DATABASE_URL_SETTING, FileConfig};
 use drover_ledger::Ledger;
 use drover_pipeline::Registry;
 use std::path::PathBuf;
@@ -25,6 +24,10 @@ Configuration comes from flags, then environment variables, then a TOML file (--
                     comma-separated; workers fail over between them)
   DATABASE_URL      postgres://postgres@127.0.0.1:5432/drover  (created if absent)
   DROVER_NAMESPACE  drover  (queues drover.jobs and drover.dead)
+The URLs carry passwords: give them as files instead (DROVER_AMQP_URL_FILE,
+DATABASE_URL_FILE: a Kubernetes secret or systemd credential). TLS: postgres://…?sslmode=
+verify-full&sslrootcert=FILE, amqps://…?cacertfile=FILE[&certfile=FILE&keyfile=FILE].
+Least-privilege Postgres roles: drover migrate --roles (see docs/security.md).
 
 Quick start:
   drover migrate
@@ -43,7 +46,7 @@ pub struct Cli {
 }
 
 /// Options every subcommand accepts. Listed under their own heading so a subcommand's
-/// `--help` shows its own flags first and these six apart, instead of mixed in.
+/// `--help` shows its own flags first and these apart, instead of mixed in.
 #[derive(Debug, Args)]
 #[command(next_help_heading = "Global options (see drover --help)")]
 pub struct GlobalArgs {
@@ -68,6 +71,12 @@ pub struct GlobalArgs {
         hide_env_values = true
     )]
     pub database_url: Option<String>,
+    /// File holding the RabbitMQ URL (a mounted secret), instead of --amqp-url.
+    #[arg(long, env = "DROVER_AMQP_URL_FILE", global = true, value_name = "FILE")]
+    pub amqp_url_file: Option<PathBuf>,
+    /// File holding the Postgres URL (a mounted secret), instead of --database-url.
+    #[arg(long, env = "DATABASE_URL_FILE", global = true, value_name = "FILE")]
+    pub database_url_file: Option<PathBuf>,
     /// Namespace: prefixes the queues ({ns}.jobs, {ns}.dead) [default: drover].
     #[arg(long, env = "DROVER_NAMESPACE", global = true, value_name = "NS")]
     pub namespace: Option<String>,
@@ -86,8 +95,8 @@ pub struct GlobalArgs {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Create the ledger database if absent and apply migrations (idempotent; safe to run
-    /// from several replicas at once).
-    Migrate,
+    /// from several replicas at once); `--roles` also sets up least-privilege Postgres roles.
+    Migrate(crate::migrate::MigrateArgs),
     /// Publish jobs: record each as `queued` in the ledger, then publish its message with
     /// publisher confirms. A key that exists already is not published again; if it exists
     /// for a different request (pipeline, params, options) that is a conflict (exit 1).
@@ -169,19 +178,17 @@ impl Context {
 pub async fn dispatch(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
     let g = cli.global;
     let file = FileConfig::load(g.config.as_deref())?;
-    let conns = Connections::resolve(g.amqp_url, g.database_url, g.namespace, &file)?;
+    let amqp_url = AMQP_URL_SETTING.resolve(g.amqp_url, g.amqp_url_file.as_deref())?;
+    let database_url =
+        DATABASE_URL_SETTING.resolve(g.database_url, g.database_url_file.as_deref())?;
+    let conns = Connections::resolve(amqp_url, database_url, g.namespace, &file)?;
     let ctx = Context {
         conns,
         file,
         registry,
     };
     match cli.command {
-        Command::Migrate => {
-            let ledger = ctx.ledger(true, 2).await?;
-            ledger.migrate().await.context("drover migrate")?;
-            println!("ledger migrated: {}", ctx.conns.database_shown());
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Migrate(args) => crate::migrate::run(&ctx, args).await,
         Command::Publish(args) => crate::publish::run(&ctx, args).await,
         Command::Worker(args) => crate::daemon::run(&ctx, args).await,
         Command::Jobs(cmd) => crate::jobs::run(&ctx, cmd).await,

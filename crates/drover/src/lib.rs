@@ -25,6 +25,7 @@ mod jobs;
 mod limits;
 mod lineage;
 mod logging;
+mod migrate;
 mod pipelines;
 mod prune;
 mod publish;
@@ -43,6 +44,9 @@ use std::process::ExitCode;
 /// returns the process's exit code (errors are printed as one line on stderr).
 pub fn main(registry: Registry) -> ExitCode {
     let cli = cli::Cli::parse();
+    // Every TLS client here (Postgres, RabbitMQ, OTLP) is rustls on ring; the HTTP client
+    // asks for a process-wide provider. Installing fails only when one is set already.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let telemetry = logging::init(cli.global.log_format, cli.global.verbose);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -1,11 +1,17 @@
 //! Logs and traces: human text on a terminal, one JSON object per line otherwise, and
 //! OpenTelemetry spans exported over OTLP when `OTEL_EXPORTER_OTLP_ENDPOINT` is set.
 //!
+//! An `https://` endpoint is reached with rustls, trusting the system's roots plus the CA of
+//! `OTEL_EXPORTER_OTLP_CERTIFICATE` (or `…_TRACES_CERTIFICATE`), and presenting the client
+//! certificate of `OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE` + `…_CLIENT_KEY` when set (the
+//! OpenTelemetry SDKs' standard variables).
+//!
 //! Spans are created (and get trace ids) even without an exporter, so the trace id a
 //! producer put in `traceparent` shows up in the worker's logs and in the ledger either way.
 
 use clap::ValueEnum;
 use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::WithHttpConfig as _;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use std::io::IsTerminal;
@@ -53,15 +59,100 @@ fn tracer_provider() -> SdkTracerProvider {
     let builder = SdkTracerProvider::builder().with_resource(resource.build());
     if otlp_configured() {
         // Endpoint, headers, timeout and protocol come from the standard OTEL_* variables.
-        match opentelemetry_otlp::SpanExporter::builder()
-            .with_http()
-            .build()
-        {
+        let exporter = match otlp_tls_client() {
+            Ok(None) => opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .build(),
+            Ok(Some(client)) => opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .with_http_client(client)
+                .build(),
+            Err(e) => {
+                eprintln!("drover: warning: OTLP exporter not started: {e}");
+                return builder.build();
+            }
+        };
+        match exporter {
             Ok(exporter) => return builder.with_batch_exporter(exporter).build(),
             Err(e) => eprintln!("drover: warning: OTLP exporter not started: {e}"),
         }
     }
     builder.build()
+}
+
+/// The first of `names` that is set and not empty.
+fn env_first(names: &[&str]) -> Option<(String, String)> {
+    names.iter().find_map(|n| {
+        std::env::var(n)
+            .ok()
+            .filter(|v| !v.is_empty())
+            .map(|v| (n.to_string(), v))
+    })
+}
+
+/// The OTLP HTTP client with the CA and client certificate of the standard variables, or
+/// `None` when none is set (the exporter's own client, the system's roots). Errors name the
+/// variable and the file.
+fn otlp_tls_client() -> Result<Option<reqwest::blocking::Client>, String> {
+    let ca = env_first(&[
+        "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE",
+        "OTEL_EXPORTER_OTLP_CERTIFICATE",
+    ]);
+    let cert = env_first(&[
+        "OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE",
+        "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
+    ]);
+    let key = env_first(&[
+        "OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY",
+        "OTEL_EXPORTER_OTLP_CLIENT_KEY",
+    ]);
+    if ca.is_none() && cert.is_none() && key.is_none() {
+        return Ok(None);
+    }
+    let read = |(var, path): &(String, String)| {
+        std::fs::read(path).map_err(|e| format!("{var} {path}: {e}"))
+    };
+    let timeout = std::env::var("OTEL_EXPORTER_OTLP_TIMEOUT")
+        .ok()
+        .and_then(|ms| ms.parse::<u64>().ok())
+        .map_or(
+            std::time::Duration::from_secs(10),
+            std::time::Duration::from_millis,
+        );
+    let mut b = reqwest::blocking::Client::builder().timeout(timeout);
+    if let Some(ca) = &ca {
+        let certs = reqwest::Certificate::from_pem_bundle(&read(ca)?)
+            .map_err(|e| format!("{} {}: not PEM certificates: {e}", ca.0, ca.1))?;
+        if certs.is_empty() {
+            return Err(format!("{} {}: holds no PEM certificate", ca.0, ca.1));
+        }
+        for c in certs {
+            b = b.add_root_certificate(c);
+        }
+    }
+    match (&cert, &key) {
+        (None, None) => {}
+        (Some(cert), Some(key)) => {
+            let mut pem = read(cert)?;
+            pem.push(b'\n');
+            pem.extend(read(key)?);
+            let id = reqwest::Identity::from_pem(&pem)
+                .map_err(|e| format!("{} {} / {} {}: {e}", cert.0, cert.1, key.0, key.1))?;
+            b = b.identity(id);
+        }
+        _ => {
+            return Err(
+                "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE and OTEL_EXPORTER_OTLP_CLIENT_KEY go together; one is missing".into(),
+            );
+        }
+    }
+    // A blocking client owns a runtime of its own; it is built on a thread outside ours
+    // (as the exporter does for its default client).
+    std::thread::spawn(move || b.build())
+        .join()
+        .map_err(|_| "building the OTLP HTTP client panicked".to_string())?
+        .map(Some)
+        .map_err(|e| format!("building the OTLP HTTP client: {e}"))
 }
 
 /// Installs the global subscriber (filter: `DROVER_LOG`, else `RUST_LOG`, else `info`;

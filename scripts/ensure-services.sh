@@ -99,6 +99,7 @@ fi
 if ! pg_answers && ! pg_installed; then want postgresql "PostgreSQL server"; fi
 if ! have psql; then want postgresql-client "psql, to check the login"; fi
 if ! rabbit_answers && ! rabbit_installed; then want rabbitmq-server "RabbitMQ server"; fi
+if ! have openssl; then want openssl "openssl, for the TLS tests' certificates and test collector"; fi
 
 if ((${#packages[@]} > 0)); then
     for i in "${!packages[@]}"; do log "missing: ${packages[i]} (${reasons[i]})"; done

@@ -10,7 +10,8 @@
 //! * [`Publisher`] publishes persistent job messages with publisher confirms, pipelined, and
 //!   copies rejected messages to `{ns}.dead` with the reason.
 //! * [`JobConsumer`] yields [`Incoming`] deliveries under `basic.qos(prefetch)`, each acked
-//!   or requeued explicitly.
+//!   or requeued explicitly; acks of consecutive deliveries leave as one `basic.ack` with
+//!   `multiple` (one settle command in the quorum queue's log instead of one per message).
 //!
 //! There is no automatic reconnection here: when the connection goes, the consumer ends and
 //! the caller builds a new [`Broker`], redeclares and resumes, with its own backoff. Every
@@ -19,6 +20,7 @@
 
 #![warn(missing_docs)]
 
+mod acks;
 mod broker;
 mod consumer;
 mod endpoint;

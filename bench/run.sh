@@ -229,6 +229,11 @@ start_worker() {
 }
 new_ns() { NS="$NS_PREFIX-$1"; NS_USED+=("$NS"); }
 HZ=$(getconf CLK_TCK)
+# The RabbitMQ node behind the AMQP port (not other nodes on this machine, e.g. a test cluster).
+AMQP_PORT=$(sed -E 's#^amqps?://([^@/]*@)?[^:/]*:?([0-9]*).*#\2#' <<<"$DROVER_AMQP_URL")
+beam_pids() {
+    ss -ltnpH "sport = :${AMQP_PORT:-5672}" 2>/dev/null | grep -o 'pid=[0-9]*' | cut -d= -f2 | sort -u
+}
 # cpu_ticks: user+system clock ticks so far of the running workers, RabbitMQ and Postgres.
 # Postgres: every live postgres process, plus the postmaster's reaped children (cutime +
 # cstime), so backends that came and went (the producer's) count too. Both services are
@@ -237,7 +242,7 @@ cpu_ticks() {
     local w=0 b=0 p=0 pid
     ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null || echo 0; }
     for pid in "${WORKERS[@]}"; do w=$((w + $(ticks "$pid"))); done
-    for pid in $(pgrep -f beam.smp); do b=$((b + $(ticks "$pid"))); done
+    for pid in $(beam_pids); do b=$((b + $(ticks "$pid"))); done
     for pid in $(pgrep -x postgres); do p=$((p + $(ticks "$pid"))); done
     local pm
     pm=$(pgrep -o -x postgres || true) # the postmaster: the oldest
@@ -381,7 +386,7 @@ emit "\`started_at\` to the last \`finished_at\` (the worker's own rate, broker 
 emit "Default worker logging (info, JSON, to a file). Fresh namespace and emptied ledger per row."
 emit "ledger xacts/job: committed transactions in the ledger database (pg_stat_database.xact_commit)"
 emit "during the row, per job, less this script's polling queries. CPU s per 1,000 jobs (user+system,"
-emit "from /proc): the worker(s); the producer (\`drover publish\`); RabbitMQ (beam.smp); Postgres (all its"
+emit "from /proc): the worker(s); the producer (\`drover publish\`); RabbitMQ (the beam.smp on the AMQP port); Postgres (all its"
 emit "processes, exited backends included). RabbitMQ and Postgres are shared: other clients' load counts too."
 emit ""
 emit "| workers | prefetch | mode | succeeded | s | publish jobs/s | jobs/s | ledger xacts/job | CPU s/1k: worker | producer | RabbitMQ | Postgres |"

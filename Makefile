@@ -98,6 +98,6 @@ dashboard-screenshots: services browser ## screenshots of the dashboard's pages 
 bench-dashboard: services build-dev ## time the dashboard's pages on a throwaway ledger of 1,000,000 jobs (bench/dashboard.sh; updates docs/benchmarks.md)
 	bench/dashboard.sh $(DROVER)
 
-bench: services ## build the release binary and run the benchmarks (bench/run.sh; rewrites docs/benchmarks.md)
+bench: services ## build the release binary and run the benchmarks, a Celery peer among them (bench/run.sh; installs its Python deps in bench/.venv; rewrites docs/benchmarks.md)
 	$(CARGO) build --release -p drover
 	bench/run.sh $(CARGO_TARGET_DIR)/release/drover

@@ -1,7 +1,9 @@
 //! Settling deliveries in batches: one `basic.ack` with `multiple` for a run of deliveries.
 //!
 //! Every ack, nack and reject of a consumer's deliveries goes through one task per channel
-//! (the [`Settler`]), so the frames leave in the order they were asked for. Acks asked for
+//! (the [`Settler`]), which sends a nack, and waits for it to be sent, before any ack that
+//! could cover its delivery (lapin sends each settlement from a future of its own, so two
+//! settlements asked for one after the other may leave in either order). Acks asked for
 //! while the task was busy are collected; the longest run of consecutive delivery tags that
 //! starts just above the highest tag already settled (RabbitMQ numbers a channel's
 //! deliveries 1, 2, 3, ...) is acked with one `basic.ack(tag, multiple = true)`, which on a

@@ -43,6 +43,12 @@ if [[ $MODE == backlog ]]; then T0=$(psql -X -h 127.0.0.1 -U postgres -d $DB -At
 TE=$(psql -X -h 127.0.0.1 -U postgres -d $DB -Atc "SELECT extract(epoch FROM max(finished_at)) FROM drover.jobs")
 kill -TERM $WP; wait $WP || true
 rabbitmqctl -q delete_queue $NS.jobs >/dev/null 2>&1 || true; rabbitmqctl -q delete_queue $NS.dead >/dev/null 2>&1 || true
+# The namespace's exchanges too (rabbitmqctl cannot delete exchanges): pika from bench/.venv.
+"$(dirname "$0")/.venv/bin/python" -c "
+import sys, pika
+c = pika.BlockingConnection(pika.URLParameters(sys.argv[1])); ch = c.channel()
+for n in (sys.argv[2], sys.argv[2] + '.dlx'): ch.exchange_delete(n)
+c.close()" "$DROVER_AMQP_URL" "$NS" >/dev/null 2>&1 || true
 HZ=$(getconf CLK_TCK)
 python3 -c "
 n=$N; s=$TE-$T0

@@ -59,6 +59,16 @@ delete_queues() {
         rabbitmqctl -q delete_queue "$ns.jobs" >/dev/null 2>&1 || true
         rabbitmqctl -q delete_queue "$ns.dead" >/dev/null 2>&1 || true
     done
+    # And the namespaces' exchanges ({ns}, {ns}.dlx): rabbitmqctl cannot delete exchanges.
+    "$PY" - "$DROVER_AMQP_URL" "$@" >/dev/null 2>&1 <<'PYEOF' || true
+import sys, pika
+c = pika.BlockingConnection(pika.URLParameters(sys.argv[1]))
+ch = c.channel()
+for ns in sys.argv[2:]:
+    for name in (ns, ns + ".dlx"):
+        ch.exchange_delete(name)
+c.close()
+PYEOF
 }
 cleanup() {
     local rc=$?

@@ -9,7 +9,8 @@
 # Prints: jobs/s (live: publish start to the last finished_at; backlog: first started_at to
 # last finished_at) and CPU seconds per 1,000 jobs (user+system from /proc) of the worker,
 # the producer (`drover publish --file`), RabbitMQ (the node on port 5672) and Postgres (all
-# its processes, exited backends included). Both services are shared: other clients' load is
+# its processes, exited backends included); in backlog mode also RabbitMQ's and Postgres's
+# from the worker's start on (rabbit_drain, pg_drain). Both services are shared: other clients' load is
 # counted too. Uses the database drover_bench_noop_cpu (recreated, dropped at the end) and a
 # namespace of its own (queues deleted at the end).
 set -euo pipefail
@@ -34,7 +35,7 @@ startw() { DROVER_NAMESPACE=$NS $DROVER worker --metrics-addr off --prefetch $PF
 read B0 P0 <<<"$(svc)"; W0=0; [[ $MODE == live ]] && W0=$(ticks $WP)
 T0=$(date +%s.%N)
 DROVER_NAMESPACE=$NS /usr/bin/time -f '%U %S' -o $W/pub.cpu $DROVER publish -q --file $W/jobs.jsonl >/dev/null
-[[ $MODE == backlog ]] && { startw; W0=$(ticks $WP); }
+[[ $MODE == backlog ]] && { read BP PP0 <<<"$(svc)"; startw; W0=$(ticks $WP); }
 if [[ $PERF == 1 ]]; then perf record -F 999 -g -p $WP -o $W/perf.data >/dev/null 2>&1 & PP=$!; fi
 while :; do d=$(psql -X -h 127.0.0.1 -U postgres -d $DB -Atc "SELECT count(*) FROM drover.jobs WHERE state='succeeded'"); ((d>=N)) && break; sleep 0.2; done
 W1=$(ticks $WP); read B1 P1 <<<"$(svc)"
@@ -52,5 +53,5 @@ c.close()" "$DROVER_AMQP_URL" "$NS" >/dev/null 2>&1 || true
 HZ=$(getconf CLK_TCK)
 python3 -c "
 n=$N; s=$TE-$T0
-print(f'$LABEL mode=$MODE pf=$PF jobs={n} s={s:.2f} rate={n/s:.0f}/s  CPU s/1k: worker={($W1-$W0)/$HZ/n*1000:.3f} publish={sum(map(float,open(\"$W/pub.cpu\").read().split()))/n*1000:.3f} rabbit={($B1-$B0)/$HZ/n*1000:.3f} pg={($P1-$P0)/$HZ/n*1000:.3f}')"
+print(f'$LABEL mode=$MODE pf=$PF jobs={n} s={s:.2f} rate={n/s:.0f}/s  CPU s/1k: worker={($W1-$W0)/$HZ/n*1000:.3f} publish={sum(map(float,open(\"$W/pub.cpu\").read().split()))/n*1000:.3f} rabbit={($B1-$B0)/$HZ/n*1000:.3f} pg={($P1-$P0)/$HZ/n*1000:.3f}' + (f' rabbit_drain={($B1-${BP:-0})/$HZ/n*1000:.3f} pg_drain={($P1-${PP0:-0})/$HZ/n*1000:.3f}' if '$MODE' == 'backlog' else ''))"
 psql -X -q -h 127.0.0.1 -U postgres -d postgres -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)"

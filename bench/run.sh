@@ -242,7 +242,11 @@ HZ=$(getconf CLK_TCK)
 # The RabbitMQ node behind the AMQP port (not other nodes on this machine, e.g. a test cluster).
 AMQP_PORT=$(sed -E 's#^amqps?://([^@/]*@)?[^:/]*:?([0-9]*).*#\2#' <<<"$DROVER_AMQP_URL")
 beam_pids() {
-    ss -ltnpH "sport = :${AMQP_PORT:-5672}" 2>/dev/null | grep -o 'pid=[0-9]*' | cut -d= -f2 | sort -u
+    if command -v ss >/dev/null; then
+        ss -ltnpH "sport = :${AMQP_PORT:-5672}" 2>/dev/null | grep -o 'pid=[0-9]*' | cut -d= -f2 | sort -u
+    else # no iproute2: the system service's node (run as user rabbitmq)
+        pgrep -u rabbitmq -f beam.smp || true
+    fi
 }
 # cpu_ticks: user+system clock ticks so far of the running workers, RabbitMQ and Postgres.
 # Postgres: every live postgres process, plus the postmaster's reaped children (cutime +

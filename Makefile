@@ -120,6 +120,6 @@ bench-lineage: ## what input fingerprinting costs a 1M-row payroll job, release 
 	$(CARGO) build --release -p drover
 	bench/lineage.sh $(CARGO_TARGET_DIR)/release/drover
 
-bench: services ## build the release binary and run the benchmarks (bench/run.sh; rewrites docs/benchmarks.md)
+bench: services ## build the release binary and run the benchmarks, a Celery peer among them (bench/run.sh; installs its Python deps in bench/.venv; rewrites docs/benchmarks.md)
 	$(CARGO) build --release -p drover
 	bench/run.sh $(CARGO_TARGET_DIR)/release/drover

@@ -1,10 +1,11 @@
 //! Consuming job messages with manual acks.
 
 use crate::BrokerError;
+use crate::acks::{Settle, Settled, Settler};
 use crate::error::{describe, is_permanent};
 use crate::publisher::TRACEPARENT_HEADER;
 use futures_util::StreamExt;
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicNackOptions};
+use lapin::options::BasicCancelOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Acker, Channel, Consumer};
 use std::fmt;
@@ -30,6 +31,7 @@ pub struct JobConsumer {
     endpoint: Arc<str>,
     cancelled: AtomicBool,
     ended: bool,
+    settler: Settler,
 }
 
 impl JobConsumer {
@@ -46,6 +48,7 @@ impl JobConsumer {
             endpoint,
             cancelled: AtomicBool::new(false),
             ended: false,
+            settler: Settler::spawn(),
         }
     }
 
@@ -72,6 +75,7 @@ impl JobConsumer {
                 self.channel.clone(),
                 self.queue.clone(),
                 self.endpoint.clone(),
+                self.settler.clone(),
             ))),
             Some(Err(e)) => Some(Err(BrokerError::Operation {
                 action: format!("consume from queue {}", self.queue),
@@ -159,6 +163,10 @@ pub struct Incoming {
     _channel: Arc<Channel>,
     queue: Arc<str>,
     endpoint: Arc<str>,
+    /// The channel's settling task: acks of consecutive deliveries leave as one frame.
+    settler: Settler,
+    /// Set by the first ack, nack or reject: a delivery is settled once.
+    settling: AtomicBool,
 }
 
 impl fmt::Debug for Incoming {
@@ -181,6 +189,7 @@ impl Incoming {
         channel: Arc<Channel>,
         queue: Arc<str>,
         endpoint: Arc<str>,
+        settler: Settler,
     ) -> Incoming {
         let props = &delivery.properties;
         let headers = props.headers().clone().unwrap_or_default();
@@ -201,6 +210,8 @@ impl Incoming {
             _channel: channel,
             queue,
             endpoint,
+            settler,
+            settling: AtomicBool::new(false),
         }
     }
 
@@ -212,22 +223,29 @@ impl Incoming {
 
     /// Acknowledges the message: the broker forgets it. Call only once its outcome (or its
     /// retry schedule) is committed to the ledger.
+    ///
+    /// Acks of this channel's consecutive deliveries asked for at about the same time leave
+    /// as one `basic.ack` with `multiple` (see the settling task in `acks.rs`); this returns
+    /// once the frame covering this delivery was sent.
     pub async fn ack(&self) -> Result<(), BrokerError> {
-        let done = self.acker.ack(BasicAckOptions::default()).await;
+        let done = self.settle(Settle::Ack).await;
         self.settled("ack", done)
+    }
+
+    async fn settle(&self, what: Settle) -> Settled {
+        if self.settling.swap(true, Ordering::SeqCst) {
+            return Ok(false);
+        }
+        self.settler
+            .settle(self.delivery_tag, &self.acker, what)
+            .await
     }
 
     /// Gives the message back to the queue for another delivery (graceful shutdown, or
     /// a job that could not be started). The quorum queue counts this towards the delivery
     /// limit.
     pub async fn nack_requeue(&self) -> Result<(), BrokerError> {
-        let done = self
-            .acker
-            .nack(BasicNackOptions {
-                multiple: false,
-                requeue: true,
-            })
-            .await;
+        let done = self.settle(Settle::Nack { requeue: true }).await;
         self.settled("nack (requeue)", done)
     }
 
@@ -236,13 +254,7 @@ impl Incoming {
     /// [`Publisher::publish_dead`](crate::Publisher::publish_dead) then
     /// [`ack`](Self::ack) when there is a reason to record).
     pub async fn reject(&self) -> Result<(), BrokerError> {
-        let done = self
-            .acker
-            .nack(BasicNackOptions {
-                multiple: false,
-                requeue: false,
-            })
-            .await;
+        let done = self.settle(Settle::Nack { requeue: false }).await;
         self.settled("reject", done)
     }
 

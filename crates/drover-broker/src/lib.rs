@@ -10,7 +10,8 @@
 //! * [`Publisher`] publishes persistent job messages with publisher confirms, pipelined, and
 //!   copies rejected messages to `{ns}.dead` with the reason.
 //! * [`JobConsumer`] yields [`Incoming`] deliveries under `basic.qos(prefetch)`, each acked
-//!   or requeued explicitly.
+//!   or requeued explicitly; acks of consecutive deliveries leave as one `basic.ack` with
+//!   `multiple` (one settle command in the quorum queue's log instead of one per message).
 //!
 //! * [`BrokerAddresses`] holds the addresses of a cluster's nodes and connects to the first
 //!   that answers, so a caller fails over to another node when its own goes away.
@@ -23,6 +24,7 @@
 
 #![warn(missing_docs)]
 
+mod acks;
 mod addresses;
 mod broker;
 mod consumer;

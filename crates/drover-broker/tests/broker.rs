@@ -644,6 +644,89 @@ async fn cancel_keeps_received_deliveries_ackable_and_close_requeues() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_acks_cover_exactly_the_acked_deliveries() {
+    // Acks leave as `basic.ack` with `multiple` over runs of consecutive delivery tags: a run
+    // must never cover a delivery that was nacked or not settled at all. 200 deliveries: 3
+    // nacked (requeued), 1 left unsettled, the rest acked concurrently; exactly those 4 come
+    // back (the nacked ones possibly to the same consumer at once), nothing else.
+    with_namespace(|ns| async move {
+        let topo = Topology::new(&ns);
+        let broker = connect("batched-acks").await;
+        broker.declare(&topo).await.expect("declare");
+        let publisher = broker.publisher(&topo).await.expect("publisher");
+        let jobs: Vec<OutgoingJob> = (0..200)
+            .map(|i| OutgoingJob {
+                message_id: format!("m-{i:03}"),
+                body: format!("{i}").into_bytes(),
+                traceparent: None,
+            })
+            .collect();
+        publisher.publish_jobs(&jobs).await.expect("publish");
+        let mut consumer = broker
+            .consume(&topo, 200, "batched-acks-worker")
+            .await
+            .expect("consume");
+        let mut deliveries = Vec::new();
+        for _ in 0..200 {
+            deliveries.push(next_delivery(&mut consumer).await);
+        }
+        let nacked = ["m-050", "m-100", "m-150"];
+        let held = "m-120";
+        let (kept, settle): (Vec<Incoming>, Vec<Incoming>) = deliveries
+            .into_iter()
+            .partition(|d| d.message_id.as_deref() == Some(held));
+        let settled = futures_util::future::join_all(settle.iter().map(|d| async move {
+            if nacked.contains(&d.message_id.as_deref().unwrap_or("")) {
+                d.nack_requeue().await
+            } else {
+                d.ack().await
+            }
+        }))
+        .await;
+        for r in settled {
+            r.expect("settle");
+        }
+        assert_eq!(kept.len(), 1);
+        // basic.cancel is answered after the channel handled the acks before it; the copies
+        // of the nacked messages the broker redelivered meanwhile are acked as they come
+        // (before the cancel), or left for the next consumer.
+        consumer.cancel().await.expect("cancel");
+        let mut redelivered_here = Vec::new();
+        while let Some(d) = timeout(WAIT, consumer.next())
+            .await
+            .expect("no end in time")
+        {
+            let d = d.expect("delivery");
+            redelivered_here.push(d.message_id.clone().expect("id"));
+            d.ack().await.expect("ack");
+        }
+        broker.close().await.expect("clean close");
+
+        let broker = connect("batched-acks-2").await;
+        let mut consumer = broker
+            .consume(&topo, 50, "batched-acks-worker-2")
+            .await
+            .expect("consume");
+        // The held one, and the nacked ones not redelivered to the first consumer.
+        let mut back = redelivered_here;
+        while back.len() < 4 {
+            let d = next_delivery(&mut consumer).await;
+            back.push(d.message_id.clone().expect("id"));
+            d.ack().await.expect("ack");
+        }
+        back.sort();
+        assert_eq!(back, vec!["m-050", "m-100", "m-120", "m-150"]);
+        // Nothing else comes back: everything else was acked.
+        let more = timeout(Duration::from_millis(500), consumer.next()).await;
+        assert!(more.is_err(), "unexpected extra delivery: {more:?}");
+        let depth = broker.queue_depth(&topo.jobs_queue()).await.expect("depth");
+        assert_eq!(depth.ready, 0);
+        broker.close().await.expect("close");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consumer_ends_when_the_queue_is_deleted() {
     with_namespace(|ns| async move {
         let topo = Topology::new(&ns);

@@ -31,8 +31,8 @@ mod publish;
 mod read;
 mod relay;
 mod rescue;
-mod schedules;
 mod roles;
+mod schedules;
 mod transitions;
 
 pub use dashboard::{
@@ -47,8 +47,8 @@ pub use publish::{EnqueueJob, InsertOutcome, NewJob, enqueue};
 pub use read::{AttemptView, DurationStats, JobFilter, JobProgress, JobView, StateCount};
 pub use relay::{DueJob, ENQUEUE_CHANNEL, RelaySweep};
 pub use rescue::{LedgerDrift, Rescued};
-pub use schedules::{FireReport, Fired, NewSchedule, ScheduleView};
 pub use roles::{RoleGrants, RoleNames, quote_role};
+pub use schedules::{FireReport, Fired, NewSchedule, ScheduleView};
 pub use transitions::{
     BatchRecord, Claim, ClaimedJob, Completion, FailOutcome, HeldEnd, IdentityRecord, LeaseLost,
     LeaseSeen,

@@ -246,16 +246,8 @@ impl Broker {
                 .queue_declare_error(&dead, "a durable quorum queue", &e)
                 .await);
         }
-        channel
-            .queue_bind(
-                short("queue name", &dead)?,
-                short("exchange name", &dlx)?,
-                short("routing key", &topo.dead_routing_key())?,
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| self.op_error(format!("bind queue {dead} to exchange {dlx}"), &e))?;
+        self.bind(&channel, &dead, &dlx, &topo.dead_routing_key())
+            .await?;
         if let Err(e) = channel
             .queue_declare(
                 short("queue name", &jobs)?,
@@ -272,18 +264,8 @@ impl Broker {
             );
             return Err(self.queue_declare_error(&jobs, &expected, &e).await);
         }
-        channel
-            .queue_bind(
-                short("queue name", &jobs)?,
-                short("exchange name", &jobs_exchange)?,
-                JOBS_ROUTING_KEY.into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| {
-                self.op_error(format!("bind queue {jobs} to exchange {jobs_exchange}"), &e)
-            })?;
+        self.bind(&channel, &jobs, &jobs_exchange, JOBS_ROUTING_KEY)
+            .await?;
         if let Err(e) = channel.close(200, "OK".into()).await {
             debug!(error = %describe(&e), "closing the declare channel");
         }
@@ -313,16 +295,8 @@ impl Broker {
             .map_err(|e| {
                 self.declare_error(&format!("queue {queue}"), "a durable quorum queue", &e)
             })?;
-        channel
-            .queue_bind(
-                short("queue name", &queue)?,
-                short("exchange name", &dlx)?,
-                short("routing key", &topo.dead_routing_key())?,
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await
-            .map_err(|e| self.op_error(format!("bind queue {queue} to exchange {dlx}"), &e))?;
+        self.bind(&channel, &queue, &dlx, &topo.dead_routing_key())
+            .await?;
         if let Err(e) = channel.close(200, "OK".into()).await {
             debug!(error = %describe(&e), "closing the declare channel");
         }
@@ -528,6 +502,26 @@ impl Broker {
         list.retain(|w| w.strong_count() > 0);
         list.push(Arc::downgrade(&channel));
         channel
+    }
+
+    /// Binds `queue` to `exchange` with `routing_key` (one step of declaring the topology).
+    async fn bind(
+        &self,
+        channel: &Channel,
+        queue: &str,
+        exchange: &str,
+        routing_key: &str,
+    ) -> Result<(), BrokerError> {
+        channel
+            .queue_bind(
+                short("queue name", queue)?,
+                short("exchange name", exchange)?,
+                short("routing key", routing_key)?,
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .map_err(|e| self.op_error(format!("bind queue {queue} to exchange {exchange}"), &e))
     }
 
     fn op_error(&self, action: String, e: &lapin::Error) -> BrokerError {

@@ -74,8 +74,13 @@ pub struct PublishArgs {
     quiet: bool,
 }
 
-fn message_from_flags(args: &PublishArgs) -> anyhow::Result<JobMessage> {
-    let mut params = match &args.params_json {
+/// A job's params from `--params-json` (an object) and then each `--param k=v` over it; shared
+/// by `publish` and `schedules add`.
+pub(crate) fn params_from_flags(
+    params_json: Option<&str>,
+    params: &[String],
+) -> anyhow::Result<Map<String, Value>> {
+    let mut out = match params_json {
         None => Map::new(),
         Some(text) => match serde_json::from_str::<Value>(text) {
             Ok(Value::Object(m)) => m,
@@ -83,10 +88,15 @@ fn message_from_flags(args: &PublishArgs) -> anyhow::Result<JobMessage> {
             Err(e) => bail!("--params-json: not JSON ({e})"),
         },
     };
-    for p in &args.params {
+    for p in params {
         let (name, value) = parse_param(p).map_err(anyhow::Error::msg)?;
-        params.insert(name, value);
+        out.insert(name, value);
     }
+    Ok(out)
+}
+
+fn message_from_flags(args: &PublishArgs) -> anyhow::Result<JobMessage> {
+    let params = params_from_flags(args.params_json.as_deref(), &args.params)?;
     let run_at = match (&args.run_at, &args.delay) {
         (Some(t), _) => Some(
             chrono::DateTime::parse_from_rfc3339(t)

@@ -5,7 +5,7 @@ use anyhow::bail;
 use clap::{ArgGroup, Args, Subcommand};
 use drover_core::schedule::{self, CatchUp, KeyTemplate, Spec};
 use drover_ledger::{NewSchedule, ScheduleView};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use std::process::ExitCode;
 
 /// `drover schedules` subcommands.
@@ -144,18 +144,7 @@ async fn add(ctx: &Context, args: AddArgs) -> anyhow::Result<ExitCode> {
     };
     let catch_up: CatchUp = args.catch_up.parse()?;
     let template = KeyTemplate::parse(&args.key_template)?;
-    let mut params = match &args.params_json {
-        None => Map::new(),
-        Some(text) => match serde_json::from_str::<Value>(text) {
-            Ok(Value::Object(m)) => m,
-            Ok(other) => bail!("--params-json: expected a JSON object, got {other}"),
-            Err(e) => bail!("--params-json: not JSON ({e})"),
-        },
-    };
-    for p in &args.params {
-        let (name, value) = drover_core::message::parse_param(p).map_err(anyhow::Error::msg)?;
-        params.insert(name, value);
-    }
+    let params = crate::publish::params_from_flags(args.params_json.as_deref(), &args.params)?;
     let batch_size = match args.batch_size {
         None => None,
         Some(b) if (1..=10_000_000).contains(&b) => Some(b as i32),

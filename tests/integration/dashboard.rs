@@ -792,7 +792,12 @@ async fn browse(screenshots: Option<std::path::PathBuf>) {
         .click()
         .await
         .expect("click");
-    let rows = wait_text(&b, "#jobs", T, |t| t.contains("acme:dead-once")).await;
+    // The unfiltered page already lists the dead job, so wait for the filtered one: the dead
+    // job without the succeeded ones (a broken filter times out here).
+    let rows = wait_text(&b, "#jobs", T, |t| {
+        t.contains("acme:dead-once") && !t.contains("acme:2026-01")
+    })
+    .await;
     assert!(!rows.contains("acme:2026-01"), "only dead jobs: {rows}");
     assert!(
         b.current_url()

@@ -52,6 +52,11 @@ use std::sync::Arc;
 /// Rows per batch when neither the message nor the pipeline says otherwise.
 pub const DEFAULT_BATCH_SIZE: usize = 5000;
 
+/// Batches whose frames a running job may hold in memory at once: the one being read and
+/// transformed plus up to [`WRITE_AHEAD`] whose parts are being written. A worker sizing a
+/// job's memory from one batch's frames multiplies by this.
+pub const BATCHES_IN_MEMORY: u64 = WRITE_AHEAD as u64 + 1;
+
 /// Additive per-batch figures (`rows`, `total_net`, ...): summed over batches into the
 /// job's result, so they must be integers that add up.
 pub type Summary = BTreeMap<String, i64>;
@@ -380,6 +385,7 @@ fn default_dir(dir: Option<PathBuf>, root: &Path, pipeline: &str, key: &str) -> 
 trait ErasedPipeline: Send + Sync {
     fn name(&self) -> &'static str;
     fn default_max_attempts(&self) -> Option<u32>;
+    fn default_batch_size(&self) -> usize;
     fn describe(&self) -> Option<Description>;
     fn output_dir(&self, spec: &JobSpec) -> Result<Option<PathBuf>, PipelineError>;
     fn validate(&self, params: &Value) -> Result<(), PipelineError>;
@@ -394,6 +400,10 @@ impl<P: Pipeline> ErasedPipeline for P {
 
     fn default_max_attempts(&self) -> Option<u32> {
         Pipeline::default_max_attempts(self)
+    }
+
+    fn default_batch_size(&self) -> usize {
+        Pipeline::default_batch_size(self)
     }
 
     fn describe(&self) -> Option<Description> {
@@ -517,6 +527,13 @@ impl Registry {
         self.get(pipeline).and_then(|p| p.default_max_attempts())
     }
 
+    /// Rows per batch of a job of `pipeline` whose message names no `batch_size` (the
+    /// built-in default for an unknown pipeline).
+    pub fn default_batch_size(&self, pipeline: &str) -> usize {
+        self.get(pipeline)
+            .map_or(DEFAULT_BATCH_SIZE, |p| p.default_batch_size())
+    }
+
     /// A job's attempt limit: the message's, then the pipeline's default, then `fallback`
     /// (the worker's or producer's configuration).
     pub fn max_attempts_for(&self, msg: &drover_core::JobMessage, fallback: u32) -> u32 {
@@ -539,6 +556,7 @@ trait BatchRunner: Send {
     fn batch_size(&self) -> usize;
     fn identity(&self) -> &JobIdentity;
     fn batches_total(&self) -> Option<u32>;
+    fn bytes_per_row(&self) -> Option<u64>;
     fn next_batch(&mut self) -> Result<Option<BatchOutcome>, PipelineError>;
     fn finish(self: Box<Self>, batches: &[BatchOutcome]) -> Result<Value, PipelineError>;
 }
@@ -575,6 +593,14 @@ impl JobRun {
     /// from its footer, CSV by a scan of record boundaries at open, `noop` from its params.
     pub fn batches_total(&self) -> Option<u32> {
         self.inner.batches_total()
+    }
+
+    /// The most in-memory bytes per input row any batch of this run took so far: the batch's
+    /// frame as read plus the frame it produced (polars' `estimated_size`), divided by its
+    /// rows. `None` before a batch with rows. Frames only: buffers inside the pipeline (a
+    /// child process of `exec`, polars' scratch space) are not counted.
+    pub fn bytes_per_row(&self) -> Option<u64> {
+        self.inner.bytes_per_row()
     }
 
     /// Reads, transforms and writes the next batch; `Ok(None)` when the input is exhausted.
@@ -620,6 +646,8 @@ struct Runner<P: Pipeline> {
     /// Reading or transforming the batch after the last one in `writing` failed: returned
     /// once the batches before it are.
     prepare_failed: Option<PipelineError>,
+    /// Most frame bytes per input row of a batch so far (see [`JobRun::bytes_per_row`]).
+    bytes_per_row: Option<u64>,
     /// Set by the first error: the source may already be past the failed batch, so every
     /// later call returns the same error instead of a batch under the wrong index.
     failed: Option<PipelineError>,
@@ -700,6 +728,7 @@ impl<P: Pipeline> Runner<P> {
             writing: VecDeque::new(),
             source_done: false,
             prepare_failed: None,
+            bytes_per_row: None,
             failed: None,
         })
     }
@@ -718,9 +747,15 @@ impl<P: Pipeline> Runner<P> {
             batches_total: self.source.batches_total(),
         };
         let rows = batch.height() as u64;
+        let in_bytes = batch.estimated_size() as u64;
         let out = self
             .pipeline
             .transform(&self.params, &self.reference, batch, &ctx)?;
+        if rows > 0 {
+            let out_bytes = out.as_ref().map_or(0, |df| df.estimated_size() as u64);
+            let per_row = (in_bytes + out_bytes).div_ceil(rows);
+            self.bytes_per_row = Some(self.bytes_per_row.map_or(per_row, |b| b.max(per_row)));
+        }
         if let (Some(schema), Some(df)) = (&self.schema, &out) {
             schema.check(self.pipeline.name(), index, df)?;
         }
@@ -852,6 +887,10 @@ impl<P: Pipeline> BatchRunner for Runner<P> {
 
     fn batches_total(&self) -> Option<u32> {
         self.source.batches_total()
+    }
+
+    fn bytes_per_row(&self) -> Option<u64> {
+        self.bytes_per_row
     }
 
     fn next_batch(&mut self) -> Result<Option<BatchOutcome>, PipelineError> {

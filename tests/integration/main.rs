@@ -18,6 +18,7 @@ mod ledger;
 mod lifecycle;
 mod lifecycle2;
 mod lineage;
+mod memory;
 mod observability;
 mod outage;
 mod polish;

@@ -167,6 +167,10 @@ pub struct WorkerFileConfig {
     pub metrics_addr: Option<String>,
     /// `--lost-after-secs`: how long a queued job may wait without a ready message.
     pub lost_after_secs: Option<u64>,
+    /// `--memory-limit`: a size such as `"2GiB"` (`"0"`: no limit).
+    pub memory_limit: Option<String>,
+    /// `--memory-per-row PIPELINE=SIZE`: bytes per row of batch size by pipeline.
+    pub memory_per_row: std::collections::BTreeMap<String, String>,
 }
 
 impl FileConfig {
@@ -451,6 +455,12 @@ mod tests {
 
     #[test]
     fn worker_table_takes_every_worker_setting() {
+        let file: FileConfig = toml::from_str(
+            "[worker]\nmemory_limit = \"2GiB\"\nmemory_per_row = { exec = \"4KiB\" }\n",
+        )
+        .unwrap();
+        assert_eq!(file.worker.memory_limit.as_deref(), Some("2GiB"));
+        assert_eq!(file.worker.memory_per_row["exec"], "4KiB");
         let file: FileConfig =
             toml::from_str("[worker]\nmetrics_addr = \"127.0.0.1:0\"\nlost_after_secs = 9\n")
                 .unwrap();

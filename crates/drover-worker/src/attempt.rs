@@ -215,6 +215,9 @@ pub(crate) async fn run_attempt(
                 return failed(shared, job, e, delivery).await;
             }
         };
+        if let Some(per_row) = hop.bytes_per_row {
+            shared.memory.learn(&job.pipeline, per_row);
+        }
         for b in hop.batches {
             next_index = b.index + 1;
             batch_span.record("rows", b.rows);
@@ -309,6 +312,9 @@ pub(crate) struct Hop {
     total: Option<i32>,
     /// The job's identity, from the hop that opened it.
     identity: Option<JobIdentity>,
+    /// The most frame bytes per row a batch of this run took so far (for
+    /// `--memory-limit` estimates).
+    bytes_per_row: Option<u64>,
 }
 
 impl Slot {
@@ -361,6 +367,7 @@ impl Slot {
                 }
             }
         }
+        hop.bytes_per_row = run.bytes_per_row();
         if hop.exhausted
             && let Some(mut all) = finish_with
             && let Some(run) = self.run.take()

@@ -56,6 +56,12 @@ pub struct WorkerConfig {
     pub metrics_addr: Option<SocketAddr>,
     /// Concurrency limits by pipeline, enforced in the ledger (see `drover_ledger::Limits`).
     pub limits: std::collections::BTreeMap<String, drover_ledger::Limits>,
+    /// A job is claimed only while this process's resident memory plus the job's estimate
+    /// stays under this many bytes (`None` or 0: no limit; see `--memory-limit`).
+    pub memory_limit: Option<u64>,
+    /// Bytes per row of batch size that a job of the pipeline needs, set by the operator
+    /// (over what the worker learns from batches).
+    pub memory_per_row: std::collections::BTreeMap<String, u64>,
 }
 
 impl WorkerConfig {
@@ -76,6 +82,8 @@ impl WorkerConfig {
             retention: None,
             metrics_addr: None,
             limits: Default::default(),
+            memory_limit: None,
+            memory_per_row: Default::default(),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! One delivery: parse, validate, claim (fast or slow path), run, settle.
 
 use crate::attempt::run_attempt;
+use crate::memory::Admission;
 use crate::shared::{DbStop, Disposition, Shared};
 use drover_broker::Incoming;
 use drover_core::JobMessage;
@@ -70,6 +71,19 @@ pub(crate) async fn process(shared: &Arc<Shared>, delivery: &Incoming) -> Dispos
             )
             .await;
         }
+        // Memory-aware admission, before any claim: a job that does not fit waits here,
+        // unclaimed (see crate::memory). `admission` lives until the job ends.
+        let batch_size = msg.batch_size.map_or_else(
+            || shared.registry.default_batch_size(&msg.pipeline) as u64,
+            u64::from,
+        );
+        let Some(admission) = shared
+            .memory
+            .admit(&msg.pipeline, batch_size, shared.shutdown.clone())
+            .await
+        else {
+            return Disposition::Requeue;
+        };
         let max_attempts = shared.registry.max_attempts_for(&msg, shared.config.max_attempts) as i32;
         let worker = shared.config.worker_id.clone();
         // Fast path: a plainly claimable job is claimed in a statement shared with the
@@ -84,7 +98,7 @@ pub(crate) async fn process(shared: &Arc<Shared>, delivery: &Incoming) -> Dispos
                 .db("claim", || shared.group.claim_ready(msg.idempotency_key.clone()))
                 .await
             {
-                Ok(Some(job)) => return run_job(shared, timed(shared, job, &msg).await, delivery).await,
+                Ok(Some(job)) => return run_job(shared, timed(shared, job, &msg).await, delivery, admission).await,
                 Ok(None) => {}
                 Err(DbStop::Shutdown) => return Disposition::Requeue,
                 Err(DbStop::Failed(e)) => {
@@ -147,7 +161,7 @@ pub(crate) async fn process(shared: &Arc<Shared>, delivery: &Incoming) -> Dispos
                         LeaseWatch::Shutdown => return Disposition::Requeue,
                     }
                 }
-                Claim::Run(job) => return run_job(shared, timed(shared, job, &msg).await, delivery).await,
+                Claim::Run(job) => return run_job(shared, timed(shared, job, &msg).await, delivery, admission).await,
             }
         }
     }
@@ -270,10 +284,14 @@ pub(crate) async fn dead_letter(
 /// need not hold the message, and a job may run longer than RabbitMQ's `consumer_timeout`
 /// (which closes the channel of a delivery left unacked that long). The worker's
 /// concurrency is bounded by its job slots instead of the unacked count (see `consume`).
+///
+/// `admission` holds the job's memory reservation until the attempt ends; a job that can
+/// never fit under `--memory-limit` is failed permanently with the reason instead of run.
 pub(crate) async fn run_job(
     shared: &Arc<Shared>,
     job: ClaimedJob,
     delivery: &Incoming,
+    admission: Admission,
 ) -> Disposition {
     let cancel = Arc::new(AtomicBool::new(false));
     let running = shared.inflight.insert(job.clone(), cancel.clone());
@@ -289,9 +307,25 @@ pub(crate) async fn run_job(
         resume_after = job.batches_done
     );
     let started = std::time::Instant::now();
-    let d = run_attempt(shared, &job, &cancel, delivery)
-        .instrument(span)
-        .await;
+    let d = match &admission {
+        Admission::NeverFits(reason) => {
+            crate::attempt::failed(
+                shared,
+                &job,
+                drover_pipeline::PipelineError::permanent(reason.clone()),
+                delivery,
+            )
+            .instrument(span)
+            .await
+        }
+        Admission::Unlimited | Admission::Admitted(_) => {
+            run_attempt(shared, &job, &cancel, delivery)
+                .instrument(span)
+                .await
+        }
+    };
+    // The reservation ends with the attempt.
+    drop(admission);
     let running = shared.inflight.remove(&job.id);
     shared.metrics.set_in_flight(running);
     shared

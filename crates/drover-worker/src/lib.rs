@@ -43,6 +43,7 @@ mod consume;
 mod delivery;
 mod error;
 mod heartbeat;
+mod memory;
 mod metrics;
 mod poison;
 mod relay;
@@ -56,6 +57,7 @@ pub use config::{
     DEFAULT_METRICS_ADDR, DEFAULT_OUTPUT_ROOT, DEFAULT_PREFETCH, WorkerConfig, default_worker_id,
 };
 pub use error::WorkerError;
+pub use memory::{DEFAULT_BYTES_PER_ROW, resident_bytes};
 pub use rescue::due_message;
 pub use retention::{PRUNE_BATCH, Retention, delete_outputs};
 
@@ -196,6 +198,19 @@ pub async fn run_with_stop(
         usize::from(config.prefetch),
     );
     let metrics_addr = config.metrics_addr;
+    let metrics = Arc::new(Metrics::new());
+    let memory = memory::MemoryGate::new(
+        config.memory_limit,
+        config.memory_per_row.clone(),
+        metrics.clone(),
+    );
+    if let Some(limit) = config.memory_limit.filter(|l| *l > 0) {
+        info!(
+            limit_bytes = limit,
+            rss_bytes = resident_bytes().unwrap_or(0),
+            "memory-aware admission: a job is claimed only while resident memory plus its estimate stays under --memory-limit"
+        );
+    }
     let shared = Arc::new(Shared {
         ledger,
         group,
@@ -207,7 +222,8 @@ pub async fn run_with_stop(
         draining: AtomicBool::new(false),
         shutdown: shutdown_rx,
         publisher: RwLock::new(None),
-        metrics: Arc::new(Metrics::new()),
+        metrics,
+        memory,
     });
     let http = match metrics_addr {
         Some(addr) => {

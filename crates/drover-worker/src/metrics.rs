@@ -84,6 +84,11 @@ pub struct Metrics {
     rescued: Counter,
     republished: Counter,
     poisoned: Counter,
+    memory_limit: Gauge,
+    memory_rss: Gauge,
+    memory_reserved: Gauge,
+    memory_waiting: Gauge,
+    memory_per_row: Family<PipelineLabels, Gauge>,
     /// Connected to RabbitMQ and consuming.
     pub consuming: AtomicBool,
 }
@@ -95,7 +100,7 @@ impl Metrics {
         let jobs = Family::<OutcomeLabels, Counter>::default();
         registry.register(
             "jobs",
-            "Jobs handled, by pipeline and outcome (succeeded, retried, dead, rejected, cancelled, released, duplicate)",
+            "Jobs handled, by pipeline and outcome (succeeded, retried, dead, rejected, cancelled, released, duplicate, held_back, waited_for_memory)",
             jobs.clone(),
         );
         let durations = Family::<PipelineLabels, Histogram>::new_with_constructor(|| {
@@ -146,8 +151,43 @@ impl Metrics {
             "Queued jobs marked dead because the broker dead-lettered their message at the delivery limit",
             poisoned.clone(),
         );
+        let memory_limit = Gauge::default();
+        registry.register(
+            "memory_limit_bytes",
+            "--memory-limit: resident memory plus a new job's estimate must stay under it (0: no limit)",
+            memory_limit.clone(),
+        );
+        let memory_rss = Gauge::default();
+        registry.register(
+            "memory_rss_bytes",
+            "Resident memory of this worker process, sampled now",
+            memory_rss.clone(),
+        );
+        let memory_reserved = Gauge::default();
+        registry.register(
+            "memory_reserved_bytes",
+            "Sum of the memory estimates of the jobs admitted and running here (with --memory-limit)",
+            memory_reserved.clone(),
+        );
+        let memory_waiting = Gauge::default();
+        registry.register(
+            "jobs_waiting_for_memory",
+            "Deliveries waiting, unclaimed, until their estimate fits under --memory-limit",
+            memory_waiting.clone(),
+        );
+        let memory_per_row = Family::<PipelineLabels, Gauge>::default();
+        registry.register(
+            "memory_bytes_per_row",
+            "Bytes per row of batch size a job's estimate uses, by pipeline (--memory-per-row, or learned from batches run here)",
+            memory_per_row.clone(),
+        );
         Metrics {
             registry,
+            memory_limit,
+            memory_rss,
+            memory_reserved,
+            memory_waiting,
+            memory_per_row,
             poisoned,
             rescued,
             republished,
@@ -216,12 +256,40 @@ impl Metrics {
         self.republished.inc_by(n as u64);
     }
 
+    /// Sets the memory limit gauge (0: none).
+    pub fn memory_limit(&self, bytes: u64) {
+        self.memory_limit.set(saturating_i64(bytes));
+    }
+
+    /// Sets the admission gauges: RSS sampled, bytes reserved, deliveries waiting.
+    pub fn memory_state(&self, rss: u64, reserved: u64, waiting: i64) {
+        self.memory_rss.set(saturating_i64(rss));
+        self.memory_reserved.set(saturating_i64(reserved));
+        self.memory_waiting.set(waiting);
+    }
+
+    /// Sets the bytes per row a pipeline's estimates use.
+    pub fn memory_per_row(&self, pipeline: &str, bytes: u64) {
+        self.memory_per_row
+            .get_or_create(&PipelineLabels {
+                pipeline: pipeline.to_string(),
+            })
+            .set(saturating_i64(bytes));
+    }
+
     fn render(&self) -> String {
+        if let Some(rss) = crate::memory::resident_bytes() {
+            self.memory_rss.set(saturating_i64(rss));
+        }
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
         out
     }
+}
+
+fn saturating_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 impl Default for Metrics {

@@ -102,6 +102,8 @@ pub(crate) struct Shared {
     /// The current confirm-mode publisher (replaced on reconnect; None while disconnected).
     pub(crate) publisher: RwLock<Option<Arc<Publisher>>>,
     pub(crate) metrics: Arc<Metrics>,
+    /// Memory-aware admission (`--memory-limit`).
+    pub(crate) memory: Arc<crate::memory::MemoryGate>,
 }
 
 impl Shared {

@@ -35,6 +35,15 @@ Concurrency limits beyond the prefetch: --limit PIPELINE=N (per worker), or a
 [limits.PIPELINE] table with per_worker, total (across all workers) and group_by + per_group
 (e.g. one running payroll per client_id); a job over a limit waits in the ledger (no attempt
 counted) and is published again every 2 s until a slot is free.
+Memory-aware admission: --memory-limit SIZE (e.g. 2GiB) makes the worker claim a job only
+while its resident memory (RSS, measured) plus the job's estimate stays under SIZE. The
+estimate is the job's batch_size times the pipeline's bytes per row: --memory-per-row if
+set, else learned from this worker's earlier batches of the pipeline (frame bytes per row
+x4, the batches a job holds at once), else 4 KiB. A running job keeps its estimate reserved
+until it ends. A job that does not fit waits unclaimed (no attempt counted) until a job of
+this worker ends; one whose estimate alone exceeds SIZE can never fit and goes dead with
+the estimate and the limit in its error. /metrics: drover_memory_* and
+drover_jobs_waiting_for_memory.
 Broker loss: reconnect with jittered backoff. Postgres loss: stop taking work until it is back.")]
 pub struct WorkerArgs {
     /// Jobs in flight at once (AMQP basic.qos prefetch) [default: 8].
@@ -74,6 +83,17 @@ pub struct WorkerArgs {
     /// `[limits.PIPELINE] per_worker`.
     #[arg(long = "limit", value_name = "PIPELINE=N")]
     limits: Vec<String>,
+    /// Claim a job only while this worker's resident memory (RSS) plus the job's estimate
+    /// (batch_size x the pipeline's bytes per row) stays under SIZE: 2GiB, 512MiB, 1.5GB,
+    /// or bytes. A job that does not fit waits, unclaimed, until a running job ends; a job
+    /// whose estimate alone is over SIZE goes dead naming both. Absent or 0: no limit.
+    #[arg(long, env = "DROVER_MEMORY_LIMIT", value_name = "SIZE")]
+    memory_limit: Option<String>,
+    /// Bytes per row of batch size a job of PIPELINE needs, for --memory-limit (repeatable),
+    /// instead of learning it from batches: for a pipeline whose memory is outside the
+    /// worker process (exec's child) or outgrows its frames.
+    #[arg(long = "memory-per-row", value_name = "PIPELINE=SIZE")]
+    memory_per_row: Vec<String>,
 }
 
 impl WorkerArgs {
@@ -147,6 +167,10 @@ impl WorkerArgs {
         };
         c.limits = crate::limits::resolve(&ctx.file.limits, &self.limits, &ctx.registry)?;
         c.retry = ctx.file.retry.clone().unwrap_or_default();
+        c.memory_limit =
+            crate::memory::limit(self.memory_limit.as_deref(), f.memory_limit.as_deref())?;
+        c.memory_per_row =
+            crate::memory::per_row(&f.memory_per_row, &self.memory_per_row, &ctx.registry)?;
         let metrics_addr = self
             .metrics_addr
             .or_else(|| f.metrics_addr.clone())

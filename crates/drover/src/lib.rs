@@ -25,6 +25,7 @@ mod jobs;
 mod limits;
 mod lineage;
 mod logging;
+mod memory;
 mod migrate;
 mod pipelines;
 mod prune;

@@ -62,7 +62,7 @@ pub fn resolve(
     Ok(out)
 }
 
-fn known(registry: &Registry, pipeline: &str, at: &str) -> anyhow::Result<()> {
+pub(crate) fn known(registry: &Registry, pipeline: &str, at: &str) -> anyhow::Result<()> {
     if registry.names().contains(&pipeline) {
         Ok(())
     } else {

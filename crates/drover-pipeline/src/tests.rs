@@ -1360,3 +1360,29 @@ fn csv_with_bom_crlf_quotes_and_blank_lines_reads_like_plain_csv() {
     );
     assert!(x.equals(&y));
 }
+
+/// What a worker sizes `--memory-limit` estimates from: nothing before the first batch,
+/// then the batch's input and output frames per row (payroll's are narrow: tens to hundreds
+/// of bytes), the same for batches twice the size.
+#[test]
+fn a_run_measures_its_frames_bytes_per_row() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pq = tmp.path().join("in.parquet");
+    generate_payroll(4_000, "acme", "2026-11", 7, &pq).unwrap();
+    let p = json!({"client_id": "acme", "period": "2026-11", "input": pq});
+    let per_row = |key: &str, batch: usize| {
+        let mut run = Registry::builtin()
+            .open(&spec(key, p.clone(), batch, tmp.path()), 0)
+            .unwrap();
+        assert_eq!(run.bytes_per_row(), None, "nothing measured before a batch");
+        while run.next_batch().unwrap().is_some() {}
+        run.bytes_per_row().expect("measured")
+    };
+    let small = per_row("m-1", 1_000);
+    assert!((16..4_096).contains(&small), "{small} bytes per row");
+    let large = per_row("m-2", 2_000);
+    assert!(
+        large.abs_diff(small) * 4 <= small,
+        "bytes per row should not depend on the batch size: {small} vs {large}"
+    );
+}

@@ -77,11 +77,8 @@ pub(crate) async fn process(shared: &Arc<Shared>, delivery: &Incoming) -> Dispos
             || shared.registry.default_batch_size(&msg.pipeline) as u64,
             u64::from,
         );
-        let Some(admission) = shared
-            .memory
-            .admit(&msg.pipeline, batch_size, shared.shutdown.clone())
-            .await
-        else {
+        let admit = || shared.memory.admit(&msg.pipeline, batch_size, shared.shutdown.clone());
+        let Some(mut admission) = admit().await else {
             return Disposition::Requeue;
         };
         let max_attempts = shared.registry.max_attempts_for(&msg, shared.config.max_attempts) as i32;
@@ -147,6 +144,9 @@ pub(crate) async fn process(shared: &Arc<Shared>, delivery: &Incoming) -> Dispos
                         info!("job is running here already; acking duplicate delivery");
                         return Disposition::Ack;
                     }
+                    // Running elsewhere: no memory is reserved here while the lease is
+                    // watched (up to two heartbeat periods); admitted again if it is ours.
+                    drop(std::mem::replace(&mut admission, Admission::Unlimited));
                     match watch_lease(shared, id, &seen).await {
                         LeaseWatch::Alive => {
                             info!(owner = ?seen.owner, "job is running on a live worker; acking duplicate delivery");
@@ -160,6 +160,10 @@ pub(crate) async fn process(shared: &Arc<Shared>, delivery: &Incoming) -> Dispos
                         }
                         LeaseWatch::Shutdown => return Disposition::Requeue,
                     }
+                    admission = match admit().await {
+                        Some(a) => a,
+                        None => return Disposition::Requeue,
+                    };
                 }
                 Claim::Run(job) => return run_job(shared, timed(shared, job, &msg).await, delivery, admission).await,
             }

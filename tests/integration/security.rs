@@ -2,10 +2,11 @@
 //! files that never show up in what drover prints, least-privilege Postgres roles and
 //! RabbitMQ permissions.
 //!
-//! The RabbitMQ tests run a private node each (scripts/rabbitmq-node.sh, ports 5711-5719,
-//! names `security-*`), stopped and deleted when the test ends; the shared broker's users
-//! and settings are never touched. Postgres login roles are created per test with unique
-//! names and dropped after the test's database.
+//! The RabbitMQ tests run a private node each (scripts/rabbitmq-node.sh, ports 5711-5719
+//! and 5761, names `security-*`), stopped and deleted when the test ends; the shared
+//! broker's users and settings are never touched. Postgres login roles are created per test
+//! with unique names and dropped after the test's database; the TLS-only end-to-end test
+//! runs a private Postgres cluster (scripts/postgres-node.sh, port 5751) instead.
 
 use crate::support::*;
 use lapin::options::{BasicConsumeOptions, QueueDeleteOptions};
@@ -436,11 +437,11 @@ async fn least_privilege_accounts_from_files_run_everything_and_never_show_a_pas
     let vhost = "drover-sec";
     node.ctl(&["add_vhost", vhost]);
     let ns = &env.ns;
-    let own = format!("^{}(\\.(jobs|dead|dlx))?$", ns.replace('.', "\\."));
-    let jobs_queue = format!("^{}\\.jobs$", ns.replace('.', "\\."));
+    let own = format!("^{}(\\.(jobs|dead|dlx|poison))?$", ns.replace('.', "\\."));
+    let worker_queues = format!("^{}\\.(jobs|poison)$", ns.replace('.', "\\."));
     for (user, conf, write, read) in [
         ("admin", own.as_str(), own.as_str(), own.as_str()),
-        ("worker", "^$", "^amq\\.default$", jobs_queue.as_str()),
+        ("worker", "^$", "^amq\\.default$", worker_queues.as_str()),
         ("producer", "^$", "^amq\\.default$", "^$"),
         ("dashboard", "^$", "^$", "^$"),
     ] {
@@ -973,8 +974,10 @@ fn dashboard_addr(line: &str) -> String {
 /// permission checks.
 async fn amqps_connect(url: &str, ca: &Path) -> Connection {
     let uri: lapin::uri::AMQPUri = url.parse().expect("AMQP URI");
-    let mut tls = lapin::tcp::OwnedTLSConfig::default();
-    tls.cert_chain = Some(std::fs::read_to_string(ca).expect("read CA"));
+    let tls = lapin::tcp::OwnedTLSConfig {
+        cert_chain: Some(std::fs::read_to_string(ca).expect("read CA")),
+        ..Default::default()
+    };
     lapin::DefaultConnectionBuilder::new()
         .expect("connection builder")
         .with_uri(uri)
@@ -1006,8 +1009,8 @@ async fn tls_only_services_with_least_privilege_accounts_run_jobs_end_to_end() {
 
     // RabbitMQ: TLS only, users, vhost and permissions from the deploy files' definitions
     // (their demo passwords replaced).
-    let defs_path =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/secrets/rabbitmq-definitions.json");
+    let defs_path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../deploy/secrets/rabbitmq-definitions.json");
     let mut defs: Value =
         serde_json::from_str(&std::fs::read_to_string(&defs_path).expect("read definitions"))
             .expect("definitions are JSON");
@@ -1148,10 +1151,11 @@ async fn tls_only_services_with_least_privilege_accounts_run_jobs_end_to_end() {
         &["dashboard", "--addr", "127.0.0.1:0"],
     )));
     let addr = dashboard_addr(&dash.0.wait_log("dashboard listening", T));
+    let mut pages = String::new();
     for path in ["/jobs", "/api/jobs/e2e-2", "/api/overview"] {
         let (status, body) = http_get(&addr, path);
         assert_eq!(status, 200, "dashboard {path}: {body}");
-        printed.push_str(&body);
+        pages.push_str(&body);
     }
     let (_, job) = http_get(&addr, "/api/jobs/e2e-2");
     assert!(job.contains("succeeded"), "{job}");
@@ -1241,6 +1245,7 @@ async fn tls_only_services_with_least_privilege_accounts_run_jobs_end_to_end() {
     admin.close().await;
 
     // Nothing any process printed carries a password.
+    printed.push_str(&pages);
     printed.push_str(&worker.0.log());
     printed.push_str(&dash.0.log());
     assert!(printed.contains("e2e-1"), "the checks saw the run");

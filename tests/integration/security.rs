@@ -490,6 +490,10 @@ async fn least_privilege_accounts_from_files_run_everything_and_never_show_a_pas
 
     let worker = Proc(Worker::spawn(as_("worker", "worker", &["worker"])));
     worker.0.wait_log("\"consuming\"", T);
+    // The poison queue too: declared by the administrator, readable by the worker.
+    worker
+        .0
+        .wait_log("consuming messages dead-lettered at the delivery limit", T);
     let out = run(as_(
         "producer",
         "producer",

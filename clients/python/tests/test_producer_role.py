@@ -1,20 +1,29 @@
 """The client under the least-privilege producer role (docs/security.md): a login in the
 role ``drover migrate --roles`` creates publishes with :meth:`Client.publish` and enqueues in
 its own psycopg transaction, reads only the jobs it submitted and nothing else of the
-ledger, and cannot change a job's state."""
+ledger, and cannot change a job's state; and it publishes over AMQPS, trusting a private CA
+(``cacertfile=``), as the producer's RabbitMQ user of a TLS-only node."""
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
+import tempfile
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+import pika
+import pika.exceptions
 import psycopg
 import pytest
-from conftest import Env
+from conftest import Env, drover_bin
 from psycopg import sql
 
-from drover import Client, enqueue
+from drover import Client, DroverError, enqueue
+from drover._amqp import url_parameters
 
 
 def _with_user(url: str, user: str, password: str) -> str:
@@ -102,3 +111,135 @@ def test_publish_and_enqueue_as_the_producer_role(env: Env, producer_url: str) -
     assert row is not None
     assert row[0] == "succeeded"
     assert str(row[1]).startswith("py_") and str(row[1]).endswith("_login")
+
+
+REPO = Path(__file__).resolve().parents[3]
+TLS_PORT = 5762
+
+
+def _openssl(*args: str) -> None:
+    out = subprocess.run(["openssl", *args], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+
+
+@pytest.fixture
+def tls_broker() -> Iterator[tuple[str, str]]:
+    """A private TLS-only RabbitMQ node (scripts/rabbitmq-node.sh: no plain listener, AMQPS
+    on 127.0.0.1:5762, the users and permissions of deploy/secrets/rabbitmq-definitions.json
+    with a password of the test's); yields its password and the CA file. Stopped and deleted
+    afterwards."""
+    d = Path(tempfile.mkdtemp(prefix="drover-py-tls-"))
+    password = f"PyMq-{uuid.uuid4().hex[:10]}"
+    name = "py-tls"
+    try:
+        _openssl(
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            "-subj", "/CN=drover python test CA", "-keyout", str(d / "ca.key"),
+            "-out", str(d / "ca.pem"), "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+        )  # fmt: skip
+        (d / "server.ext").write_text(
+            "basicConstraints=CA:FALSE\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n"
+            "extendedKeyUsage=serverAuth\n"
+        )
+        _openssl(
+            "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=drover-server",
+            "-keyout", str(d / "server.key"), "-out", str(d / "server.csr"),
+        )  # fmt: skip
+        _openssl(
+            "x509", "-req", "-in", str(d / "server.csr"), "-CA", str(d / "ca.pem"),
+            "-CAkey", str(d / "ca.key"), "-CAcreateserial", "-days", "2",
+            "-extfile", str(d / "server.ext"), "-out", str(d / "server.pem"),
+        )  # fmt: skip
+        defs = json.loads((REPO / "deploy/secrets/rabbitmq-definitions.json").read_text())
+        for user in defs["users"]:
+            user["password"] = password
+        (d / "definitions.json").write_text(json.dumps(defs))
+        (d / "tls.conf").write_text(
+            "listeners.tcp = none\n"
+            f"listeners.ssl.default = 127.0.0.1:{TLS_PORT}\n"
+            f"ssl_options.cacertfile = {d / 'ca.pem'}\n"
+            f"ssl_options.certfile = {d / 'server.pem'}\n"
+            f"ssl_options.keyfile = {d / 'server.key'}\n"
+            "ssl_options.verify = verify_none\n"
+            "ssl_options.fail_if_no_peer_cert = false\n"
+            f"load_definitions = {d / 'definitions.json'}\n"
+        )
+        for p in [d, *d.iterdir()]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        out = subprocess.run(
+            [
+                str(REPO / "scripts/rabbitmq-node.sh"),
+                "start",
+                name,
+                str(TLS_PORT),
+                str(d / "tls.conf"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert out.returncode == 0, out.stderr
+        yield password, str(d / "ca.pem")
+    finally:
+        subprocess.run(
+            [str(REPO / "scripts/rabbitmq-node.sh"), "stop", name],
+            capture_output=True,
+            timeout=120,
+        )
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_publish_over_amqps_as_the_producer_user(
+    env: Env, producer_url: str, tls_broker: tuple[str, str]
+) -> None:
+    password, ca = tls_broker
+
+    def url(user: str, scheme: str = "amqps") -> str:
+        return f"{scheme}://{user}:{password}@127.0.0.1:{TLS_PORT}/drover?cacertfile={ca}"
+
+    # The administrator declares the topology (the producer may not).
+    out = subprocess.run(
+        [drover_bin(), "migrate", "--broker"],
+        env={**env.env(), "DROVER_AMQP_URL": url("drover-admin"), "DROVER_NAMESPACE": "drover"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+
+    with Client(
+        amqp_url=url("drover-producer"), database_url=producer_url, namespace="drover"
+    ) as c:
+        assert c.publish("role-tls-1", "noop").status == "published"
+
+    conn = pika.BlockingConnection(url_parameters(url("drover-admin")))
+    try:
+        q = conn.channel().queue_declare("drover.jobs", passive=True)
+        assert q.method.message_count == 1
+    finally:
+        conn.close()
+    # The producer's user publishes but cannot consume.
+    conn = pika.BlockingConnection(url_parameters(url("drover-producer")))
+    try:
+        with pytest.raises(pika.exceptions.ChannelClosedByBroker) as refused:
+            conn.channel().basic_consume("drover.jobs", lambda *_: None)
+        assert refused.value.reply_code == 403
+    finally:
+        if conn.is_open:
+            conn.close()
+
+    # No plain AMQP on the TLS port; TLS parameters on an amqp:// URL and a missing CA file are
+    # refused, naming the parameter, not the password.
+    for bad, needle in (
+        (f"amqp://drover-producer:{password}@127.0.0.1:{TLS_PORT}/drover", "cannot connect"),
+        (url("drover-producer", "amqp"), "need an amqps:// URL"),
+        (url("drover-producer").replace(ca, "/nonexistent/ca.pem"), "cacertfile"),
+    ):
+        with (
+            Client(amqp_url=bad, database_url=producer_url, namespace="drover") as c,
+            pytest.raises(DroverError) as e,
+        ):
+            c.publish(f"role-tls-bad-{uuid.uuid4().hex[:6]}", "noop")
+        assert needle in str(e.value)
+        assert password not in str(e.value)

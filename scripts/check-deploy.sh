@@ -12,7 +12,11 @@
 # (systemd TimeoutStopSec, compose stop_grace_period, k8s terminationGracePeriodSeconds);
 # probes point at /readyz and /healthz on the metrics port; manifests reference each other
 # consistently; every DROVER_* variable used in deploy/ is one the binary reads; the units
-# verify; the Dockerfile builds with the same cargo command as the Makefile's `build` target.
+# verify; the Dockerfile builds with the same cargo command as the Makefile's `build` target;
+# Postgres and RabbitMQ are TLS-only in compose and k8s/cluster, every URL (compose secrets,
+# k8s Secrets) uses TLS with a CA file mounted beside it, each part uses its own accounts and
+# the RabbitMQ definitions grant the permissions docs/security.md documents. Compose is only
+# checked statically: there is no Docker engine in CI.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -507,6 +511,156 @@ else:
           and http_ep.endswith(":4318") and not http_ep.startswith(("localhost", "127.")),
           "compose: otel-collector.yaml: OTLP/HTTP receiver on :4318 -> debug exporter (traces)",
           f"compose: otel-collector.yaml needs a traces pipeline otlp -> debug and an http receiver on 0.0.0.0:4318 (has {http_ep!r})")
+
+# ---- (f) TLS-only services and least-privilege accounts (docs/security.md) ---------------------
+# Compose is checked statically only (there is no Docker engine here): every credential is a
+# secret file; every URL uses TLS with a CA file its service mounts; each drover service uses
+# its own part's accounts; Postgres and RabbitMQ are configured TLS-only; the RabbitMQ
+# definitions grant exactly the documented permissions. The same for the k8s Secrets.
+import json
+from urllib.parse import urlsplit, parse_qs
+
+def url_problems(url, kind, mounted_paths):
+    """Why a URL is not TLS with a CA file among mounted_paths ([] when it is)."""
+    probs = []
+    q = parse_qs(urlsplit(url).query)
+    if kind == "db":
+        if q.get("sslmode") != ["verify-full"]:
+            probs.append("needs sslmode=verify-full")
+        ca = (q.get("sslrootcert") or [""])[0]
+    else:
+        if not url.startswith("amqps://"):
+            probs.append("needs amqps://")
+        ca = (q.get("cacertfile") or [""])[0]
+    if not ca:
+        probs.append("names no CA file (sslrootcert= / cacertfile=)")
+    elif ca not in mounted_paths:
+        probs.append(f"CA {ca} is not mounted")
+    return probs
+
+defs_path = "deploy/secrets/rabbitmq-definitions.json"
+PERMS = {  # user: (configure, write, read), the table in docs/security.md
+    "drover-admin": (r"^drover(\.(jobs|dead|dlx|poison))?$",) * 3,
+    "drover-worker": (r"^$", r"^amq\.default$", r"^drover\.(jobs|poison)$"),
+    "drover-producer": (r"^$", r"^amq\.default$", r"^$"),
+    "drover-dashboard": (r"^$", r"^$", r"^$"),
+}
+try:
+    defs = json.load(open(defs_path))
+except (OSError, ValueError) as e:
+    defs = None
+    fail(f"security: {defs_path}: {e}")
+if defs is not None:
+    vhosts = [v.get("name") for v in defs.get("vhosts", [])]
+    got = {p.get("user"): (p.get("configure"), p.get("write"), p.get("read"))
+           for p in defs.get("permissions", []) if p.get("vhost") == "drover"}
+    users = sorted(u.get("name") for u in defs.get("users", []))
+    check(vhosts == ["drover"] and got == PERMS and users == sorted(PERMS),
+          "security: RabbitMQ definitions: vhost drover, users admin/worker/producer/dashboard with the documented permissions",
+          f"security: {defs_path}: vhosts {vhosts}, users {users}, permissions {got} differ from docs/security.md's {PERMS}")
+    # What the regexes allow, as RabbitMQ matches them (re.search on the name).
+    allowed = lambda rx, name: re.search(rx, name) is not None
+    w, pr = PERMS["drover-worker"], PERMS["drover-producer"]
+    check(not allowed(w[0], "drover.jobs") and allowed(w[2], "drover.jobs") and allowed(w[2], "drover.poison")
+          and allowed(w[1], "amq.default") and not allowed(pr[2], "drover.jobs") and not allowed(pr[0], "drover.jobs"),
+          "security: a worker may consume but not delete drover.jobs; a producer may publish but not consume",
+          "security: the permission regexes let a worker delete or a producer consume")
+
+if isinstance(compose, dict):
+    services = compose.get("services", {}) or {}
+    top = compose.get("secrets", {}) or {}
+    probs = []
+    for name, sfile in top.items():
+        f = os.path.normpath(os.path.join("deploy", (sfile or {}).get("file", "")))
+        if not os.path.isfile(f) and not f.startswith("deploy/secrets/tls/"):
+            probs.append(f"secret {name}: {f} missing")
+    expect = {"migrate": "admin", "cli": "admin", "worker": "worker", "producer": "producer", "dashboard": "dashboard"}
+    for name, svc in services.items():
+        env = svc.get("environment", {}) or {}
+        if isinstance(env, list):
+            env = dict(e.split("=", 1) for e in env if "=" in e)
+        for var in ("DATABASE_URL", "DROVER_AMQP_URL", "POSTGRES_PASSWORD", "RABBITMQ_DEFAULT_PASS", "DROVER_DASHBOARD_TOKEN"):
+            if var in env:
+                probs.append(f"{name}: {var} in the environment (use a secret file)")
+        mine = svc.get("secrets", []) or []
+        mounted = {f"/run/secrets/{s}" for s in mine}
+        for s in mine:
+            if s not in top:
+                probs.append(f"{name}: secret {s} is not defined")
+        for var, kind in (("DATABASE_URL_FILE", "db"), ("DROVER_AMQP_URL_FILE", "amqp")):
+            path = env.get(var)
+            if not path:
+                continue
+            secret = os.path.basename(path)
+            if path not in mounted:
+                probs.append(f"{name}: {var} {path} is not one of its secrets")
+                continue
+            part = expect.get(name)
+            if part and not secret.startswith(f"{part}-"):
+                probs.append(f"{name}: {var} is {secret}, expected the {part}'s")
+            f = os.path.join("deploy", (top.get(secret) or {}).get("file", ""))
+            if os.path.isfile(f):
+                for pr_ in url_problems(open(f).read().strip(), kind, mounted):
+                    probs.append(f"{name}: {secret}: {pr_}")
+    for name in ("worker", "dashboard", "producer", "migrate"):
+        if name not in services:
+            probs.append(f"service {name} missing")
+    check(not probs, "security: compose: every credential a secret file; TLS URLs with a mounted CA; each part its own accounts",
+          "security: compose: " + "; ".join(probs))
+    pg = services.get("postgres", {}) or {}
+    pg_cmd = " ".join(map(str, pg.get("entrypoint") or [])) + " " + " ".join(map(str, pg.get("command") or []))
+    try:
+        hba = [l.split() for l in open("deploy/postgres-hba.conf") if l.strip() and not l.startswith("#")]
+    except OSError:
+        hba = []
+    tcp = [l for l in hba if l[0] != "local"]
+    check("ssl=on" in pg_cmd and "hba_file=" in pg_cmd and tcp and all(l[0] == "hostssl" or l[-1] == "reject" for l in tcp)
+          and any(l[0] == "host" and l[-1] == "reject" for l in tcp) and "POSTGRES_PASSWORD_FILE" in (pg.get("environment") or {}),
+          "security: compose: Postgres TLS only (ssl=on, postgres-hba.conf: hostssl, plain host rejected), password from a file",
+          f"security: compose: Postgres must run ssl=on with deploy/postgres-hba.conf (hostssl lines, `host ... reject`) and POSTGRES_PASSWORD_FILE; has {pg_cmd!r}, {hba}")
+    try:
+        rconf = dict(l.split("=", 1) for l in open("deploy/rabbitmq.conf") if "=" in l and not l.startswith("#"))
+        rconf = {k.strip(): v.strip() for k, v in rconf.items()}
+    except OSError:
+        rconf = {}
+    rmq = services.get("rabbitmq", {}) or {}
+    rvols = " ".join(map(str, rmq.get("volumes") or []))
+    check(rconf.get("listeners.tcp") == "none" and "listeners.ssl.default" in rconf and "load_definitions" in rconf
+          and "./rabbitmq.conf:" in rvols and "rabbitmq-definitions" in (rmq.get("secrets") or [])
+          and "RABBITMQ_DEFAULT_PASS" not in (rmq.get("environment") or {}),
+          "security: compose: RabbitMQ TLS only (listeners.tcp = none), users from the mounted definitions",
+          f"security: compose: deploy/rabbitmq.conf needs listeners.tcp = none, an ssl listener and load_definitions, mounted with the definitions secret; has {rconf}")
+
+if k8s_docs:
+    probs = []
+    for sname, sec in {get(d, "metadata", "name"): d for d in of_kind("Secret")}.items():
+        data = get(sec, "stringData", default={}) or {}
+        keys = set(data)
+        mounted = {f"/run/secrets/drover/{k}" for k in keys}
+        for key, kind in (("database-url", "db"), ("amqp-url", "amqp")):
+            if key in data:
+                for pr_ in url_problems(str(data[key]), kind, mounted):
+                    probs.append(f"Secret {sname} {key}: {pr_}")
+        if "DROVER_AMQP_URL" in data:
+            if not str(data["DROVER_AMQP_URL"]).startswith("amqps://") or data.get("tls") != "enable" or "ca.pem" not in keys:
+                probs.append(f"Secret {sname}: KEDA's DROVER_AMQP_URL needs amqps://, tls: enable and ca.pem")
+    check(not probs, "security: k8s: every URL in the Secrets uses TLS with the CA file mounted beside it",
+          "security: k8s: " + "; ".join(probs))
+    cluster = {}
+    for f in ("deploy/k8s/cluster/rabbitmq-cluster.yaml", "deploy/k8s/cluster/postgres-cluster.yaml"):
+        for d in docs_by_file.get(f) or []:
+            if isinstance(d, dict):
+                cluster[d.get("kind")] = d
+    rc, pc = cluster.get("RabbitmqCluster"), cluster.get("Cluster")
+    vols = get(rc, "spec", "override", "statefulSet", "spec", "template", "spec", "volumes", default=[]) or []
+    hba = get(pc, "spec", "postgresql", "pg_hba", default=[]) or []
+    check(rc is not None and get(rc, "spec", "tls", "disableNonTLSListeners") is True
+          and "load_definitions" in str(get(rc, "spec", "rabbitmq", "additionalConfig", default=""))
+          and any(get(v, "secret", "secretName") == "drover-rabbitmq-definitions" for v in vols)
+          and pc is not None and get(pc, "spec", "certificates", "serverTLSSecret")
+          and any(str(h).startswith("hostssl") for h in hba) and any(str(h).startswith("host ") and str(h).endswith("reject") for h in hba),
+          "security: k8s/cluster: RabbitMQ TLS only with the definitions Secret mounted; Postgres hostssl only",
+          "security: k8s/cluster: RabbitmqCluster needs tls.disableNonTLSListeners and the mounted definitions; the Postgres Cluster a serverTLSSecret and pg_hba hostssl + host reject")
 
 # ---- (e, static part) the Dockerfile -----------------------------------------------------------
 dockerfile = "deploy/docker/Dockerfile"

@@ -7,6 +7,12 @@
 #                                                     AMQP on 127.0.0.1:PORT; CONF is a
 #                                                     rabbitmq.conf fragment appended to the
 #                                                     node's own config (TLS, timeouts, ...)
+#                                                     (a CONF with `listeners.tcp = none` and
+#                                                     `listeners.ssl.default = 127.0.0.1:PORT`
+#                                                     makes a TLS-only node; with
+#                                                     `load_definitions = FILE` it starts with
+#                                                     those users, vhosts and permissions and
+#                                                     no guest)
 #   scripts/rabbitmq-node.sh stop NAME                stop it and delete its data
 #   scripts/rabbitmq-node.sh ctl NAME ARGS...         rabbitmqctl against it (cluster joins)
 #
@@ -95,7 +101,7 @@ ctl)
     as_rabbit "${envs[@]}" "$LIB/rabbitmqctl" -n "$name@localhost" "$@"
     ;;
 *)
-    sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'
     [[ $cmd == -h || $cmd == --help ]] || exit 2
     ;;
 esac

@@ -2,10 +2,11 @@
 //! files that never show up in what drover prints, least-privilege Postgres roles and
 //! RabbitMQ permissions.
 //!
-//! The RabbitMQ tests run a private node each (scripts/rabbitmq-node.sh, ports 5711-5719,
-//! names `security-*`), stopped and deleted when the test ends; the shared broker's users
-//! and settings are never touched. Postgres login roles are created per test with unique
-//! names and dropped after the test's database.
+//! The RabbitMQ tests run a private node each (scripts/rabbitmq-node.sh, ports 5711-5719
+//! and 5761, names `security-*`), stopped and deleted when the test ends; the shared
+//! broker's users and settings are never touched. Postgres login roles are created per test
+//! with unique names and dropped after the test's database; the TLS-only end-to-end test
+//! runs a private Postgres cluster (scripts/postgres-node.sh, port 5751) instead.
 
 use crate::support::*;
 use lapin::options::{BasicConsumeOptions, QueueDeleteOptions};
@@ -436,11 +437,11 @@ async fn least_privilege_accounts_from_files_run_everything_and_never_show_a_pas
     let vhost = "drover-sec";
     node.ctl(&["add_vhost", vhost]);
     let ns = &env.ns;
-    let own = format!("^{}(\\.(jobs|dead|dlx))?$", ns.replace('.', "\\."));
-    let jobs_queue = format!("^{}\\.jobs$", ns.replace('.', "\\."));
+    let own = format!("^{}(\\.(jobs|dead|dlx|poison))?$", ns.replace('.', "\\."));
+    let worker_queues = format!("^{}\\.(jobs|poison)$", ns.replace('.', "\\."));
     for (user, conf, write, read) in [
         ("admin", own.as_str(), own.as_str(), own.as_str()),
-        ("worker", "^$", "^amq\\.default$", jobs_queue.as_str()),
+        ("worker", "^$", "^amq\\.default$", worker_queues.as_str()),
         ("producer", "^$", "^amq\\.default$", "^$"),
         ("dashboard", "^$", "^$", "^$"),
     ] {
@@ -489,6 +490,10 @@ async fn least_privilege_accounts_from_files_run_everything_and_never_show_a_pas
 
     let worker = Proc(Worker::spawn(as_("worker", "worker", &["worker"])));
     worker.0.wait_log("\"consuming\"", T);
+    // The poison queue too: declared by the administrator, readable by the worker.
+    worker
+        .0
+        .wait_log("consuming messages dead-lettered at the delivery limit", T);
     let out = run(as_(
         "producer",
         "producer",
@@ -915,4 +920,346 @@ async fn otlp_exports_over_https_trusting_the_configured_ca() {
         !echo.saw("POST /v1/traces", Duration::from_secs(3)),
         "an OTLP request arrived although the collector's certificate is not trusted"
     );
+}
+
+fn pg_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/postgres-node.sh")
+}
+
+/// A private TLS-only Postgres cluster (scripts/postgres-node.sh); stopped and deleted on
+/// drop.
+struct PgNode {
+    name: String,
+}
+
+impl PgNode {
+    fn start(name: &str, port: u16, certs: &Path, pwfile: &Path) -> PgNode {
+        let mut c = Command::new(pg_script());
+        c.args(["start", name, &port.to_string()])
+            .arg(certs.join("server.pem"))
+            .arg(certs.join("server.key"))
+            .arg(pwfile);
+        // A leftover of an interrupted run is stopped first (start refuses existing data).
+        let node = PgNode {
+            name: name.to_string(),
+        };
+        node.stop();
+        let out = run_bounded(c, Duration::from_secs(120));
+        assert!(out.status.success(), "start {name}: {}", stderr(&out));
+        node
+    }
+}
+
+impl PgNode {
+    fn stop(&self) {
+        let mut c = Command::new(pg_script());
+        c.args(["stop", &self.name]);
+        let _ = run_bounded(c, Duration::from_secs(90));
+    }
+}
+
+impl Drop for PgNode {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The dashboard's address from its "dashboard listening" log line.
+fn dashboard_addr(line: &str) -> String {
+    let v: Value = serde_json::from_str(line).expect("JSON log line");
+    v["addr"]
+        .as_str()
+        .or_else(|| v["fields"]["addr"].as_str())
+        .unwrap_or_else(|| panic!("no addr in {line}"))
+        .to_string()
+}
+
+/// An AMQP connection over TLS trusting `ca` (lapin's own client, not drover's), for the
+/// permission checks.
+async fn amqps_connect(url: &str, ca: &Path) -> Connection {
+    let uri: lapin::uri::AMQPUri = url.parse().expect("AMQP URI");
+    let tls = lapin::tcp::OwnedTLSConfig {
+        cert_chain: Some(std::fs::read_to_string(ca).expect("read CA")),
+        ..Default::default()
+    };
+    lapin::DefaultConnectionBuilder::new()
+        .expect("connection builder")
+        .with_uri(uri)
+        .with_tls_config(tls)
+        .connect()
+        .await
+        .expect("connect over amqps")
+}
+
+/// The whole of issue #17 at once, on a Postgres and a RabbitMQ that accept TLS only
+/// (scripts/postgres-node.sh on 5751, scripts/rabbitmq-node.sh with `listeners.tcp = none`
+/// and the RabbitMQ definitions the deploy files mount, deploy/secrets/rabbitmq-definitions.json,
+/// on 5761): `migrate --roles --broker` as the administrators, then a worker, a producer and
+/// the dashboard each with its least-privilege accounts, read from `*_FILE` files, with
+/// `sslmode=verify-full` and `amqps://` trusting the test's CA.
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_only_services_with_least_privilege_accounts_run_jobs_end_to_end() {
+    let env = TestEnv::new().await;
+    let id = &uuid::Uuid::new_v4().simple().to_string()[..10];
+    let certs = tempfile::tempdir().expect("tempdir");
+    make_certs(certs.path(), "");
+    let ca = certs.path().join("ca.pem");
+    let admin_pass = format!("PgAdmin-{id}-Vb2");
+    let pg_pass = format!("PgRole-{id}-Qm8");
+    let mq_pass = format!("MqUser-{id}-Hc5");
+    let pwfile = certs.path().join("pg-admin-password");
+    std::fs::write(&pwfile, format!("{admin_pass}\n")).expect("write password file");
+    let _pg = PgNode::start("security-e2e", 5751, certs.path(), &pwfile);
+
+    // RabbitMQ: TLS only, users, vhost and permissions from the deploy files' definitions
+    // (their demo passwords replaced).
+    let defs_path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../deploy/secrets/rabbitmq-definitions.json");
+    let mut defs: Value =
+        serde_json::from_str(&std::fs::read_to_string(&defs_path).expect("read definitions"))
+            .expect("definitions are JSON");
+    for user in defs["users"].as_array_mut().expect("users") {
+        user["password"] = Value::String(mq_pass.clone());
+    }
+    let defs_file = certs.path().join("definitions.json");
+    std::fs::write(&defs_file, defs.to_string()).expect("write definitions");
+    let conf = certs.path().join("tls-only.conf");
+    let c = |f: &str| certs.path().join(f).display().to_string();
+    std::fs::write(
+        &conf,
+        format!(
+            "listeners.tcp = none\n\
+             listeners.ssl.default = 127.0.0.1:5761\n\
+             ssl_options.cacertfile = {}\n\
+             ssl_options.certfile = {}\n\
+             ssl_options.keyfile = {}\n\
+             ssl_options.verify = verify_none\n\
+             ssl_options.fail_if_no_peer_cert = false\n\
+             load_definitions = {}\n",
+            c("ca.pem"),
+            c("server.pem"),
+            c("server.key"),
+            defs_file.display()
+        ),
+    )
+    .expect("write tls-only.conf");
+    let chmod = Command::new("chmod")
+        .args(["-R", "a+rX"])
+        .arg(certs.path())
+        .status()
+        .expect("chmod");
+    assert!(chmod.success());
+    let node = Node::start("security-e2e", 5761, Some(&conf));
+
+    let pg = |user: &str, pass: &str| {
+        format!(
+            "postgres://{user}:{pass}@127.0.0.1:5751/drover?sslmode=verify-full&sslrootcert={}",
+            ca.display()
+        )
+    };
+    let mq_plain = |user: &str| format!("amqps://{user}:{mq_pass}@127.0.0.1:5761/drover");
+    let mq = |user: &str| format!("{}?cacertfile={}", mq_plain(user), ca.display());
+    // Every credential from a file; the namespace is drover's default, which the
+    // definitions' permissions name.
+    let as_ = |part: &str, db_url: String, amqp_url: String, args: &[&str]| {
+        let db = env.path(&format!("e2e-{part}.database-url"));
+        let amqp = env.path(&format!("e2e-{part}.amqp-url"));
+        std::fs::write(&db, db_url + "\n").expect("write url file");
+        std::fs::write(&amqp, amqp_url + "\n").expect("write url file");
+        let mut c = env.command(args);
+        c.env_remove("DATABASE_URL")
+            .env_remove("DROVER_AMQP_URL")
+            .env("DATABASE_URL_FILE", db)
+            .env("DROVER_AMQP_URL_FILE", amqp)
+            .env("DROVER_NAMESPACE", "drover");
+        c
+    };
+    let mut printed = String::new();
+    let mut run = |cmd: Command| {
+        let out = run_bounded(cmd, T);
+        printed.push_str(&stdout(&out));
+        printed.push_str(&stderr(&out));
+        out
+    };
+
+    // The administrators: schema, roles and the broker's topology, over TLS.
+    let out = run(as_(
+        "admin",
+        pg("postgres", &admin_pass),
+        mq("drover-admin"),
+        &["migrate", "--roles", "--broker"],
+    ));
+    assert!(
+        out.status.success(),
+        "migrate --roles --broker: {}",
+        stderr(&out)
+    );
+    let admin = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&pg("postgres", &admin_pass))
+        .await
+        .expect("connect as the administrator over TLS");
+    for (login, group) in [
+        ("drover_w", "drover_worker"),
+        ("drover_p", "drover_producer"),
+        ("drover_d", "drover_dashboard"),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "CREATE ROLE {login} LOGIN PASSWORD '{pg_pass}' IN ROLE {group}"
+        )))
+        .execute(&admin)
+        .await
+        .expect("create login role");
+    }
+
+    let worker = Proc(Worker::spawn(as_(
+        "worker",
+        pg("drover_w", &pg_pass),
+        mq("drover-worker"),
+        &["worker"],
+    )));
+    let line = worker.0.wait_log("connected to RabbitMQ", T);
+    assert!(line.contains("5761") && line.contains("TLS"), "{line}");
+    worker.0.wait_log("\"consuming\"", T);
+    // The poison consumer too: the administrator declared its queue, the worker may read it.
+    worker
+        .0
+        .wait_log("consuming messages dead-lettered at the delivery limit", T);
+    for key in ["e2e-1", "e2e-2"] {
+        let out = run(as_(
+            "producer",
+            pg("drover_p", &pg_pass),
+            mq("drover-producer"),
+            &["publish", "--pipeline", "noop", "--key", key],
+        ));
+        assert!(out.status.success(), "publish {key}: {}", stderr(&out));
+    }
+    let out = run(as_(
+        "producer",
+        pg("drover_p", &pg_pass),
+        mq("drover-producer"),
+        &["jobs", "wait", "e2e-1", "e2e-2", "--timeout", "60"],
+    ));
+    assert!(
+        out.status.success(),
+        "jobs wait as the producer: {}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+
+    // The dashboard, read-only, sees them (and the queue, through its broker account).
+    let dash = Proc(Worker::spawn(as_(
+        "dashboard",
+        pg("drover_d", &pg_pass),
+        mq("drover-dashboard"),
+        &["dashboard", "--addr", "127.0.0.1:0"],
+    )));
+    let addr = dashboard_addr(&dash.0.wait_log("dashboard listening", T));
+    let mut pages = String::new();
+    for path in ["/jobs", "/api/jobs/e2e-2", "/api/overview"] {
+        let (status, body) = http_get(&addr, path);
+        assert_eq!(status, 200, "dashboard {path}: {body}");
+        pages.push_str(&body);
+    }
+    let (_, job) = http_get(&addr, "/api/jobs/e2e-2");
+    assert!(job.contains("succeeded"), "{job}");
+
+    // The producer role: its own jobs, nothing else.
+    let producer = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&pg("drover_p", &pg_pass))
+        .await
+        .expect("connect as the producer over TLS");
+    let states: Vec<String> = sqlx::query_scalar("SELECT state FROM drover.jobs ORDER BY 1")
+        .fetch_all(&producer)
+        .await
+        .expect("a producer reads its jobs");
+    assert_eq!(states, ["succeeded", "succeeded"]);
+    for (what, sql) in [
+        ("read attempts", "SELECT count(*) FROM drover.attempts"),
+        ("read actions", "SELECT count(*) FROM drover.actions"),
+        (
+            "change a job's state",
+            "UPDATE drover.jobs SET state = 'queued' WHERE idempotency_key = 'e2e-1'",
+        ),
+    ] {
+        let e = sqlx::query(sql)
+            .execute(&producer)
+            .await
+            .expect_err(&format!("a producer could {what}"));
+        assert!(e.to_string().contains("permission denied"), "{what}: {e}");
+    }
+    producer.close().await;
+
+    // RabbitMQ: the producer cannot consume, the worker cannot delete a queue.
+    let conn = amqps_connect(&mq_plain("drover-producer"), &ca).await;
+    let ch = conn.create_channel().await.expect("channel");
+    let e = ch
+        .basic_consume(
+            "drover.jobs".into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect_err("the producer could consume");
+    assert!(e.to_string().contains("ACCESS_REFUSED"), "{e}");
+    let _ = conn.close(200, "bye".into()).await;
+    let conn = amqps_connect(&mq_plain("drover-worker"), &ca).await;
+    for queue in ["drover.jobs", "drover.dead"] {
+        let ch = conn.create_channel().await.expect("channel");
+        let e = ch
+            .queue_delete(queue.into(), QueueDeleteOptions::default())
+            .await
+            .expect_err("the worker could delete a queue");
+        assert!(e.to_string().contains("ACCESS_REFUSED"), "{queue}: {e}");
+    }
+    let _ = conn.close(200, "bye".into()).await;
+
+    // Without TLS, both services refuse, whatever the credentials.
+    let e = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&format!(
+            "postgres://postgres:{admin_pass}@127.0.0.1:5751/drover?sslmode=disable"
+        ))
+        .await
+        .expect_err("a plain Postgres connection was accepted");
+    assert!(e.to_string().contains("no encryption"), "{e}");
+    let out = run(as_(
+        "plain",
+        pg("drover_p", &pg_pass).replace("sslmode=verify-full", "sslmode=disable"),
+        format!("amqp://drover-producer:{mq_pass}@127.0.0.1:5761/drover"),
+        &["publish", "--pipeline", "noop", "--key", "never-plain"],
+    ));
+    let err = stderr(&out);
+    assert!(!out.status.success(), "a plain publish succeeded");
+    assert!(err.contains("cannot connect to Postgres"), "{err}");
+    let out = run(as_(
+        "plain-amqp",
+        pg("drover_p", &pg_pass),
+        format!("amqp://drover-producer:{mq_pass}@127.0.0.1:5761/drover"),
+        &["publish", "--pipeline", "noop", "--key", "never-plain"],
+    ));
+    let err = stderr(&out);
+    assert!(!out.status.success(), "a plain AMQP publish succeeded");
+    assert!(
+        err.contains("cannot connect to RabbitMQ at 127.0.0.1:5761"),
+        "{err}"
+    );
+    admin.close().await;
+
+    // Nothing any process printed carries a password.
+    printed.push_str(&pages);
+    printed.push_str(&worker.0.log());
+    printed.push_str(&dash.0.log());
+    assert!(printed.contains("e2e-1"), "the checks saw the run");
+    for secret in [&admin_pass, &pg_pass, &mq_pass] {
+        assert!(
+            !printed.contains(secret.as_str()),
+            "{secret} was printed:\n{printed}"
+        );
+    }
+    drop(dash);
+    drop(worker);
+    drop(node);
 }

@@ -276,8 +276,33 @@ impl Broker {
     /// Declares `{ns}.poison` (a durable quorum queue) and binds it to `{ns}.dlx` with the
     /// dead-letter routing key, so it receives a copy of every message the broker
     /// dead-letters from `{ns}.jobs` at the delivery limit (see [`Topology::poison_queue`]).
-    /// Idempotent; workers call it after [`declare`](Self::declare).
+    /// Idempotent; workers call it after [`declare`](Self::declare), and `drover migrate
+    /// --broker` with it. Like [`declare`](Self::declare), an account without the configure
+    /// permission is refused, and then a passive declare checks that the queue exists (an
+    /// administrator declared it); else the refusal is returned.
     pub async fn declare_poison(&self, topo: &Topology) -> Result<(), BrokerError> {
+        match self.declare_poison_queue(topo).await {
+            Err(
+                refused @ BrokerError::Operation {
+                    permanent: true, ..
+                },
+            ) => match self.queue_depth_if_exists(&topo.poison_queue()).await {
+                Ok(Some(_)) => {
+                    info!(endpoint = %self.endpoint, queue = %topo.poison_queue(),
+                            "no permission to declare the poison queue; it exists, using it");
+                    Ok(())
+                }
+                Ok(None) => Err(refused),
+                Err(e) => {
+                    debug!(error = %e, "passive check of the poison queue failed too");
+                    Err(refused)
+                }
+            },
+            other => other,
+        }
+    }
+
+    async fn declare_poison_queue(&self, topo: &Topology) -> Result<(), BrokerError> {
         topo.validate()?;
         let channel = self.open_channel("declare the poison queue").await?;
         let queue = topo.poison_queue();

@@ -20,8 +20,9 @@ three group roles (NOLOGIN) when absent and grants each exactly what its part ne
   dashboard  SELECT on the ledger; with --dashboard-actions also retry and cancel
 Then give them to login roles, e.g.:
   CREATE ROLE payroll_api LOGIN PASSWORD '...' IN ROLE drover_producer;
-With --broker it declares the RabbitMQ queues and exchanges too (needs the configure
-permission; least-privilege workers and producers only check they exist).
+With --broker it declares the RabbitMQ queues and exchanges too, the poison queue included
+(needs the configure permission; least-privilege workers and producers only check they
+exist).
 Re-run `drover migrate --roles` with every upgrade: it is idempotent and re-applies grants to
 what later migrations create. Needs CREATEROLE (or a superuser) the first time.")]
 pub struct MigrateArgs {
@@ -96,9 +97,9 @@ pub async fn run(ctx: &Context, args: MigrateArgs) -> anyhow::Result<ExitCode> {
         let broker = BrokerAddresses::parse(ctx.conns.amqp_url.expose_secret())?
             .connect("drover-migrate")
             .await?;
-        broker
-            .declare(&Topology::for_connections(&ctx.conns))
-            .await?;
+        let topo = Topology::for_connections(&ctx.conns);
+        broker.declare(&topo).await?;
+        broker.declare_poison(&topo).await?;
         println!("broker topology declared: {}", broker.endpoint());
         broker.close().await?;
     }

@@ -8,13 +8,19 @@ connection's I/O loop in the caller's thread until they are in or a timeout pass
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import unquote
 
 import pika
 import pika.spec
 
 from .errors import DroverError
+
+#: The TLS query parameters of a broker URL, named as RabbitMQ's URI specification names them
+#: and as ``drover`` reads them (docs/security.md): pika does not know them.
+TLS_PARAMS = ("cacertfile", "certfile", "keyfile")
 
 #: How long a batch waits for its confirms (the broker withholds them during an alarm).
 CONFIRM_TIMEOUT = 60.0
@@ -34,7 +40,7 @@ class ConfirmPublisher:
         self._next_tag = 1
         self._nacked = 0
         self._returned: list[str] = []
-        params = pika.URLParameters(url)
+        params = url_parameters(url)
         self._conn = pika.SelectConnection(
             params,
             on_open_callback=self._on_open,
@@ -157,3 +163,46 @@ class ConfirmPublisher:
             self._conn.close()
             self._run(CONNECT_TIMEOUT, lambda: self._conn.is_closed)
         self._conn.ioloop.close()
+
+
+def url_parameters(url: str) -> pika.URLParameters:
+    """pika's parameters for a broker URL as ``drover`` takes it: ``cacertfile=PATH`` (PEM CAs
+    trusted in addition to the system's), ``certfile=PATH`` and ``keyfile=PATH`` (a client
+    certificate) on an ``amqps://`` URL become pika's SSL context; the server's name is
+    checked. The parameters on an ``amqp://`` URL, a missing file or a certificate without
+    its key are errors naming the parameter (and the path), never the password."""
+    scheme, _, rest = url.partition("://")
+    base, _, query = rest.partition("?")
+    kept: list[str] = []
+    tls: dict[str, str] = {}
+    for pair in filter(None, query.split("&")):
+        name, _, value = pair.partition("=")
+        if name in TLS_PARAMS:
+            if not value:
+                raise DroverError(f"{name}: expects a file path")
+            tls[name] = unquote(value)
+        else:
+            kept.append(pair)
+    if not tls:
+        return pika.URLParameters(url)
+    if scheme.lower() != "amqps":
+        raise DroverError(
+            f"{'/'.join(sorted(tls))}: need an amqps:// URL (TLS); this one is {scheme}://"
+        )
+    if ("certfile" in tls) != ("keyfile" in tls):
+        raise DroverError("certfile and keyfile: give both (a client certificate and its key)")
+    context = ssl.create_default_context()
+    for name in ("cacertfile", "certfile"):
+        path = tls.get(name)
+        if path is None:
+            continue
+        try:
+            if name == "cacertfile":
+                context.load_verify_locations(cafile=path)
+            else:
+                context.load_cert_chain(path, tls["keyfile"])
+        except (OSError, ssl.SSLError) as e:
+            raise DroverError(f"{name} {path}: {e}") from e
+    params = pika.URLParameters(f"{scheme}://{base}" + (f"?{'&'.join(kept)}" if kept else ""))
+    params.ssl_options = pika.SSLOptions(context)
+    return params

@@ -159,20 +159,29 @@ impl Client {
     /// Connects to the ledger (which must be migrated: `drover migrate`) and the broker, and
     /// declares the namespace's queues, so a first publish on a fresh broker is not lost.
     pub async fn connect(conns: &Connections) -> Result<Client, ClientError> {
-        let ledger = Ledger::connect(
-            conns.database_url.expose_secret(),
-            false,
-            4,
-            LEDGER_CONNECT_TIMEOUT,
-        )
-        .await?;
-        ledger.check_schema().await?;
-        let broker = BrokerAddresses::parse(conns.amqp_url.expose_secret())?
-            .connect("drover-client")
-            .await?;
+        let addresses = BrokerAddresses::parse(conns.amqp_url.expose_secret())?;
         let topo = Topology::for_connections(conns);
-        broker.declare(&topo).await?;
-        let publisher = broker.publisher(&topo).await?;
+        // The two services are set up side by side: each costs round trips (TCP, TLS, the
+        // AMQP handshake and declarations, Postgres' start-up), and a short-lived producer
+        // such as `drover publish` would otherwise wait for them one after the other.
+        let ledger = async {
+            let ledger = Ledger::connect(
+                conns.database_url.expose_secret(),
+                false,
+                4,
+                LEDGER_CONNECT_TIMEOUT,
+            )
+            .await?;
+            ledger.check_schema().await?;
+            Ok::<_, ClientError>(ledger)
+        };
+        let broker = async {
+            let broker = addresses.connect("drover-client").await?;
+            broker.declare(&topo).await?;
+            let publisher = broker.publisher(&topo).await?;
+            Ok::<_, ClientError>((broker, publisher))
+        };
+        let (ledger, (broker, publisher)) = tokio::try_join!(ledger, broker)?;
         Ok(Client {
             ledger,
             broker,

@@ -109,24 +109,26 @@ impl Ledger {
         if create_database {
             ensure_database(url, &shown, connect_timeout).await?;
         }
-        // One direct connection first: a pool retries a refused connection until its
-        // acquire timeout and then reports only "pool timed out", hiding the cause. A direct
-        // connect fails at once with it (connection refused, bad password, no database).
-        match tokio::time::timeout(connect_timeout, opts.connect()).await {
+        // The server's socket first: a pool retries a refused connection until its acquire
+        // timeout and then reports only "pool timed out", hiding the cause, while a bare TCP
+        // (or Unix socket) connect fails at once with it. Only the socket: a whole Postgres
+        // connection here (TLS handshake, start-up, authentication) would be made twice, and
+        // the pool's own first connection reports every other failure (bad password, TLS,
+        // no database) directly, since it retries only refused and starting-up servers.
+        match tokio::time::timeout(connect_timeout, probe_socket(&opts)).await {
             Err(_) => {
                 return Err(LedgerError::Timeout {
                     url: shown,
                     secs: connect_timeout.as_secs(),
                 });
             }
-            Ok(Err(sqlx::Error::Database(db))) if db.code().as_deref() == Some("3D000") => {
-                return Err(LedgerError::NoDatabase { url: shown });
+            Ok(Err(e)) => {
+                return Err(LedgerError::Connect {
+                    url: shown,
+                    source: sqlx::Error::Io(e),
+                });
             }
-            Ok(Err(source)) => return Err(LedgerError::Connect { url: shown, source }),
-            Ok(Ok(probe)) => {
-                // Closing is a courtesy to the server; the probe has done its job either way.
-                let _ = sqlx::Connection::close(probe).await;
-            }
+            Ok(Ok(())) => {}
         }
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
@@ -137,6 +139,10 @@ impl Ledger {
                 sqlx::Error::Database(db) if db.code().as_deref() == Some("3D000") => {
                     LedgerError::NoDatabase { url: shown.clone() }
                 }
+                sqlx::Error::PoolTimedOut => LedgerError::Timeout {
+                    url: shown.clone(),
+                    secs: connect_timeout.as_secs(),
+                },
                 _ => LedgerError::Connect {
                     url: shown.clone(),
                     source,
@@ -224,4 +230,28 @@ async fn ensure_database(url: &str, shown: &str, timeout: Duration) -> Result<()
             }
         }
     }
+}
+
+/// Connects to the server's socket named by `opts` (TCP, or the Unix socket of a
+/// `host=/run/postgresql` URL) and closes it at once: the cause of a server that is down or
+/// unreachable, without a whole Postgres connection.
+async fn probe_socket(opts: &PgConnectOptions) -> std::io::Result<()> {
+    let host = opts.get_host();
+    let port = opts.get_port();
+    let socket_dir = opts
+        .get_socket()
+        .map(|dir| dir.display().to_string())
+        .or_else(|| host.starts_with('/').then(|| host.to_string()));
+    match socket_dir {
+        #[cfg(unix)]
+        Some(dir) => {
+            tokio::net::UnixStream::connect(format!("{dir}/.s.PGSQL.{port}")).await?;
+        }
+        #[cfg(not(unix))]
+        Some(_) => {}
+        None => {
+            tokio::net::TcpStream::connect((host, port)).await?;
+        }
+    }
+    Ok(())
 }

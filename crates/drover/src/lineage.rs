@@ -262,7 +262,10 @@ pub async fn verify(ctx: &Context, args: VerifyArgs) -> anyhow::Result<ExitCode>
     match verify_all(ctx, &args).await {
         Ok(code) => Ok(code),
         Err(e) => {
-            eprintln!("drover: error: verify could not run: {e:#}");
+            eprintln!(
+                "drover: error: verify could not run: {}",
+                crate::error_chain(&e)
+            );
             Ok(ExitCode::from(2))
         }
     }

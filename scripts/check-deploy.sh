@@ -517,6 +517,43 @@ else:
         check(not diff, "systemd: drover-worker@.service's [Service] matches drover-worker.service",
               f"systemd: the template and the single unit differ in [Service]: {diff}")
 
+    # Credentials: no URL or token in the environment file; every unit loads its own part's
+    # URLs as systemd credentials and points drover at them in %d (docs/security.md).
+    leaked = sorted(k for k in env if k in ("DATABASE_URL", "DROVER_AMQP_URL", "DROVER_DASHBOARD_TOKEN"))
+    check(not leaked, f"systemd: {os.path.basename(env_example)} holds no credential",
+          f"systemd: {env_example} sets {leaked}: use the units' LoadCredential= files")
+    UNIT_PART = {"drover-worker.service": "worker", "drover-worker@.service": "worker",
+                 "drover-migrate.service": "admin", "drover-dashboard.service": "dashboard"}
+    for path in sorted(glob.glob("deploy/systemd/*.service")):
+        name = os.path.basename(path)
+        part = UNIT_PART.get(name)
+        entries = [(k, v) for sec, k, v in unit(path) if sec == "[Service]"]
+        creds = dict(v.split(":", 1) for k, v in entries if k == "LoadCredential" and ":" in v)
+        uenv = dict(v.strip('"').split("=", 1) for k, v in entries if k == "Environment" and "=" in v)
+        probs = []
+        if part is None:
+            probs.append("no part known for this unit (add it to UNIT_PART in scripts/check-deploy.sh)")
+        for var in ("DATABASE_URL", "DROVER_AMQP_URL", "DROVER_DASHBOARD_TOKEN"):
+            if var in uenv:
+                probs.append(f"Environment={var}=... (use {var}_FILE=%d/...)")
+        for var, key in (("DATABASE_URL_FILE", "database-url"), ("DROVER_AMQP_URL_FILE", "amqp-url"),
+                         ("DROVER_DASHBOARD_TOKEN_FILE", "admin-token")):
+            val = uenv.get(var)
+            if val is None:
+                if var != "DROVER_DASHBOARD_TOKEN_FILE":
+                    probs.append(f"{var} not set")
+                continue
+            cid = val[3:] if val.startswith("%d/") else None
+            want = f"/etc/drover/credentials/{part}-{key}"
+            if cid is None:
+                probs.append(f"{var}={val} is not in the credentials directory (%d/ID)")
+            elif cid not in creds:
+                probs.append(f"{var}={val}: no LoadCredential={cid}:...")
+            elif part and creds[cid] != want:
+                probs.append(f"{var}: LoadCredential={cid}:{creds[cid]}, expected {want} (its own part's)")
+        check(not probs, f"systemd: {name}: the {part}'s credentials via LoadCredential= and %d, none in the environment",
+              f"systemd: {name}: {'; '.join(probs)}")
+
 # ---- (d) compose (structure; `docker compose config` runs in the bash part) -------------------
 compose_path = "deploy/compose.yaml"
 compose = (docs_by_file.get(compose_path) or [None])[0]
@@ -712,6 +749,28 @@ if isinstance(compose, dict):
           and "RABBITMQ_DEFAULT_PASS" not in (rmq.get("environment") or {}),
           "security: compose: RabbitMQ TLS only (listeners.tcp = none), users from the mounted definitions",
           f"security: compose: deploy/rabbitmq.conf needs listeners.tcp = none, an ssl listener and load_definitions, mounted with the definitions secret; has {rconf}")
+
+# Every Postgres or RabbitMQ URL the deploy docs and units show uses TLS and names a CA
+# (KEDA's URL in k8s/ takes its CA as a separate parameter, checked above).
+class _AnyPath:
+    def __contains__(self, _):
+        return True
+url_re = re.compile(r"(?:postgres(?:ql)?|amqps?)://[^\s`'\"<>)|]+")
+probs = []
+for f in sorted(glob.glob("deploy/systemd/*") + ["deploy/docker/README.md", "deploy/README.md"]):
+    try:
+        text = open(f).read()
+    except OSError:
+        continue
+    for n, l in enumerate(text.splitlines(), 1):
+        for u in url_re.findall(l):
+            if "@" not in u:
+                continue  # the scheme in prose, not a URL with an account
+            kind = "db" if u.startswith("postgres") else "amqp"
+            for pr_ in url_problems(u.rstrip(".,;:"), kind, _AnyPath()):
+                probs.append(f"{f}:{n}: {u[:60]}: {pr_}")
+check(not probs, "security: systemd, docker and deploy READMEs: every URL with an account uses TLS and names a CA",
+      "security: " + "; ".join(probs[:8]))
 
 if k8s_docs:
     probs = []

@@ -867,6 +867,20 @@ if k8s_docs:
     check(not shared and {"worker", "dashboard", "producer", "admin"} <= set().union(*db_users.values(), set()),
           f"security: k8s: the worker, dashboard, producer and migration each log in to Postgres as their own user {sorted(db_users)}",
           f"security: k8s: Postgres logins shared between parts {shared} or a part missing (have {sorted(set().union(*db_users.values(), set()))})")
+    # The cluster overlay brings the base's manifests but not its example Secrets: it must
+    # delete every one of them, or applying it overwrites the real credentials.
+    ckust = (docs_by_file.get("deploy/k8s/cluster/kustomization.yaml") or [None])[0]
+    deleted = set()
+    for pt in get(ckust, "patches", default=[]) or []:
+        try:
+            pd = yaml.safe_load(pt.get("patch", "")) if isinstance(pt, dict) else None
+        except yaml.YAMLError:
+            pd = None
+        if isinstance(pd, dict) and pd.get("$patch") == "delete" and pd.get("kind") == "Secret":
+            deleted.add(get(pd, "metadata", "name"))
+    kept = sorted(set(secrets_by_name) - deleted)
+    check(ckust is None or not kept, "security: k8s/cluster: the overlay deletes every example Secret of the base",
+          f"security: k8s/cluster/kustomization.yaml does not delete the base's example Secrets {kept}: applying it would overwrite the real ones")
     cluster = {}
     for f in ("deploy/k8s/cluster/rabbitmq-cluster.yaml", "deploy/k8s/cluster/postgres-cluster.yaml"):
         for d in docs_by_file.get(f) or []:

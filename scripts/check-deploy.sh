@@ -15,8 +15,12 @@
 # verify; the Dockerfile builds with the same cargo command as the Makefile's `build` target;
 # Postgres and RabbitMQ are TLS-only in compose and k8s/cluster, every URL (compose secrets,
 # k8s Secrets) uses TLS with a CA file mounted beside it, each part uses its own accounts and
-# the RabbitMQ definitions grant the permissions docs/security.md documents. Compose is only
-# checked statically: there is no Docker engine in CI.
+# the RabbitMQ definitions grant the permissions docs/security.md documents. In k8s/ the
+# worker, the dashboard (Deployment + Service), the producer CronJob and the migrate Job each
+# run non-root with a read-only root filesystem, no privilege escalation and no capabilities,
+# take every credential as a file from their own drover-<part>-credentials Secret (never an
+# env value or a secretKeyRef), connect as RabbitMQ drover-<part> and a Postgres login no
+# other part uses. Compose is only checked statically: there is no Docker engine in CI.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -180,6 +184,10 @@ else:
     secrets = {get(d, "metadata", "name"): d for d in of_kind("Secret")}
     deps = of_kind("Deployment")
     jobs = of_kind("Job")
+    cronjobs = of_kind("CronJob")
+    def first_args(pod_spec):
+        return (get(pod_spec, "containers", 0, "args") or [None])[0]
+    worker_deps = [d for d in deps if first_args(get(d, "spec", "template", "spec", default={})) == "worker"]
     cm_data = {}
     for cm in cms.values():
         cm_data.update(get(cm, "data", default={}) or {})
@@ -243,10 +251,10 @@ else:
                   (["envFrom must reference the manifests' ConfigMap"] if "ConfigMap" not in kinds else [])
                   + ([f"unknown: {', '.join(missing)}"] if missing else []) + problems))
 
-    if len(deps) != 1:
-        fail(f"k8s: expected one Deployment, found {len(deps)}")
+    if len(worker_deps) != 1:
+        fail(f"k8s: expected one Deployment running `drover worker`, found {len(worker_deps)}")
     else:
-        dep = deps[0]
+        dep = worker_deps[0]
         dname = get(dep, "metadata", "name")
         pod = get(dep, "spec", "template", "spec", default={})
         containers = pod.get("containers", []) or []
@@ -349,12 +357,86 @@ else:
               f"k8s: Job {jname} runs `drover migrate` with backoffLimit {get(job, 'spec', 'backoffLimit')}",
               f"k8s: Job {jname} must run args ['migrate', ...] with a backoffLimit and restartPolicy Never/OnFailure")
         check_env_from("Job", jname, pod)
-        if deps:
-            dimg = get(deps[0], "spec", "template", "spec", "containers", 0, "image")
+        if worker_deps:
+            dimg = get(worker_deps[0], "spec", "template", "spec", "containers", 0, "image")
             check(c.get("image") == dimg, f"k8s: Job {jname} and the Deployment use image {dimg}",
                   f"k8s: Job image {c.get('image')!r} differs from the Deployment's {dimg!r}")
     if not jobs:
         fail("k8s: no migrate Job")
+
+    # The dashboard: a Deployment running `drover dashboard` on the pod IP, probed on its port,
+    # behind a Service that selects it.
+    dash_deps = [d for d in deps if first_args(get(d, "spec", "template", "spec", default={})) == "dashboard"]
+    if len(dash_deps) != 1:
+        fail(f"k8s: expected one Deployment running `drover dashboard`, found {len(dash_deps)}")
+    else:
+        dd = dash_deps[0]
+        ddname = get(dd, "metadata", "name")
+        pod = get(dd, "spec", "template", "spec", default={})
+        c = (pod.get("containers") or [{}])[0]
+        check_env_from("Deployment", ddname, pod)
+        env = env_of(c)
+        addr = str(env.get("DROVER_DASHBOARD_ADDR", cm_data.get("DROVER_DASHBOARD_ADDR", "127.0.0.1:8080")))
+        for i, a in enumerate(c.get("args") or []):
+            if a == "--addr" and i + 1 < len(c["args"]):
+                addr = str(c["args"][i + 1])
+            elif str(a).startswith("--addr="):
+                addr = str(a).split("=", 1)[1]
+        host, _, aport = addr.rpartition(":")
+        ports = {p.get("name"): p.get("containerPort") for p in c.get("ports", []) or []}
+        check(host.strip("[]") in ("0.0.0.0", "::") and str(aport) in map(str, ports.values()),
+              f"k8s: Deployment {ddname} listens on {addr}, a declared container port",
+              f"k8s: Deployment {ddname}: DROVER_DASHBOARD_ADDR/--addr {addr!r} must be 0.0.0.0:PORT with PORT a containerPort {ports}")
+        bad = []
+        for probe in ("readinessProbe", "livenessProbe"):
+            pr = c.get(probe)
+            if not isinstance(pr, dict):
+                bad.append(f"no {probe}")
+                continue
+            target = get(pr, "httpGet", "port", default=get(pr, "tcpSocket", "port"))
+            if str(ports.get(target, target)) != str(aport):
+                bad.append(f"{probe} on port {target!r}, not {aport}")
+        check(not bad, f"k8s: Deployment {ddname}: readiness and liveness probes on port {aport}",
+              f"k8s: Deployment {ddname}: {'; '.join(bad)}")
+        if any(str(a).startswith("--admin-token") and not str(a).startswith("--admin-token-file") for a in c.get("args") or []):
+            fail(f"k8s: Deployment {ddname}: --admin-token on the command line (visible in the process list); use DROVER_DASHBOARD_TOKEN_FILE")
+        if worker_deps:
+            dimg = get(worker_deps[0], "spec", "template", "spec", "containers", 0, "image")
+            check(c.get("image") == dimg, f"k8s: Deployment {ddname} and the worker use image {dimg}",
+                  f"k8s: Deployment {ddname} image {c.get('image')!r} differs from the worker's {dimg!r}")
+        labels = get(dd, "spec", "template", "metadata", "labels", default={}) or {}
+        svcs = [sv for sv in of_kind("Service")
+                if (get(sv, "spec", "selector", default={}) or {})
+                and all(labels.get(k) == v for k, v in get(sv, "spec", "selector").items())]
+        # A Service selecting the worker pods too would send browsers to a worker.
+        wlabels = get(worker_deps[0], "spec", "template", "metadata", "labels", default={}) if worker_deps else {}
+        svc_ok = [sv for sv in svcs
+                  if not all((wlabels or {}).get(k) == v for k, v in get(sv, "spec", "selector").items())
+                  and all(str(ports.get(sp.get("targetPort"), sp.get("targetPort"))) == str(aport)
+                          for sp in get(sv, "spec", "ports", default=[]) or [])]
+        check(bool(svc_ok) and all(get(sv, "spec", "type", default="ClusterIP") == "ClusterIP" for sv in svc_ok),
+              f"k8s: Service {', '.join(get(sv, 'metadata', 'name') for sv in svc_ok)} (ClusterIP) selects only the dashboard pods, on port {aport}",
+              f"k8s: no ClusterIP Service selects only the dashboard pods {labels} with targetPort {aport}")
+
+    # The producer example: a CronJob running `drover publish`.
+    prod = [cj for cj in cronjobs
+            if first_args(get(cj, "spec", "jobTemplate", "spec", "template", "spec", default={})) == "publish"]
+    if len(prod) != 1:
+        fail(f"k8s: expected one CronJob running `drover publish`, found {len(prod)}")
+    else:
+        cj = prod[0]
+        cname = get(cj, "metadata", "name")
+        pod = get(cj, "spec", "jobTemplate", "spec", "template", "spec", default={})
+        c = (pod.get("containers") or [{}])[0]
+        check(isinstance(get(cj, "spec", "jobTemplate", "spec", "backoffLimit"), int)
+              and pod.get("restartPolicy") in ("Never", "OnFailure") and get(cj, "spec", "concurrencyPolicy") == "Forbid",
+              f"k8s: CronJob {cname} runs `drover publish`, backoffLimit {get(cj, 'spec', 'jobTemplate', 'spec', 'backoffLimit')}, concurrencyPolicy Forbid",
+              f"k8s: CronJob {cname} needs a backoffLimit, restartPolicy Never/OnFailure and concurrencyPolicy Forbid")
+        check_env_from("CronJob", cname, pod)
+        if worker_deps:
+            dimg = get(worker_deps[0], "spec", "template", "spec", "containers", 0, "image")
+            check(c.get("image") == dimg, f"k8s: CronJob {cname} and the worker use image {dimg}",
+                  f"k8s: CronJob {cname} image {c.get('image')!r} differs from the worker's {dimg!r}")
 
     # kustomize renders (client-side only)
     try:
@@ -434,6 +516,43 @@ else:
         diff = sorted(set(a) ^ set(b))
         check(not diff, "systemd: drover-worker@.service's [Service] matches drover-worker.service",
               f"systemd: the template and the single unit differ in [Service]: {diff}")
+
+    # Credentials: no URL or token in the environment file; every unit loads its own part's
+    # URLs as systemd credentials and points drover at them in %d (docs/security.md).
+    leaked = sorted(k for k in env if k in ("DATABASE_URL", "DROVER_AMQP_URL", "DROVER_DASHBOARD_TOKEN"))
+    check(not leaked, f"systemd: {os.path.basename(env_example)} holds no credential",
+          f"systemd: {env_example} sets {leaked}: use the units' LoadCredential= files")
+    UNIT_PART = {"drover-worker.service": "worker", "drover-worker@.service": "worker",
+                 "drover-migrate.service": "admin", "drover-dashboard.service": "dashboard"}
+    for path in sorted(glob.glob("deploy/systemd/*.service")):
+        name = os.path.basename(path)
+        part = UNIT_PART.get(name)
+        entries = [(k, v) for sec, k, v in unit(path) if sec == "[Service]"]
+        creds = dict(v.split(":", 1) for k, v in entries if k == "LoadCredential" and ":" in v)
+        uenv = dict(v.strip('"').split("=", 1) for k, v in entries if k == "Environment" and "=" in v)
+        probs = []
+        if part is None:
+            probs.append("no part known for this unit (add it to UNIT_PART in scripts/check-deploy.sh)")
+        for var in ("DATABASE_URL", "DROVER_AMQP_URL", "DROVER_DASHBOARD_TOKEN"):
+            if var in uenv:
+                probs.append(f"Environment={var}=... (use {var}_FILE=%d/...)")
+        for var, key in (("DATABASE_URL_FILE", "database-url"), ("DROVER_AMQP_URL_FILE", "amqp-url"),
+                         ("DROVER_DASHBOARD_TOKEN_FILE", "admin-token")):
+            val = uenv.get(var)
+            if val is None:
+                if var != "DROVER_DASHBOARD_TOKEN_FILE":
+                    probs.append(f"{var} not set")
+                continue
+            cid = val[3:] if val.startswith("%d/") else None
+            want = f"/etc/drover/credentials/{part}-{key}"
+            if cid is None:
+                probs.append(f"{var}={val} is not in the credentials directory (%d/ID)")
+            elif cid not in creds:
+                probs.append(f"{var}={val}: no LoadCredential={cid}:...")
+            elif part and creds[cid] != want:
+                probs.append(f"{var}: LoadCredential={cid}:{creds[cid]}, expected {want} (its own part's)")
+        check(not probs, f"systemd: {name}: the {part}'s credentials via LoadCredential= and %d, none in the environment",
+              f"systemd: {name}: {'; '.join(probs)}")
 
 # ---- (d) compose (structure; `docker compose config` runs in the bash part) -------------------
 compose_path = "deploy/compose.yaml"
@@ -631,6 +750,28 @@ if isinstance(compose, dict):
           "security: compose: RabbitMQ TLS only (listeners.tcp = none), users from the mounted definitions",
           f"security: compose: deploy/rabbitmq.conf needs listeners.tcp = none, an ssl listener and load_definitions, mounted with the definitions secret; has {rconf}")
 
+# Every Postgres or RabbitMQ URL the deploy docs and units show uses TLS and names a CA
+# (KEDA's URL in k8s/ takes its CA as a separate parameter, checked above).
+class _AnyPath:
+    def __contains__(self, _):
+        return True
+url_re = re.compile(r"(?:postgres(?:ql)?|amqps?)://[^\s`'\"<>)|]+")
+probs = []
+for f in sorted(glob.glob("deploy/systemd/*") + ["deploy/docker/README.md", "deploy/README.md"]):
+    try:
+        text = open(f).read()
+    except OSError:
+        continue
+    for n, l in enumerate(text.splitlines(), 1):
+        for u in url_re.findall(l):
+            if "@" not in u:
+                continue  # the scheme in prose, not a URL with an account
+            kind = "db" if u.startswith("postgres") else "amqp"
+            for pr_ in url_problems(u.rstrip(".,;:"), kind, _AnyPath()):
+                probs.append(f"{f}:{n}: {u[:60]}: {pr_}")
+check(not probs, "security: systemd, docker and deploy READMEs: every URL with an account uses TLS and names a CA",
+      "security: " + "; ".join(probs[:8]))
+
 if k8s_docs:
     probs = []
     for sname, sec in {get(d, "metadata", "name"): d for d in of_kind("Secret")}.items():
@@ -646,6 +787,100 @@ if k8s_docs:
                 probs.append(f"Secret {sname}: KEDA's DROVER_AMQP_URL needs amqps://, tls: enable and ca.pem")
     check(not probs, "security: k8s: every URL in the Secrets uses TLS with the CA file mounted beside it",
           "security: k8s: " + "; ".join(probs))
+
+    # Every workload (Deployment, Job, CronJob): hardened like the worker, credentials only as
+    # files from its own part's Secret, mounted where its URLs name the CA, and its own
+    # accounts: RabbitMQ drover-<part> (the definitions' users) and a Postgres login no other
+    # part uses.
+    secrets_by_name = {get(d, "metadata", "name"): d for d in of_kind("Secret")}
+    PART_OF = {"worker": "worker", "dashboard": "dashboard", "publish": "producer", "migrate": "admin"}
+    workloads = ([("Deployment", d, get(d, "spec", "template", "spec", default={})) for d in of_kind("Deployment")]
+                 + [("Job", d, get(d, "spec", "template", "spec", default={})) for d in of_kind("Job")]
+                 + [("CronJob", d, get(d, "spec", "jobTemplate", "spec", "template", "spec", default={}))
+                    for d in of_kind("CronJob")])
+    db_users = {}
+    for kind, d, pod in workloads:
+        wname = f"{kind} {get(d, 'metadata', 'name')}"
+        wp = []
+        if pod.get("automountServiceAccountToken") is not False:
+            wp.append("automountServiceAccountToken is not false")
+        psc = pod.get("securityContext", {}) or {}
+        containers = pod.get("containers", []) or []
+        part = PART_OF.get((get(containers, 0, "args") or [None])[0])
+        if part is None:
+            wp.append(f"runs {get(containers, 0, 'args')!r}: no known part (worker, dashboard, publish, migrate)")
+        volumes = {v.get("name"): v for v in pod.get("volumes", []) or []}
+        for c in containers + (pod.get("initContainers", []) or []):
+            csc = c.get("securityContext", {}) or {}
+            if (csc.get("runAsNonRoot", psc.get("runAsNonRoot")) is not True
+                    or csc.get("runAsUser", psc.get("runAsUser", 0)) == 0):
+                wp.append(f"{c.get('name')}: not runAsNonRoot with a non-zero runAsUser")
+            if csc.get("readOnlyRootFilesystem") is not True:
+                wp.append(f"{c.get('name')}: readOnlyRootFilesystem is not true")
+            if csc.get("allowPrivilegeEscalation") is not False:
+                wp.append(f"{c.get('name')}: allowPrivilegeEscalation is not false")
+            if "ALL" not in (get(csc, "capabilities", "drop") or []):
+                wp.append(f"{c.get('name')}: capabilities.drop lacks ALL")
+            for e in c.get("env", []) or []:
+                if get(e, "valueFrom", "secretKeyRef"):
+                    wp.append(f"{c.get('name')}: {e.get('name')} from a secretKeyRef (mount it as a file)")
+                if e.get("name") in ("DATABASE_URL", "DROVER_AMQP_URL", "DROVER_DASHBOARD_TOKEN"):
+                    wp.append(f"{c.get('name')}: {e.get('name')} in env (use {e.get('name')}_FILE)")
+            if any(str(a).startswith(("--database-url=", "--amqp-url=")) or a in ("--database-url", "--amqp-url")
+                   for a in c.get("args") or []):
+                wp.append(f"{c.get('name')}: a credential URL on the command line")
+            env = env_of(c)
+            mounts = {m.get("mountPath"): m.get("name") for m in c.get("volumeMounts", []) or []}
+            for var in ("DATABASE_URL_FILE", "DROVER_AMQP_URL_FILE", "DROVER_DASHBOARD_TOKEN_FILE"):
+                path = env.get(var)
+                if not path:
+                    continue
+                mdir = os.path.dirname(path)
+                sname = get(volumes.get(mounts.get(mdir), {}), "secret", "secretName")
+                sec = secrets_by_name.get(sname)
+                if sec is None:
+                    wp.append(f"{var} {path} is not in a mounted Secret of the manifests")
+                    continue
+                if part and sname != f"drover-{part}-credentials":
+                    wp.append(f"{var} comes from Secret {sname}, expected drover-{part}-credentials")
+                data = get(sec, "stringData", default={}) or {}
+                value = data.get(os.path.basename(path))
+                if value is None:
+                    wp.append(f"{var}: Secret {sname} has no key {os.path.basename(path)}")
+                    continue
+                if var == "DROVER_DASHBOARD_TOKEN_FILE":
+                    continue
+                mounted_here = {f"{mdir}/{k}" for k in data}
+                kind_ = "db" if var == "DATABASE_URL_FILE" else "amqp"
+                for pr_ in url_problems(str(value), kind_, mounted_here):
+                    wp.append(f"{var} ({sname}): {pr_}")
+                user = urlsplit(str(value).split(",")[0]).username
+                if kind_ == "amqp" and part and user != f"drover-{part}":
+                    wp.append(f"{var}: RabbitMQ user {user!r}, expected drover-{part} (deploy/secrets/rabbitmq-definitions.json)")
+                if kind_ == "amqp" and user not in PERMS:
+                    wp.append(f"{var}: RabbitMQ user {user!r} is not in the definitions")
+                if kind_ == "db" and part:
+                    db_users.setdefault(user, set()).add(part)
+        check(not wp, f"security: k8s: {wname} ({part}): non-root, read-only root, no escalation, no capabilities; its own accounts, as files over TLS",
+              f"security: k8s: {wname}: " + "; ".join(wp))
+    shared = {u: sorted(ps) for u, ps in db_users.items() if len(ps) > 1}
+    check(not shared and {"worker", "dashboard", "producer", "admin"} <= set().union(*db_users.values(), set()),
+          f"security: k8s: the worker, dashboard, producer and migration each log in to Postgres as their own user {sorted(db_users)}",
+          f"security: k8s: Postgres logins shared between parts {shared} or a part missing (have {sorted(set().union(*db_users.values(), set()))})")
+    # The cluster overlay brings the base's manifests but not its example Secrets: it must
+    # delete every one of them, or applying it overwrites the real credentials.
+    ckust = (docs_by_file.get("deploy/k8s/cluster/kustomization.yaml") or [None])[0]
+    deleted = set()
+    for pt in get(ckust, "patches", default=[]) or []:
+        try:
+            pd = yaml.safe_load(pt.get("patch", "")) if isinstance(pt, dict) else None
+        except yaml.YAMLError:
+            pd = None
+        if isinstance(pd, dict) and pd.get("$patch") == "delete" and pd.get("kind") == "Secret":
+            deleted.add(get(pd, "metadata", "name"))
+    kept = sorted(set(secrets_by_name) - deleted)
+    check(ckust is None or not kept, "security: k8s/cluster: the overlay deletes every example Secret of the base",
+          f"security: k8s/cluster/kustomization.yaml does not delete the base's example Secrets {kept}: applying it would overwrite the real ones")
     cluster = {}
     for f in ("deploy/k8s/cluster/rabbitmq-cluster.yaml", "deploy/k8s/cluster/postgres-cluster.yaml"):
         for d in docs_by_file.get(f) or []:

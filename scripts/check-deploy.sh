@@ -13,7 +13,7 @@
 # probes point at /readyz and /healthz on the metrics port; manifests reference each other
 # consistently; every DROVER_* variable used in deploy/ is one the binary reads; the units
 # verify; the Dockerfile builds with the same cargo command as the Makefile's `build` target;
-# Postgres and RabbitMQ are TLS-only in compose and k8s/cluster, every URL (compose secrets,
+# Postgres and RabbitMQ are TLS-only in compose and k8s-cluster, every URL (compose secrets,
 # k8s Secrets) uses TLS with a CA file mounted beside it, each part uses its own accounts and
 # the RabbitMQ definitions grant the permissions docs/security.md documents. In k8s/ the
 # worker, the dashboard (Deployment + Service), the producer CronJob and the migrate Job each
@@ -438,15 +438,17 @@ else:
             check(c.get("image") == dimg, f"k8s: CronJob {cname} and the worker use image {dimg}",
                   f"k8s: CronJob {cname} image {c.get('image')!r} differs from the worker's {dimg!r}")
 
-    # kustomize renders (client-side only)
-    try:
-        r = subprocess.run(["kubectl", "kustomize", k8s_dir], capture_output=True, text=True, timeout=30)
-        check(r.returncode == 0, f"k8s: kubectl kustomize {k8s_dir} renders",
-              f"k8s: kubectl kustomize {k8s_dir} failed: {r.stderr.strip()[:300]}")
-    except FileNotFoundError:
-        skip("k8s: kubectl kustomize: kubectl not installed")
-    except subprocess.TimeoutExpired:
-        fail("k8s: kubectl kustomize timed out")
+    # kustomize renders (client-side only): the base and the HA overlay (which must live beside
+    # the base, not inside it: kustomize refuses an overlay under its own base as a cycle)
+    for kdir in (k8s_dir, "deploy/k8s-cluster"):
+        try:
+            r = subprocess.run(["kubectl", "kustomize", kdir], capture_output=True, text=True, timeout=30)
+            check(r.returncode == 0, f"k8s: kubectl kustomize {kdir} renders",
+                  f"k8s: kubectl kustomize {kdir} failed: {r.stderr.strip()[:300]}")
+        except FileNotFoundError:
+            skip(f"k8s: kubectl kustomize {kdir}: kubectl not installed")
+        except subprocess.TimeoutExpired:
+            fail(f"k8s: kubectl kustomize {kdir} timed out")
 
 # ---- (c) systemd settings (systemd-analyze verify runs in the bash part) ----------------------
 def env_file(path):
@@ -869,7 +871,7 @@ if k8s_docs:
           f"security: k8s: Postgres logins shared between parts {shared} or a part missing (have {sorted(set().union(*db_users.values(), set()))})")
     # The cluster overlay brings the base's manifests but not its example Secrets: it must
     # delete every one of them, or applying it overwrites the real credentials.
-    ckust = (docs_by_file.get("deploy/k8s/cluster/kustomization.yaml") or [None])[0]
+    ckust = (docs_by_file.get("deploy/k8s-cluster/kustomization.yaml") or [None])[0]
     deleted = set()
     for pt in get(ckust, "patches", default=[]) or []:
         try:
@@ -879,10 +881,10 @@ if k8s_docs:
         if isinstance(pd, dict) and pd.get("$patch") == "delete" and pd.get("kind") == "Secret":
             deleted.add(get(pd, "metadata", "name"))
     kept = sorted(set(secrets_by_name) - deleted)
-    check(ckust is None or not kept, "security: k8s/cluster: the overlay deletes every example Secret of the base",
-          f"security: k8s/cluster/kustomization.yaml does not delete the base's example Secrets {kept}: applying it would overwrite the real ones")
+    check(ckust is None or not kept, "security: k8s-cluster: the overlay deletes every example Secret of the base",
+          f"security: k8s-cluster/kustomization.yaml does not delete the base's example Secrets {kept}: applying it would overwrite the real ones")
     cluster = {}
-    for f in ("deploy/k8s/cluster/rabbitmq-cluster.yaml", "deploy/k8s/cluster/postgres-cluster.yaml"):
+    for f in ("deploy/k8s-cluster/rabbitmq-cluster.yaml", "deploy/k8s-cluster/postgres-cluster.yaml"):
         for d in docs_by_file.get(f) or []:
             if isinstance(d, dict):
                 cluster[d.get("kind")] = d
@@ -894,8 +896,8 @@ if k8s_docs:
           and any(get(v, "secret", "secretName") == "drover-rabbitmq-definitions" for v in vols)
           and pc is not None and get(pc, "spec", "certificates", "serverTLSSecret")
           and any(str(h).startswith("hostssl") for h in hba) and any(str(h).startswith("host ") and str(h).endswith("reject") for h in hba),
-          "security: k8s/cluster: RabbitMQ TLS only with the definitions Secret mounted; Postgres hostssl only",
-          "security: k8s/cluster: RabbitmqCluster needs tls.disableNonTLSListeners and the mounted definitions; the Postgres Cluster a serverTLSSecret and pg_hba hostssl + host reject")
+          "security: k8s-cluster: RabbitMQ TLS only with the definitions Secret mounted; Postgres hostssl only",
+          "security: k8s-cluster: RabbitmqCluster needs tls.disableNonTLSListeners and the mounted definitions; the Postgres Cluster a serverTLSSecret and pg_hba hostssl + host reject")
 
 # ---- (e, static part) the Dockerfile -----------------------------------------------------------
 dockerfile = "deploy/docker/Dockerfile"

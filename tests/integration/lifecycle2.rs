@@ -1,5 +1,6 @@
 //! The lifecycle of a long-running service, second part: poison messages at the delivery
-//! limit, schedules, concurrency limits, a really lowered consumer timeout.
+//! limit (handled by workers, or by `drover doctor --fix` when none runs), schedules,
+//! concurrency limits, a really lowered consumer timeout, consumers reconnecting.
 
 use crate::support::*;
 use futures_util::StreamExt;
@@ -713,4 +714,70 @@ async fn a_total_limit_holds_across_two_workers() {
             "two jobs ran at once: {spans:?}"
         );
     }
+}
+
+/// Waits until `needle` occurs in `n` lines of the worker's log, bounded by `T` (the log is
+/// collected by a thread: polling it is the only way to count lines already seen).
+fn wait_log_count(w: &Worker, needle: &str, n: usize) {
+    let deadline = std::time::Instant::now() + T;
+    while w.log().lines().filter(|l| l.contains(needle)).count() < n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "fewer than {n} log lines with {needle:?}; log:\n{}",
+            w.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The jobs consumer and the poison consumer share one reconnect skeleton: when the broker
+/// closes every connection, both connect and consume again (the jobs consumer counting the
+/// lost session) and jobs still run; when the broker is gone, the worker retries with backoff
+/// and still stops at once on SIGTERM. The node is private (the shared one is never stopped);
+/// its `consumer_timeout` is left at RabbitMQ's default of 30 minutes.
+#[tokio::test(flavor = "multi_thread")]
+async fn both_consumers_reconnect_and_a_worker_without_a_broker_still_stops() {
+    let env = TestEnv::new().await;
+    let mut node = LowTimeoutNode::start("lifecycle3-rc", 5771, 1_800_000);
+    node.start_worker(&env, &["--heartbeat-secs", "1"]);
+    let poison_line = "consuming messages dead-lettered at the delivery limit";
+    wait_log_count(&node.workers[0], poison_line, 1);
+
+    let mut close = std::process::Command::new(NODE_SCRIPT);
+    close.args([
+        "ctl",
+        "lifecycle3-rc",
+        "close_all_connections",
+        "test: reconnect",
+    ]);
+    let out = run_bounded(close, Duration::from_secs(60));
+    assert!(
+        out.status.success(),
+        "close_all_connections: {}",
+        stderr(&out)
+    );
+    node.workers[0].wait_log("\"reconnects\":1", T);
+    wait_log_count(&node.workers[0], poison_line, 2);
+
+    let out = run_bounded(
+        node.command(
+            &env,
+            &["publish", "--pipeline", "noop", "--key", "after-reconnect"],
+        ),
+        Duration::from_secs(60),
+    );
+    assert!(out.status.success(), "publish: {}", stderr(&out));
+    env.wait_job("after-reconnect", T, |r| {
+        r.get::<String, _>("state") == "succeeded"
+    })
+    .await;
+
+    let mut stop = std::process::Command::new(NODE_SCRIPT);
+    stop.args(["stop", "lifecycle3-rc"]);
+    let out = run_bounded(stop, Duration::from_secs(120));
+    assert!(out.status.success(), "node stop: {}", stderr(&out));
+    node.workers[0].wait_log("broker unavailable; reconnecting", T);
+    node.workers[0].signal("-TERM");
+    let status = node.workers[0].wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "{status:?}:\n{}", node.workers[0].log());
 }

@@ -5,7 +5,7 @@
 use crate::cli::Context;
 use anyhow::Context as _;
 use clap::Args;
-use drover_broker::{Broker, BrokerAddresses, OutgoingJob, Topology};
+use drover_broker::{Broker, BrokerAddresses, OutgoingJob, QueueDepth, Topology};
 use drover_core::ExposeSecret;
 use drover_ledger::{Ledger, RelaySweep};
 use std::process::ExitCode;
@@ -75,10 +75,18 @@ pub async fn run(ctx: &Context, args: DoctorArgs) -> anyhow::Result<ExitCode> {
         .connect("drover-doctor")
         .await?;
     broker.declare(&topo).await?;
-    broker.declare_poison(&topo).await?;
+    // Declared like a worker does, so dead-letters reach it from now on; an account that may
+    // not declare it (least privilege) still reads it when it exists.
+    if let Err(e) = broker.declare_poison(&topo).await {
+        tracing::warn!(error = %e, queue = %topo.poison_queue(), "could not declare the poison queue");
+    }
     let jobs = broker.queue_depth(&topo.jobs_queue()).await?;
     let dead = broker.queue_depth(&topo.dead_queue()).await?;
-    let poison = broker.queue_depth(&topo.poison_queue()).await?;
+    let poison_depth = broker.queue_depth_if_exists(&topo.poison_queue()).await?;
+    let poison = poison_depth.unwrap_or(QueueDepth {
+        ready: 0,
+        consumers: 0,
+    });
     let drift = ledger.drift(stale_after, ORPHAN_AFTER, lost_after).await?;
 
     println!(
@@ -89,12 +97,20 @@ pub async fn run(ctx: &Context, args: DoctorArgs) -> anyhow::Result<ExitCode> {
         topo.dead_queue(),
         dead.ready
     );
-    println!(
-        "broker: queue {} holds {} copy(ies) of messages dead-lettered at the delivery limit, {} consumer(s)",
-        topo.poison_queue(),
-        poison.ready,
-        poison.consumers
-    );
+    if poison_depth.is_some() {
+        println!(
+            "broker: queue {} holds {} copy(ies) of messages dead-lettered at the delivery limit, {} consumer(s)",
+            topo.poison_queue(),
+            poison.ready,
+            poison.consumers
+        );
+    } else {
+        println!(
+            "broker: queue {} does not exist (workers declare it): messages dead-lettered at the delivery limit are only in {}",
+            topo.poison_queue(),
+            topo.dead_queue()
+        );
+    }
     println!(
         "ledger: {} queued, {} running with a lease silent for over {}s, {} retries overdue by over {}s",
         drift.queued,

@@ -1,5 +1,6 @@
 //! The lifecycle of a long-running service, second part: poison messages at the delivery
-//! limit, schedules, concurrency limits, a really lowered consumer timeout.
+//! limit (handled by workers, or by `drover doctor --fix` when none runs), schedules,
+//! concurrency limits, a really lowered consumer timeout, consumers reconnecting.
 
 use crate::support::*;
 use futures_util::StreamExt;
@@ -114,6 +115,128 @@ async fn a_message_dead_lettered_at_the_delivery_limit_marks_its_job_dead() {
         r.get::<String, _>("state") == "succeeded"
     })
     .await;
+}
+
+/// Messages ready in `{ns}.poison` (a passive declare).
+async fn poison_ready(env: &TestEnv) -> u32 {
+    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
+        .await
+        .expect("amqp connect");
+    let ch = conn.create_channel().await.expect("channel");
+    let q = ch
+        .queue_declare(
+            format!("{}.poison", env.ns).as_str().into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("passive declare of the poison queue");
+    let _ = conn.close(200, "bye".into()).await;
+    q.message_count()
+}
+
+/// Polls `{ns}.poison` (the broker dead-letters asynchronously) until it holds `n` ready
+/// copies, bounded by `T`.
+async fn wait_poison_ready(env: &TestEnv, n: u32) {
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let ready = poison_ready(env).await;
+        if ready == n {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{{ns}}.poison holds {ready} copies, not {n}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// With no worker running, the copies the broker dead-letters at the delivery limit wait in
+/// `{ns}.poison` and their jobs stay `queued`: `drover doctor` lists each copy with its job's
+/// state and leaves everything as it was; `drover doctor --fix` does what a worker's poison
+/// consumer does (the still-queued job becomes `dead` with the limit as the reason, a copy
+/// whose job already ended is just acked), before its lost-message fix, which therefore does
+/// not publish the poisoned job again. The copies are real dead-letters, not published by
+/// hand.
+#[tokio::test(flavor = "multi_thread")]
+async fn doctor_reports_and_fixes_poison_copies_when_no_worker_runs() {
+    let env = TestEnv::new().await;
+    env.write_config("[worker]\ndelivery_limit = 2\n");
+    // doctor declares the topology, {ns}.poison included, as a worker would; nothing to fix.
+    let out = env.drover(&["doctor"]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(
+        stdout(&out).contains(&format!(
+            "queue {}.poison holds 0 copy(ies) of messages dead-lettered at the delivery limit",
+            env.ns
+        )),
+        "{}",
+        stdout(&out)
+    );
+
+    env.publish_noop("poison-doc-1", &[]);
+    assert_eq!(nack_until_dead_lettered(&env).await, 3);
+    env.publish_noop("poison-doc-2", &[]);
+    assert_eq!(nack_until_dead_lettered(&env).await, 3);
+    wait_poison_ready(&env, 2).await;
+    // The second job ended in the meantime (an operator cancelled it).
+    let out = env.drover(&["jobs", "cancel", "poison-doc-2"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+
+    let out = env.drover(&["doctor", "--lost-after-secs", "1"]);
+    let report = stdout(&out);
+    assert!(!out.status.success(), "{report}");
+    assert!(report.contains("poison messages: 2 copy(ies)"), "{report}");
+    assert!(report.contains("x-delivery-limit 2"), "{report}");
+    assert!(
+        report.contains("job poison-doc-1: queued; would fix: mark it dead, ack the copy"),
+        "{report}"
+    );
+    assert!(
+        report.contains("job poison-doc-2: cancelled; would fix: ack the copy"),
+        "{report}"
+    );
+    // Only a report: the job still waits, the copies are back in the queue.
+    assert_eq!(env.state("poison-doc-1").await.as_deref(), Some("queued"));
+    assert_eq!(poison_ready(&env).await, 2);
+
+    let out = env.drover(&["doctor", "--lost-after-secs", "1", "--fix"]);
+    let fixed = stdout(&out);
+    assert!(out.status.success(), "{fixed}{}", stderr(&out));
+    assert!(
+        fixed.contains("job poison-doc-1: marked dead (delivery limit reached)"),
+        "{fixed}"
+    );
+    assert!(
+        fixed.contains("marked 1 poisoned job(s) dead, acked 2 poison copy(ies)"),
+        "{fixed}"
+    );
+    assert!(fixed.contains("published 0 message(s)"), "{fixed}");
+    let row = env
+        .wait_job("poison-doc-1", T, |r| r.get::<String, _>("state") == "dead")
+        .await;
+    let error: String = row.get("last_error");
+    assert!(error.contains("delivery limit reached"), "{error}");
+    assert!(error.contains("x-delivery-limit 2"), "{error}");
+    assert_eq!(
+        row.get::<Option<String>, _>("error_kind").as_deref(),
+        Some("permanent")
+    );
+    assert_eq!(
+        env.state("poison-doc-2").await.as_deref(),
+        Some("cancelled")
+    );
+    assert_eq!(poison_ready(&env).await, 0);
+    assert_eq!(env.jobs_ready().await, 0);
+    // The originals stay in {ns}.dead for the operator.
+    assert_eq!(env.dead_letters().await.len(), 2);
+
+    let out = env.drover(&["doctor", "--lost-after-secs", "1"]);
+    assert!(out.status.success(), "after the fix: {}", stdout(&out));
 }
 
 /// The key `drover schedules add` printed for the first slot.
@@ -591,4 +714,70 @@ async fn a_total_limit_holds_across_two_workers() {
             "two jobs ran at once: {spans:?}"
         );
     }
+}
+
+/// Waits until `needle` occurs in `n` lines of the worker's log, bounded by `T` (the log is
+/// collected by a thread: polling it is the only way to count lines already seen).
+fn wait_log_count(w: &Worker, needle: &str, n: usize) {
+    let deadline = std::time::Instant::now() + T;
+    while w.log().lines().filter(|l| l.contains(needle)).count() < n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "fewer than {n} log lines with {needle:?}; log:\n{}",
+            w.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The jobs consumer and the poison consumer share one reconnect skeleton: when the broker
+/// closes every connection, both connect and consume again (the jobs consumer counting the
+/// lost session) and jobs still run; when the broker is gone, the worker retries with backoff
+/// and still stops at once on SIGTERM. The node is private (the shared one is never stopped);
+/// its `consumer_timeout` is left at RabbitMQ's default of 30 minutes.
+#[tokio::test(flavor = "multi_thread")]
+async fn both_consumers_reconnect_and_a_worker_without_a_broker_still_stops() {
+    let env = TestEnv::new().await;
+    let mut node = LowTimeoutNode::start("lifecycle3-rc", 5771, 1_800_000);
+    node.start_worker(&env, &["--heartbeat-secs", "1"]);
+    let poison_line = "consuming messages dead-lettered at the delivery limit";
+    wait_log_count(&node.workers[0], poison_line, 1);
+
+    let mut close = std::process::Command::new(NODE_SCRIPT);
+    close.args([
+        "ctl",
+        "lifecycle3-rc",
+        "close_all_connections",
+        "test: reconnect",
+    ]);
+    let out = run_bounded(close, Duration::from_secs(60));
+    assert!(
+        out.status.success(),
+        "close_all_connections: {}",
+        stderr(&out)
+    );
+    node.workers[0].wait_log("\"reconnects\":1", T);
+    wait_log_count(&node.workers[0], poison_line, 2);
+
+    let out = run_bounded(
+        node.command(
+            &env,
+            &["publish", "--pipeline", "noop", "--key", "after-reconnect"],
+        ),
+        Duration::from_secs(60),
+    );
+    assert!(out.status.success(), "publish: {}", stderr(&out));
+    env.wait_job("after-reconnect", T, |r| {
+        r.get::<String, _>("state") == "succeeded"
+    })
+    .await;
+
+    let mut stop = std::process::Command::new(NODE_SCRIPT);
+    stop.args(["stop", "lifecycle3-rc"]);
+    let out = run_bounded(stop, Duration::from_secs(120));
+    assert!(out.status.success(), "node stop: {}", stderr(&out));
+    node.workers[0].wait_log("broker unavailable; reconnecting", T);
+    node.workers[0].signal("-TERM");
+    let status = node.workers[0].wait_exit(Duration::from_secs(30));
+    assert!(status.success(), "{status:?}:\n{}", node.workers[0].log());
 }

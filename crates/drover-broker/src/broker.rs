@@ -4,6 +4,7 @@ use crate::consumer::JobConsumer;
 use crate::endpoint::Endpoint;
 use crate::error::{describe, is_not_found, is_permanent, is_precondition_failed, scrub};
 use crate::publisher::Publisher;
+use crate::reader::QueueReader;
 use crate::topology::{JOBS_ROUTING_KEY, short};
 use crate::{BrokerError, Topology};
 use lapin::options::{
@@ -367,6 +368,22 @@ impl Broker {
         topo.validate()?;
         self.consume_queue(&topo.poison_queue(), prefetch, consumer_tag)
             .await
+    }
+
+    /// A [`QueueReader`] of `queue` on a channel of its own: messages taken one at a time
+    /// with `basic.get`, settled by the caller (those left unacked go back to the queue when
+    /// the reader or this connection closes).
+    pub async fn reader(&self, queue: &str) -> Result<QueueReader, BrokerError> {
+        short("queue name", queue)?;
+        let channel = self
+            .open_channel("open a channel to read the queue")
+            .await?;
+        let channel = self.register(channel);
+        Ok(QueueReader::new(
+            channel,
+            queue.to_string(),
+            self.endpoint.clone(),
+        ))
     }
 
     async fn consume_queue(

@@ -13,6 +13,9 @@
 //!   or requeued explicitly; acks of consecutive deliveries leave as one `basic.ack` with
 //!   `multiple` (one settle command in the quorum queue's log instead of one per message).
 //!
+//! * [`QueueReader`] takes messages one at a time with `basic.get`, for tools that look at
+//!   a queue without consuming it (`drover doctor` and `{ns}.poison`).
+//!
 //! * [`BrokerAddresses`] holds the addresses of a cluster's nodes and connects to the first
 //!   that answers, so a caller fails over to another node when its own goes away.
 //!
@@ -31,6 +34,7 @@ mod consumer;
 mod endpoint;
 mod error;
 mod publisher;
+mod reader;
 pub mod tls;
 mod topology;
 pub mod trace;
@@ -44,4 +48,5 @@ pub use publisher::{
     CONFIRM_TIMEOUT, KEY_HEADER, MAX_REASON_CHARS, OutgoingJob, Publisher, REASON_HEADER,
     TRACEPARENT_HEADER,
 };
+pub use reader::{GotMessage, QueueReader};
 pub use topology::{DEFAULT_DELIVERY_LIMIT, DEFAULT_NAMESPACE, JOBS_ROUTING_KEY, Topology};

@@ -1,12 +1,11 @@
 //! The consumer loop: connect, declare, consume; reconnect with jittered backoff.
 
 use crate::delivery::handle_delivery;
+use crate::reconnect::{Failed, Reconnect, connect_and_set_up};
 use crate::shared::{Shared, reconnect_backoff};
-use backoff::backoff::Backoff;
 use drover_broker::Broker;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tracing::{info, warn};
@@ -26,54 +25,50 @@ pub(crate) async fn consume_loop(
     let slots = Arc::new(Semaphore::new(usize::from(shared.config.prefetch)));
     // Consumer sessions lost so far, logged with each `consuming` line.
     let mut reconnects: u64 = 0;
+    let how = Reconnect {
+        name: &shared.config.worker_id,
+        next_node_after_failed_set_up: true,
+    };
     loop {
-        if *shutdown.borrow() {
-            return first;
-        }
-        let broker = match first.take() {
-            Some(b) => b,
-            None => match shared.addresses.connect(&shared.config.worker_id).await {
-                Ok(b) => b,
-                Err(e) => {
-                    let wait = backoff.next_backoff().unwrap_or(Duration::from_secs(15));
+        let session = connect_and_set_up(
+            &shared,
+            &how,
+            &mut backoff,
+            &mut first,
+            Some(&mut shutdown),
+            |broker| {
+                let shared = shared.clone();
+                Box::pin(async move {
+                    broker.declare(&shared.topo).await?;
+                    let publisher = broker.publisher(&shared.topo).await?;
+                    let consumer = broker
+                        .consume(
+                            &shared.topo,
+                            shared.config.prefetch,
+                            &shared.config.worker_id,
+                        )
+                        .await?;
+                    Ok((publisher, consumer))
+                })
+            },
+            |failed, e, wait| match failed {
+                Failed::Connect => {
                     warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "broker unavailable; reconnecting");
-                    tokio::select! {
-                        _ = tokio::time::sleep(wait) => continue,
-                        _ = shutdown.changed() => return None,
-                    }
+                }
+                Failed::SetUp => {
+                    warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "broker setup failed; reconnecting");
                 }
             },
-        };
-        let setup = async {
-            broker.declare(&shared.topo).await?;
-            let publisher = broker.publisher(&shared.topo).await?;
-            let consumer = broker
-                .consume(
-                    &shared.topo,
-                    shared.config.prefetch,
-                    &shared.config.worker_id,
-                )
-                .await?;
-            Ok::<_, drover_broker::BrokerError>((publisher, consumer))
-        };
-        let (publisher, mut consumer) = match setup.await {
-            Ok(v) => v,
-            Err(e) => {
-                let wait = backoff.next_backoff().unwrap_or(Duration::from_secs(15));
-                warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "broker setup failed; reconnecting");
-                let _ = broker.close().await;
-                // A node shutting down may still accept connections: try another next.
-                shared.addresses.skip_current();
-                tokio::select! {
-                    _ = tokio::time::sleep(wait) => continue,
-                    _ = shutdown.changed() => return None,
-                }
-            }
+        )
+        .await;
+        // Shut down before a session started: the first connection, if still unused, is
+        // closed by the caller after draining.
+        let Some((broker, (publisher, mut consumer))) = session else {
+            return first;
         };
         let broker_endpoint = broker.endpoint().to_string();
         *shared.publisher.write().await = Some(Arc::new(publisher));
         shared.metrics.consuming.store(true, Ordering::SeqCst);
-        backoff.reset();
         info!(queue = %shared.topo.jobs_queue(), prefetch = shared.config.prefetch, endpoint = %broker.endpoint(), reconnects, "consuming");
         loop {
             tokio::select! {

@@ -46,6 +46,7 @@ mod heartbeat;
 mod memory;
 mod metrics;
 mod poison;
+mod reconnect;
 mod relay;
 mod rescue;
 mod retention;
@@ -58,6 +59,7 @@ pub use config::{
 };
 pub use error::WorkerError;
 pub use memory::{DEFAULT_BYTES_PER_ROW, resident_bytes};
+pub use poison::poison_job_key;
 pub use rescue::due_message;
 pub use retention::{PRUNE_BATCH, Retention, delete_outputs};
 

@@ -7,8 +7,8 @@
 //! to `{ns}.poison`; this loop consumes it and marks the job `dead` with a reason naming the
 //! limit (`Ledger::mark_poisoned`). Every worker runs it; each copy is consumed once.
 
+use crate::reconnect::{Failed, Reconnect, connect_and_set_up};
 use crate::shared::{Shared, reconnect_backoff};
-use backoff::backoff::Backoff;
 use drover_broker::Incoming;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,35 +21,41 @@ const POISON_PREFETCH: u16 = 16;
 pub(crate) async fn poison_loop(shared: Arc<Shared>) {
     let mut backoff = reconnect_backoff();
     let name = format!("{}-poison", shared.config.worker_id);
+    let how = Reconnect {
+        name: &name,
+        next_node_after_failed_set_up: false,
+    };
     loop {
-        let broker = match shared.addresses.connect(&name).await {
-            Ok(b) => b,
-            Err(e) => {
-                let wait = backoff.next_backoff().unwrap_or(Duration::from_secs(15));
-                debug!(error = %e, retry_in_ms = wait.as_millis() as u64, "poison consumer: broker unavailable");
-                tokio::time::sleep(wait).await;
-                continue;
-            }
-        };
-        let consumer = async {
-            broker.declare(&shared.topo).await?;
-            broker.declare_poison(&shared.topo).await?;
-            broker
-                .consume_poison(&shared.topo, POISON_PREFETCH, &name)
-                .await
-        }
+        let session = connect_and_set_up(
+            &shared,
+            &how,
+            &mut backoff,
+            &mut None,
+            None,
+            |broker| {
+                let (shared, name) = (shared.clone(), name.clone());
+                Box::pin(async move {
+                    broker.declare(&shared.topo).await?;
+                    broker.declare_poison(&shared.topo).await?;
+                    broker
+                        .consume_poison(&shared.topo, POISON_PREFETCH, &name)
+                        .await
+                })
+            },
+            |failed, e, wait| match failed {
+                Failed::Connect => {
+                    debug!(error = %e, retry_in_ms = wait.as_millis() as u64, "poison consumer: broker unavailable");
+                }
+                Failed::SetUp => {
+                    warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "poison consumer setup failed; retrying");
+                }
+            },
+        )
         .await;
-        let mut consumer = match consumer {
-            Ok(c) => c,
-            Err(e) => {
-                let wait = backoff.next_backoff().unwrap_or(Duration::from_secs(15));
-                warn!(error = %e, retry_in_ms = wait.as_millis() as u64, "poison consumer setup failed; retrying");
-                let _ = broker.close().await;
-                tokio::time::sleep(wait).await;
-                continue;
-            }
+        // Without a shutdown signal it returns only once connected.
+        let Some((broker, mut consumer)) = session else {
+            return;
         };
-        backoff.reset();
         info!(queue = %shared.topo.poison_queue(), "consuming messages dead-lettered at the delivery limit");
         while let Some(next) = consumer.next().await {
             match next {
@@ -68,7 +74,7 @@ pub(crate) async fn poison_loop(shared: Arc<Shared>) {
 /// the ledger cannot be asked about now is requeued (the ledger decides, later).
 async fn handle(shared: &Shared, delivery: Incoming) {
     let queue = shared.topo.jobs_queue();
-    let Some(key) = key_of(&delivery.body) else {
+    let Some(key) = poison_job_key(&delivery.body) else {
         warn!(
             message_id = delivery.message_id.as_deref().unwrap_or(""),
             "a message dead-lettered at the delivery limit has no idempotency key; dropping the copy (the original is in the dead queue)"
@@ -108,23 +114,24 @@ async fn settle_ack(delivery: &Incoming) {
 }
 
 /// The idempotency key of a job message body, read leniently: the message reached a
-/// worker's queue before, so only the key is needed, whatever else it holds.
-fn key_of(body: &[u8]) -> Option<String> {
+/// worker's queue before, so only the key is needed, whatever else it holds. `drover doctor`
+/// reads `{ns}.poison` copies with it too.
+pub fn poison_job_key(body: &[u8]) -> Option<String> {
     let v: serde_json::Value = serde_json::from_slice(body).ok()?;
     v.get("idempotency_key")?.as_str().map(str::to_string)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::key_of;
+    use super::poison_job_key;
 
     #[test]
     fn key_of_reads_the_key_only() {
         assert_eq!(
-            key_of(br#"{"v":1,"idempotency_key":"k-1","pipeline":"x"}"#).as_deref(),
+            poison_job_key(br#"{"v":1,"idempotency_key":"k-1","pipeline":"x"}"#).as_deref(),
             Some("k-1")
         );
-        assert_eq!(key_of(br#"{"idempotency_key":5}"#), None);
-        assert_eq!(key_of(b"not json"), None);
+        assert_eq!(poison_job_key(br#"{"idempotency_key":5}"#), None);
+        assert_eq!(poison_job_key(b"not json"), None);
     }
 }

@@ -89,13 +89,7 @@ async fn a_message_dead_lettered_at_the_delivery_limit_marks_its_job_dead() {
     let row = env
         .wait_job("poison-1", T, |r| r.get::<String, _>("state") == "dead")
         .await;
-    let error: String = row.get("last_error");
-    assert!(error.contains("delivery limit reached"), "{error}");
-    assert!(error.contains("x-delivery-limit 2"), "{error}");
-    assert_eq!(
-        row.get::<Option<String>, _>("error_kind").as_deref(),
-        Some("permanent")
-    );
+    assert_poisoned(&row);
     let line = env
         .worker(w)
         .wait_log("poison message: marked the job dead", T);
@@ -117,25 +111,21 @@ async fn a_message_dead_lettered_at_the_delivery_limit_marks_its_job_dead() {
     .await;
 }
 
+/// A job marked dead for its message's delivery limit (2 in these tests), as a permanent
+/// failure that names the limit.
+fn assert_poisoned(row: &sqlx::postgres::PgRow) {
+    let error: String = row.get("last_error");
+    assert!(error.contains("delivery limit reached"), "{error}");
+    assert!(error.contains("x-delivery-limit 2"), "{error}");
+    assert_eq!(
+        row.get::<Option<String>, _>("error_kind").as_deref(),
+        Some("permanent")
+    );
+}
+
 /// Messages ready in `{ns}.poison` (a passive declare).
 async fn poison_ready(env: &TestEnv) -> u32 {
-    let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
-        .await
-        .expect("amqp connect");
-    let ch = conn.create_channel().await.expect("channel");
-    let q = ch
-        .queue_declare(
-            format!("{}.poison", env.ns).as_str().into(),
-            lapin::options::QueueDeclareOptions {
-                passive: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("passive declare of the poison queue");
-    let _ = conn.close(200, "bye".into()).await;
-    q.message_count()
+    env.queue_depth("poison").await.0
 }
 
 /// Polls `{ns}.poison` (the broker dead-letters asynchronously) until it holds `n` ready
@@ -219,13 +209,7 @@ async fn doctor_reports_and_fixes_poison_copies_when_no_worker_runs() {
     let row = env
         .wait_job("poison-doc-1", T, |r| r.get::<String, _>("state") == "dead")
         .await;
-    let error: String = row.get("last_error");
-    assert!(error.contains("delivery limit reached"), "{error}");
-    assert!(error.contains("x-delivery-limit 2"), "{error}");
-    assert_eq!(
-        row.get::<Option<String>, _>("error_kind").as_deref(),
-        Some("permanent")
-    );
+    assert_poisoned(&row);
     assert_eq!(
         env.state("poison-doc-2").await.as_deref(),
         Some("cancelled")

@@ -382,6 +382,21 @@ impl Drop for Roles {
     }
 }
 
+/// A producer's account may publish but not consume: `basic.consume` on `queue` is refused.
+async fn assert_consume_refused(conn: &Connection, queue: &str) {
+    let ch = conn.create_channel().await.expect("channel");
+    let e = ch
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect_err("a producer could consume");
+    assert!(e.to_string().contains("ACCESS_REFUSED"), "{e}");
+}
+
 fn url_with_user(url: &str, user: &str, password: &str) -> String {
     let (scheme, rest) = url.split_once("://").expect("scheme");
     let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
@@ -639,17 +654,7 @@ async fn least_privilege_accounts_from_files_run_everything_and_never_show_a_pas
     let conn = Connection::connect(&mq("producer"), ConnectionProperties::default())
         .await
         .expect("connect as producer");
-    let ch = conn.create_channel().await.expect("channel");
-    let e = ch
-        .basic_consume(
-            jobs.as_str().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect_err("a producer could consume");
-    assert!(e.to_string().contains("ACCESS_REFUSED"), "{e}");
+    assert_consume_refused(&conn, &jobs).await;
     let _ = conn.close(200, "bye".into()).await;
     let conn = Connection::connect(&mq("worker"), ConnectionProperties::default())
         .await
@@ -1193,17 +1198,7 @@ async fn tls_only_services_with_least_privilege_accounts_run_jobs_end_to_end() {
 
     // RabbitMQ: the producer cannot consume, the worker cannot delete a queue.
     let conn = amqps_connect(&mq_plain("drover-producer"), &ca).await;
-    let ch = conn.create_channel().await.expect("channel");
-    let e = ch
-        .basic_consume(
-            "drover.jobs".into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect_err("the producer could consume");
-    assert!(e.to_string().contains("ACCESS_REFUSED"), "{e}");
+    assert_consume_refused(&conn, "drover.jobs").await;
     let _ = conn.close(200, "bye".into()).await;
     let conn = amqps_connect(&mq_plain("drover-worker"), &ca).await;
     for queue in ["drover.jobs", "drover.dead"] {

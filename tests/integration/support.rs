@@ -158,13 +158,19 @@ impl TestEnv {
 
     /// `(ready messages, consumers)` of `{ns}.jobs`, from a passive declare.
     pub async fn jobs_depth(&self) -> (u32, u32) {
+        self.queue_depth("jobs").await
+    }
+
+    /// `(ready messages, consumers)` of `{ns}.{suffix}` (`jobs`, `dead`, `poison`), from a
+    /// passive declare.
+    pub async fn queue_depth(&self, suffix: &str) -> (u32, u32) {
         let conn = Connection::connect(&amqp_url(), ConnectionProperties::default())
             .await
             .expect("amqp connect");
         let ch = conn.create_channel().await.expect("channel");
         let q = ch
             .queue_declare(
-                format!("{}.jobs", self.ns).as_str().into(),
+                format!("{}.{suffix}", self.ns).as_str().into(),
                 lapin::options::QueueDeclareOptions {
                     passive: true,
                     ..Default::default()

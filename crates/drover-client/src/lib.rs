@@ -163,7 +163,8 @@ impl Client {
         let topo = Topology::for_connections(conns);
         // The two services are set up side by side: each costs round trips (TCP, TLS, the
         // AMQP handshake and declarations, Postgres' start-up), and a short-lived producer
-        // such as `drover publish` would otherwise wait for them one after the other.
+        // such as `drover publish` would otherwise wait for them one after the other. When
+        // both fail, the ledger's error is the one reported, as when they were set up in turn.
         let ledger = async {
             let ledger = Ledger::connect(
                 conns.database_url.expose_secret(),
@@ -181,7 +182,8 @@ impl Client {
             let publisher = broker.publisher(&topo).await?;
             Ok::<_, ClientError>((broker, publisher))
         };
-        let (ledger, (broker, publisher)) = tokio::try_join!(ledger, broker)?;
+        let (ledger, broker) = ledger_first(ledger, broker).await?;
+        let (broker, publisher) = broker;
         Ok(Client {
             ledger,
             broker,
@@ -533,9 +535,57 @@ fn conflict_from_message(key: String, message: &str) -> Conflict {
     }
 }
 
+/// Runs both set-ups at once. A failed ledger is reported at once; a failed broker waits for
+/// the ledger's outcome, so that with both down the error is always the ledger's.
+async fn ledger_first<L, B>(
+    ledger: impl std::future::Future<Output = Result<L, ClientError>>,
+    broker: impl std::future::Future<Output = Result<B, ClientError>>,
+) -> Result<(L, B), ClientError> {
+    tokio::pin!(ledger, broker);
+    tokio::select! {
+        l = &mut ledger => {
+            let l = l?;
+            Ok((l, broker.await?))
+        }
+        b = &mut broker => {
+            let l = ledger.await?;
+            Ok((l, b?))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn failure(which: &str) -> ClientError {
+        ClientError::Invalid {
+            key: which.into(),
+            reason: "down".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn with_both_services_down_the_ledger_error_is_reported_even_when_the_broker_fails_first()
+    {
+        let ledger = async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            Err::<(), _>(failure("ledger"))
+        };
+        let broker = async { Err::<(), _>(failure("broker")) };
+        let e = ledger_first(ledger, broker).await.expect_err("both failed");
+        assert_eq!(e.to_string(), "ledger: down");
+        let ok_ledger = async { Ok::<_, ClientError>(1) };
+        let broker = async { Err::<(), _>(failure("broker")) };
+        let e = ledger_first(ok_ledger, broker)
+            .await
+            .expect_err("broker failed");
+        assert_eq!(e.to_string(), "broker: down");
+        let both = ledger_first(async { Ok::<_, ClientError>(1) }, async {
+            Ok::<_, ClientError>(2)
+        });
+        assert_eq!(both.await.expect("both up"), (1, 2));
+    }
 
     #[test]
     fn conflict_parsed_from_the_sql_message() {

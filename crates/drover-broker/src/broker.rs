@@ -147,19 +147,39 @@ impl Broker {
     /// administrator declared them, e.g. with `drover migrate --broker`), that is enough,
     /// else the refusal is returned.
     pub async fn declare(&self, topo: &Topology) -> Result<(), BrokerError> {
-        match self.declare_objects(topo).await {
+        let declared = self.declare_objects(topo).await;
+        self.declared_or_existing(declared, "the topology", &topo.namespace, async {
+            self.verify_objects(topo).await.map(|()| true)
+        })
+        .await
+    }
+
+    /// The outcome of a declare of `what` (`name`: the namespace or queue, for the log),
+    /// except that a permanent refusal (no configure permission)
+    /// is forgiven when `exists` finds the objects with passive declares, which need no
+    /// permission: an administrator declared them (`drover migrate --broker`). Otherwise
+    /// the refusal stands.
+    async fn declared_or_existing(
+        &self,
+        declared: Result<(), BrokerError>,
+        what: &str,
+        name: &str,
+        exists: impl std::future::Future<Output = Result<bool, BrokerError>>,
+    ) -> Result<(), BrokerError> {
+        match declared {
             Err(
                 refused @ BrokerError::Operation {
                     permanent: true, ..
                 },
-            ) => match self.verify_objects(topo).await {
-                Ok(()) => {
-                    info!(endpoint = %self.endpoint, namespace = %topo.namespace,
-                            "no permission to declare the topology; it exists, using it");
+            ) => match exists.await {
+                Ok(true) => {
+                    info!(endpoint = %self.endpoint, name,
+                            "no permission to declare {what}; it exists, using it");
                     Ok(())
                 }
+                Ok(false) => Err(refused),
                 Err(e) => {
-                    debug!(error = %e, "passive check of the topology failed too");
+                    debug!(error = %e, "passive check of {what} failed too");
                     Err(refused)
                 }
             },
@@ -282,25 +302,12 @@ impl Broker {
     /// permission is refused, and then a passive declare checks that the queue exists (an
     /// administrator declared it); else the refusal is returned.
     pub async fn declare_poison(&self, topo: &Topology) -> Result<(), BrokerError> {
-        match self.declare_poison_queue(topo).await {
-            Err(
-                refused @ BrokerError::Operation {
-                    permanent: true, ..
-                },
-            ) => match self.queue_depth_if_exists(&topo.poison_queue()).await {
-                Ok(Some(_)) => {
-                    info!(endpoint = %self.endpoint, queue = %topo.poison_queue(),
-                            "no permission to declare the poison queue; it exists, using it");
-                    Ok(())
-                }
-                Ok(None) => Err(refused),
-                Err(e) => {
-                    debug!(error = %e, "passive check of the poison queue failed too");
-                    Err(refused)
-                }
-            },
-            other => other,
-        }
+        let declared = self.declare_poison_queue(topo).await;
+        let queue = topo.poison_queue();
+        self.declared_or_existing(declared, "the poison queue", &queue, async {
+            Ok(self.queue_depth_if_exists(&queue).await?.is_some())
+        })
+        .await
     }
 
     async fn declare_poison_queue(&self, topo: &Topology) -> Result<(), BrokerError> {

@@ -12,9 +12,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use tracing::{info, warn};
 
-/// Separates the addresses in one `--amqp-url` / `DROVER_AMQP_URL` value. A comma inside a
-/// password must be percent-encoded (`%2C`), as any reserved character in a URL.
-pub const ADDRESS_SEPARATOR: char = ',';
+/// Separates the addresses in one `--amqp-url` / `DROVER_AMQP_URL` value (the configuration's
+/// [`drover_core::config::AMQP_ADDRESS_SEPARATOR`]).
+pub const ADDRESS_SEPARATOR: char = drover_core::config::AMQP_ADDRESS_SEPARATOR;
 
 /// The AMQP URLs of a RabbitMQ cluster's nodes, in the order the operator gave them, and the
 /// one to try first.
@@ -48,7 +48,7 @@ impl BrokerAddresses {
     /// Every address must be a valid `amqp://` or `amqps://` URL; an error names its position
     /// and never its text (it may hold a password).
     pub fn parse(list: &str) -> Result<BrokerAddresses, BrokerError> {
-        let pieces: Vec<&str> = list.split(ADDRESS_SEPARATOR).map(str::trim).collect();
+        let pieces: Vec<&str> = drover_core::config::split_amqp_addresses(list).collect();
         let count = pieces.len();
         let mut urls = Vec::with_capacity(count);
         let mut shown = Vec::with_capacity(count);

@@ -115,9 +115,8 @@ pub(crate) fn percent_decode(s: &str) -> Option<String> {
 /// `, `.
 pub fn redact_url(url: &str) -> String {
     if url.contains(crate::ADDRESS_SEPARATOR) {
-        return url
-            .split(crate::ADDRESS_SEPARATOR)
-            .map(|one| redact_one(one.trim()))
+        return drover_core::config::split_amqp_addresses(url)
+            .map(redact_one)
             .collect::<Vec<_>>()
             .join(", ");
     }

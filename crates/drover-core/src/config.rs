@@ -311,10 +311,14 @@ impl Connections {
     }
 }
 
-/// The addresses of an `amqp_url` that lists several nodes, separated by commas (blanks
-/// around them ignored). A comma in a password is written `%2C`, as in any URL.
-fn split_amqp_addresses(list: &str) -> impl Iterator<Item = &str> {
-    list.split(',').map(str::trim)
+/// Separates the addresses in one `--amqp-url` / `DROVER_AMQP_URL` value. A comma inside a
+/// password must be percent-encoded (`%2C`), as any reserved character in a URL.
+pub const AMQP_ADDRESS_SEPARATOR: char = ',';
+
+/// The addresses of an `amqp_url` that lists several nodes, separated by
+/// [`AMQP_ADDRESS_SEPARATOR`] (blanks around them ignored).
+pub fn split_amqp_addresses(list: &str) -> impl Iterator<Item = &str> {
+    list.split(AMQP_ADDRESS_SEPARATOR).map(str::trim)
 }
 
 /// Every address of a list must be an AMQP URL; errors name its position, never its text.

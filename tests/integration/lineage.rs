@@ -51,27 +51,6 @@ fn run_locally(env: &TestEnv, input: &Path, batch: u32) -> Value {
     serde_json::from_slice(&out.stdout).expect("run --json")
 }
 
-/// Writes a payroll input with `seed` (same rows and columns for every seed).
-fn generate_seeded(env: &TestEnv, rows: u64, file: &str, seed: u64) -> PathBuf {
-    let path = env.path(file);
-    let out = env.drover(&[
-        "demo",
-        "generate",
-        "--rows",
-        &rows.to_string(),
-        "--client",
-        "acme",
-        "--period",
-        "2026-11",
-        "--seed",
-        &seed.to_string(),
-        "--out",
-        path.to_str().expect("utf8 path"),
-    ]);
-    assert!(out.status.success(), "generate: {}", stderr(&out));
-    path
-}
-
 /// Starts a worker, lets `key` checkpoint a few batches, and kills the worker with SIGKILL.
 async fn kill_mid_job(env: &mut TestEnv, key: &str) -> i32 {
     let w = env.start_worker(&[

@@ -729,26 +729,15 @@ async fn url_files_are_checked_and_named() {
     assert!(out.status.success(), "{}", stderr(&out));
 }
 
-/// A raw HTTP/1.0 POST with a bearer token; returns the status.
+/// A raw HTTP/1.0 POST with a bearer token; returns the status and the whole response.
 fn http_post_bearer(addr: &str, path: &str, token: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).expect("connect dashboard");
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    write!(
-        s,
-        "POST {path} HTTP/1.0\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\
-         Content-Length: 0\r\n\r\n"
+    http_request(
+        addr,
+        &format!(
+            "POST {path} HTTP/1.0\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\
+             Content-Length: 0\r\n\r\n"
+        ),
     )
-    .expect("write");
-    let mut text = String::new();
-    s.read_to_string(&mut text).expect("read");
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    (status, text)
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -523,29 +523,47 @@ pub fn stderr(o: &Output) -> String {
 
 /// Writes a small payroll input with the binary's generator.
 pub fn generate(env: &TestEnv, rows: u64, file: &str) -> PathBuf {
+    generate_with(env, rows, file, &[])
+}
+
+/// Writes a payroll input with `seed` (same rows and columns for every seed).
+pub fn generate_seeded(env: &TestEnv, rows: u64, file: &str, seed: u64) -> PathBuf {
+    generate_with(env, rows, file, &["--seed", &seed.to_string()])
+}
+
+fn generate_with(env: &TestEnv, rows: u64, file: &str, extra: &[&str]) -> PathBuf {
     let path = env.path(file);
-    let out = env.drover(&[
-        "demo",
-        "generate",
-        "--rows",
-        &rows.to_string(),
-        "--client",
-        "acme",
-        "--period",
-        "2026-11",
-        "--out",
-        path.to_str().expect("utf8 path"),
-    ]);
+    let rows = rows.to_string();
+    let mut args = vec![
+        "demo", "generate", "--rows", &rows, "--client", "acme", "--period", "2026-11",
+    ];
+    args.extend_from_slice(extra);
+    args.extend(["--out", path.to_str().expect("utf8 path")]);
+    let out = env.drover(&args);
     assert!(out.status.success(), "generate: {}", stderr(&out));
     path
 }
 
 /// A plain HTTP/1.0 GET; returns (status, body).
 pub fn http_get(addr: &str, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).expect("connect metrics port");
+    let (status, text) = http_request(
+        addr,
+        &format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n"),
+    );
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Sends `request` (a whole HTTP/1.0 request) to `addr`; returns the status and the whole
+/// response, headers included.
+pub fn http_request(addr: &str, request: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).expect("connect http port");
     s.set_read_timeout(Some(Duration::from_secs(10)))
         .expect("timeout");
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("write");
+    s.write_all(request.as_bytes()).expect("write");
     let mut text = String::new();
     s.read_to_string(&mut text).expect("read");
     let status = text
@@ -553,9 +571,5 @@ pub fn http_get(addr: &str, path: &str) -> (u16, String) {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
+    (status, text)
 }

@@ -5,6 +5,7 @@
 #
 #   bench/noop_cpu.sh PATH/TO/drover LABEL [JOBS=10000] [PREFETCH=256] [live|backlog]
 #   PERF=1 bench/noop_cpu.sh ...      (perf record -g of the worker into /tmp/noop-cpu-LABEL/perf.data)
+#   BENCH_SQL="..." bench/noop_cpu.sh ...   (SQL run on the fresh ledger after `drover migrate`)
 #
 # Prints: jobs/s (live: publish start to the last finished_at; backlog: first started_at to
 # last finished_at) and CPU seconds per 1,000 jobs (user+system from /proc) of the worker,
@@ -23,6 +24,8 @@ NS=noop-cpu-$LABEL-$$
 W=/tmp/noop-cpu-$LABEL; rm -rf $W; mkdir -p $W
 psql -X -q -h 127.0.0.1 -U postgres -d postgres -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" -c "CREATE DATABASE $DB"
 $DROVER migrate >/dev/null 2>&1
+# BENCH_SQL: statements run on the fresh ledger after migrating, to A/B a schema change.
+[[ -n ${BENCH_SQL:-} ]] && psql -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -U postgres -d $DB -c "$BENCH_SQL"
 python3 -c "
 for i in range($N): print('{\"v\":1,\"idempotency_key\":\"k-%d\",\"pipeline\":\"noop\"}' % i)" > $W/jobs.jsonl
 ticks() { awk '{ print $14 + $15 }' /proc/$1/stat 2>/dev/null || echo 0; }

@@ -764,8 +764,16 @@ impl Ledger {
     /// held by another worker or locked right now, and the caller must decide with
     /// [`Ledger::claim`]. A key given twice is claimed once (for its first occurrence).
     ///
-    /// Rows are locked in id order with `SKIP LOCKED`, so concurrent workers never wait on
-    /// or deadlock with each other here.
+    /// Rows are locked with `SKIP LOCKED`, so concurrent workers never wait on or deadlock
+    /// with each other here.
+    ///
+    /// Each key is looked up on its own through the unique key index (the `LATERAL ...
+    /// LIMIT 1`, which also keeps Postgres from pushing the state filter into the lookup).
+    /// Written as `idempotency_key = ANY($1) AND state IN (...)`, the planner chose to scan
+    /// the state indexes instead whenever its statistics said few jobs were queued: every
+    /// claim then read every index entry of a queued or running row, dead ones included,
+    /// which under load is thousands of entries for a handful of rows (see
+    /// docs/benchmarks.md, "Plans").
     pub async fn claim_ready(
         &self,
         worker: &str,
@@ -777,13 +785,13 @@ impl Ledger {
         let rows: Vec<ClaimedRow> = sqlx::query_as(
             r#"
             WITH c AS (
-                SELECT id FROM drover.jobs
-                WHERE idempotency_key = ANY($1)
-                  AND state IN ('queued', 'retrying')
-                  AND (run_at IS NULL OR run_at <= now())
-                  AND NOT cancel_requested
-                ORDER BY id
-                FOR UPDATE SKIP LOCKED
+                SELECT j.id FROM (SELECT DISTINCT key FROM unnest($1::text[]) AS k(key)) k,
+                LATERAL (SELECT id, state, run_at, cancel_requested FROM drover.jobs
+                         WHERE idempotency_key = k.key
+                         LIMIT 1 FOR UPDATE SKIP LOCKED) j
+                WHERE j.state IN ('queued', 'retrying')
+                  AND (j.run_at IS NULL OR j.run_at <= now())
+                  AND NOT j.cancel_requested
             ), u AS (
                 UPDATE drover.jobs j
                 SET state = 'running', attempts = j.attempts + 1, lease_owner = $2,
@@ -816,6 +824,9 @@ impl Ledger {
     /// on `worker` still holding its lease, each optionally with its last batch's checkpoint
     /// (replaying a batch index overwrites it and corrects `rows_done`, as
     /// [`Ledger::checkpoint`] does). Returns, per completion in order, `Ok` or [`LeaseLost`].
+    ///
+    /// Rows are locked in id order, each looked up by its primary key (the `LATERAL ...
+    /// LIMIT 1`, for the same reason as in [`Ledger::claim_ready`]).
     pub async fn complete_many(
         &self,
         worker: &str,
@@ -871,10 +882,11 @@ impl Ledger {
                     AS t(job_id, attempt, result, batch_index, batch_rows, output, checksum,
                          summary, total, first_row, rows_out, version, inputs)
             ), lease AS (
-                SELECT i.* FROM input i JOIN drover.jobs j ON j.id = i.job_id
-                WHERE j.lease_owner = $1 AND j.attempts = i.attempt AND j.state = 'running'
-                ORDER BY j.id
-                FOR UPDATE OF j
+                SELECT i.* FROM (SELECT * FROM input ORDER BY job_id) i,
+                LATERAL (SELECT lease_owner, attempts, state FROM drover.jobs
+                         WHERE id = i.job_id LIMIT 1 FOR UPDATE) cur
+                WHERE cur.lease_owner = $1 AND cur.attempts = i.attempt
+                  AND cur.state = 'running'
             ), old AS (
                 SELECT c.job_id, c.rows FROM drover.checkpoints c
                 JOIN lease l ON c.job_id = l.job_id AND c.batch_index = l.batch_index

@@ -59,6 +59,9 @@ use sqlx::{ConnectOptions, PgPool};
 use std::str::FromStr;
 use std::time::Duration;
 
+/// A pooled connection idle at least this long is pinged before it is used again.
+const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
+
 /// The migrations in the workspace's top-level `migrations/` directory, embedded.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
 
@@ -133,6 +136,20 @@ impl Ledger {
         let pool = PgPoolOptions::new()
             .max_connections(max_connections)
             .acquire_timeout(connect_timeout)
+            // sqlx pings every idle connection before handing it out by default: one more
+            // round trip, and one more wake-up of the Postgres backend, for every statement
+            // of the worker's hot path. Only a connection idle for a while is checked; a
+            // busy one that broke fails its statement as a connection error, which every
+            // caller already retries (the worker holds the job until Postgres is back).
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= PING_IF_IDLE_FOR {
+                        sqlx::Connection::ping(conn).await?;
+                    }
+                    Ok(true)
+                })
+            })
             .connect_with(opts)
             .await
             .map_err(|source| match &source {

@@ -773,7 +773,7 @@ impl Ledger {
     /// the state indexes instead whenever its statistics said few jobs were queued: every
     /// claim then read every index entry of a queued or running row, dead ones included,
     /// which under load is thousands of entries for a handful of rows (see
-    /// docs/benchmarks.md, "Plans").
+    /// docs/benchmarks.md).
     pub async fn claim_ready(
         &self,
         worker: &str,

@@ -29,6 +29,11 @@ fi
 
 reason=$(grep -v '^\s*$' "$fetch_log" | tail -n 1 | cut -c1-200)
 [[ ${DENY_STRICT:-0} == 1 ]] && { log "cannot fetch the advisory database: $reason"; exit 1; }
+# `--offline` below also stops cargo-deny from downloading crates, and its `cargo metadata`
+# needs every crate of Cargo.lock, those of other platforms too (a build downloads only the
+# host's). crates.io may still be reachable when GitHub is not: fetch them first.
+"$CARGO" fetch --locked >"$fetch_log" 2>&1 ||
+    log "warning: cargo fetch failed ($(grep -v '^\s*$' "$fetch_log" | tail -n 1 | cut -c1-200)); checking with the crates already downloaded"
 copy=$(find "$DB_DIR" -mindepth 1 -maxdepth 1 -type d -name 'advisory-db-*' 2>/dev/null | head -n 1)
 if [[ -n $copy ]]; then
     when=$(git -C "$copy" log -1 --format='%cs (%h)' 2>/dev/null || echo 'an unknown date')

@@ -336,14 +336,27 @@ impl Ledger {
 
     /// Renews the lease of every job in `ids` held by `worker`. Returns the ids whose
     /// cancellation an operator requested.
+    ///
+    /// Rows are locked in id order, each looked up by its primary key (`LATERAL ... LIMIT
+    /// 1`, as in [`Ledger::claim_ready`]): written as `id = ANY($2) AND state = 'running'`,
+    /// the planner scanned the whole partial index of running jobs, dead entries included.
     pub async fn heartbeat(&self, worker: &str, ids: &[Uuid]) -> Result<Vec<Uuid>, LedgerError> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
         let cancelled: Vec<Option<Uuid>> = sqlx::query_scalar(
-            "UPDATE drover.jobs SET heartbeat_at = now() \
-             WHERE id = ANY($2) AND lease_owner = $1 AND state = 'running' \
-             RETURNING CASE WHEN cancel_requested THEN id END",
+            r#"
+            WITH mine AS (
+                SELECT cur.id
+                FROM (SELECT DISTINCT id FROM unnest($2::uuid[]) AS i(id) ORDER BY id) i,
+                LATERAL (SELECT id, lease_owner, state FROM drover.jobs
+                         WHERE id = i.id LIMIT 1 FOR UPDATE) cur
+                WHERE cur.lease_owner = $1 AND cur.state = 'running'
+            )
+            UPDATE drover.jobs j SET heartbeat_at = now()
+            FROM mine WHERE j.id = mine.id
+            RETURNING CASE WHEN j.cancel_requested THEN j.id END
+            "#,
         )
         .bind(worker)
         .bind(ids)

@@ -47,6 +47,7 @@ if [[ $MODE == backlog ]]; then T0=$(psql -X -h 127.0.0.1 -U postgres -d $DB -At
 TE=$(psql -X -h 127.0.0.1 -U postgres -d $DB -Atc "SELECT extract(epoch FROM max(finished_at)) FROM drover.jobs")
 kill -TERM $WP; wait $WP || true
 rabbitmqctl -q delete_queue $NS.jobs >/dev/null 2>&1 || true; rabbitmqctl -q delete_queue $NS.dead >/dev/null 2>&1 || true
+rabbitmqctl -q delete_queue $NS.poison >/dev/null 2>&1 || true
 # The namespace's exchanges too (rabbitmqctl cannot delete exchanges): pika from bench/.venv.
 "$(dirname "$0")/.venv/bin/python" -c "
 import sys, pika

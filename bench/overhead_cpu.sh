@@ -41,6 +41,7 @@ r=open('$W/run.time').read().split(); print(f'round $r: run wall={r[0]} cpu={flo
 done
 kill -TERM $WP; wait $WP || true
 rabbitmqctl -q delete_queue $NS.jobs >/dev/null 2>&1 || true; rabbitmqctl -q delete_queue $NS.dead >/dev/null 2>&1 || true
+rabbitmqctl -q delete_queue $NS.poison >/dev/null 2>&1 || true
 "$(dirname "$0")/.venv/bin/python" -c "
 import sys, pika
 c = pika.BlockingConnection(pika.URLParameters(sys.argv[1])); ch = c.channel()

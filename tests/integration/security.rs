@@ -397,6 +397,36 @@ async fn assert_consume_refused(conn: &Connection, queue: &str) {
     assert!(e.to_string().contains("ACCESS_REFUSED"), "{e}");
 }
 
+/// `drover ARGS` with its Postgres and RabbitMQ URLs only in the files `NAME.database-url`
+/// and `NAME.amqp-url` (written here), as Kubernetes and systemd mount them.
+fn with_url_files(
+    env: &TestEnv,
+    name: &str,
+    db_url: String,
+    amqp_url: String,
+    args: &[&str],
+) -> Command {
+    let db = env.path(&format!("{name}.database-url"));
+    let amqp = env.path(&format!("{name}.amqp-url"));
+    std::fs::write(&db, db_url + "\n").expect("write url file");
+    std::fs::write(&amqp, amqp_url + "\n").expect("write url file");
+    let mut c = env.command(args);
+    c.env_remove("DATABASE_URL")
+        .env_remove("DROVER_AMQP_URL")
+        .env("DATABASE_URL_FILE", db)
+        .env("DROVER_AMQP_URL_FILE", amqp);
+    c
+}
+
+/// Runs `cmd` (bounded by [`T`]) and appends what it printed to `printed`, which the tests
+/// search for passwords at the end.
+fn run_recorded(cmd: Command, printed: &mut String) -> std::process::Output {
+    let out = run_bounded(cmd, T);
+    printed.push_str(&stdout(&out));
+    printed.push_str(&stderr(&out));
+    out
+}
+
 fn url_with_user(url: &str, user: &str, password: &str) -> String {
     let (scheme, rest) = url.split_once("://").expect("scheme");
     let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
@@ -475,33 +505,12 @@ async fn least_privilege_accounts_from_files_run_everything_and_never_show_a_pas
     assert!(out.status.success(), "migrate --broker: {}", stderr(&out));
 
     // Every credential from a file, as Kubernetes and systemd mount them.
-    let files = |part: &str, mq_user: &str| {
-        let db = env.path(&format!("{part}.database-url"));
-        let amqp = env.path(&format!("{part}.amqp-url"));
-        std::fs::write(
-            &db,
-            url_with_user(&env.db_url, &login(part), &pg_pass) + "\n",
-        )
-        .expect("write url file");
-        std::fs::write(&amqp, mq(mq_user) + "\n").expect("write url file");
-        (db, amqp)
-    };
     let as_ = |part: &str, mq_user: &str, args: &[&str]| {
-        let (db, amqp) = files(part, mq_user);
-        let mut c = env.command(args);
-        c.env_remove("DATABASE_URL")
-            .env_remove("DROVER_AMQP_URL")
-            .env("DATABASE_URL_FILE", db)
-            .env("DROVER_AMQP_URL_FILE", amqp);
-        c
+        let db_url = url_with_user(&env.db_url, &login(part), &pg_pass);
+        with_url_files(&env, part, db_url, mq(mq_user), args)
     };
     let mut printed = String::new();
-    let mut run = |cmd: Command| {
-        let out = run_bounded(cmd, T);
-        printed.push_str(&stdout(&out));
-        printed.push_str(&stderr(&out));
-        out
-    };
+    let mut run = |cmd: Command| run_recorded(cmd, &mut printed);
 
     let worker = Proc(Worker::spawn(as_("worker", "worker", &["worker"])));
     worker.0.wait_log("\"consuming\"", T);
@@ -1056,25 +1065,12 @@ async fn tls_only_services_with_least_privilege_accounts_run_jobs_end_to_end() {
     // Every credential from a file; the namespace is drover's default, which the
     // definitions' permissions name.
     let as_ = |part: &str, db_url: String, amqp_url: String, args: &[&str]| {
-        let db = env.path(&format!("e2e-{part}.database-url"));
-        let amqp = env.path(&format!("e2e-{part}.amqp-url"));
-        std::fs::write(&db, db_url + "\n").expect("write url file");
-        std::fs::write(&amqp, amqp_url + "\n").expect("write url file");
-        let mut c = env.command(args);
-        c.env_remove("DATABASE_URL")
-            .env_remove("DROVER_AMQP_URL")
-            .env("DATABASE_URL_FILE", db)
-            .env("DROVER_AMQP_URL_FILE", amqp)
-            .env("DROVER_NAMESPACE", "drover");
+        let mut c = with_url_files(&env, &format!("e2e-{part}"), db_url, amqp_url, args);
+        c.env("DROVER_NAMESPACE", "drover");
         c
     };
     let mut printed = String::new();
-    let mut run = |cmd: Command| {
-        let out = run_bounded(cmd, T);
-        printed.push_str(&stdout(&out));
-        printed.push_str(&stderr(&out));
-        out
-    };
+    let mut run = |cmd: Command| run_recorded(cmd, &mut printed);
 
     // The administrators: schema, roles and the broker's topology, over TLS.
     let out = run(as_(

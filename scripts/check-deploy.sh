@@ -211,6 +211,14 @@ else:
             env[e.get("name")] = e.get("value")
         return env
 
+    def check_worker_image(kind, name, container):
+        """The dashboard, the migrate Job and the producer CronJob run the worker's image."""
+        if not worker_deps:
+            return
+        dimg = get(worker_deps[0], "spec", "template", "spec", "containers", 0, "image")
+        check(container.get("image") == dimg, f"k8s: {kind} {name} and the worker use image {dimg}",
+              f"k8s: {kind} {name} image {container.get('image')!r} differs from the worker's {dimg!r}")
+
     def check_env_from(kind, name, pod_spec):
         """The ConfigMap through envFrom; the credentials as files from a secret volume
         (DATABASE_URL_FILE, DROVER_AMQP_URL_FILE), never as environment values."""
@@ -357,10 +365,7 @@ else:
               f"k8s: Job {jname} runs `drover migrate` with backoffLimit {get(job, 'spec', 'backoffLimit')}",
               f"k8s: Job {jname} must run args ['migrate', ...] with a backoffLimit and restartPolicy Never/OnFailure")
         check_env_from("Job", jname, pod)
-        if worker_deps:
-            dimg = get(worker_deps[0], "spec", "template", "spec", "containers", 0, "image")
-            check(c.get("image") == dimg, f"k8s: Job {jname} and the Deployment use image {dimg}",
-                  f"k8s: Job image {c.get('image')!r} differs from the Deployment's {dimg!r}")
+        check_worker_image("Job", jname, c)
     if not jobs:
         fail("k8s: no migrate Job")
 
@@ -400,10 +405,7 @@ else:
               f"k8s: Deployment {ddname}: {'; '.join(bad)}")
         if any(str(a).startswith("--admin-token") and not str(a).startswith("--admin-token-file") for a in c.get("args") or []):
             fail(f"k8s: Deployment {ddname}: --admin-token on the command line (visible in the process list); use DROVER_DASHBOARD_TOKEN_FILE")
-        if worker_deps:
-            dimg = get(worker_deps[0], "spec", "template", "spec", "containers", 0, "image")
-            check(c.get("image") == dimg, f"k8s: Deployment {ddname} and the worker use image {dimg}",
-                  f"k8s: Deployment {ddname} image {c.get('image')!r} differs from the worker's {dimg!r}")
+        check_worker_image("Deployment", ddname, c)
         labels = get(dd, "spec", "template", "metadata", "labels", default={}) or {}
         svcs = [sv for sv in of_kind("Service")
                 if (get(sv, "spec", "selector", default={}) or {})
@@ -433,10 +435,7 @@ else:
               f"k8s: CronJob {cname} runs `drover publish`, backoffLimit {get(cj, 'spec', 'jobTemplate', 'spec', 'backoffLimit')}, concurrencyPolicy Forbid",
               f"k8s: CronJob {cname} needs a backoffLimit, restartPolicy Never/OnFailure and concurrencyPolicy Forbid")
         check_env_from("CronJob", cname, pod)
-        if worker_deps:
-            dimg = get(worker_deps[0], "spec", "template", "spec", "containers", 0, "image")
-            check(c.get("image") == dimg, f"k8s: CronJob {cname} and the worker use image {dimg}",
-                  f"k8s: CronJob {cname} image {c.get('image')!r} differs from the worker's {dimg!r}")
+        check_worker_image("CronJob", cname, c)
 
     # kustomize renders (client-side only): the base and the HA overlay (which must live beside
     # the base, not inside it: kustomize refuses an overlay under its own base as a cycle)

@@ -1,4 +1,5 @@
-//! Error kinds: the one distinction the retry machinery cares about.
+//! Error kinds: the one distinction the retry machinery cares about; and the one-line form
+//! of an error with its causes that every part of drover prints.
 
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -38,4 +39,25 @@ impl fmt::Display for ErrorKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
+}
+
+/// The error and its causes on one line, "what: why: cause", like anyhow's `{:#}`, but
+/// without a cause whose text the line already holds: some library errors put their
+/// source's text in their own message and return it as `source()` too (sqlx's "error
+/// communicating with database: Connection refused" over the io error "Connection
+/// refused"), which `{:#}` would print twice. An `anyhow::Error` is passed as `&*e`.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = String::new();
+    let mut cur = Some(e);
+    while let Some(cause) = cur {
+        let text = cause.to_string();
+        if !text.is_empty() && !line.contains(&text) {
+            if !line.is_empty() {
+                line.push_str(": ");
+            }
+            line.push_str(&text);
+        }
+        cur = cause.source();
+    }
+    line
 }

@@ -73,17 +73,4 @@ impl From<minijinja::Error> for WebError {
     }
 }
 
-/// `error: cause: cause`, each once.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let t = c.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        cur = c.source();
-    }
-    s
-}
+pub(crate) use drover_core::error::error_chain;

@@ -87,7 +87,7 @@ where
                 }
                 Err(e) => {
                     let connection = e.is_connection();
-                    let message = error_chain(&e);
+                    let message = drover_core::error::error_chain(&e);
                     for reply in replies {
                         let _ = reply.send(Err(LedgerError::Grouped {
                             message: message.clone(),
@@ -99,16 +99,4 @@ where
         }
     });
     tx
-}
-
-/// `e` and its sources, joined with ": ".
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }

@@ -39,6 +39,7 @@ pub use drover_pipeline::{
 };
 
 use clap::Parser;
+use drover_core::error::error_chain;
 use std::process::ExitCode;
 
 /// Parses the command line and runs the chosen subcommand with `registry`'s pipelines;
@@ -63,7 +64,7 @@ pub fn main(registry: Registry) -> ExitCode {
     let code = match runtime.block_on(cli::dispatch(cli, registry)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("drover: error: {}", error_chain(&e));
+            eprintln!("drover: error: {}", error_chain(&*e));
             ExitCode::FAILURE
         }
     };
@@ -77,37 +78,17 @@ pub fn main(registry: Registry) -> ExitCode {
     code
 }
 
-/// The error and its causes on one line, "what: why: cause", like anyhow's `{:#}`, but without
-/// a cause whose text the line already holds: some library errors put their source's text in
-/// their own message and return it as `source()` too (sqlx's "error communicating with
-/// database: Connection refused" over the io error "Connection refused"), which `{:#}` would
-/// print twice.
-pub(crate) fn error_chain(e: &anyhow::Error) -> String {
-    let mut line = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if text.is_empty() || line.contains(&text) {
-            continue;
-        }
-        if !line.is_empty() {
-            line.push_str(": ");
-        }
-        line.push_str(&text);
-    }
-    line
-}
-
 #[cfg(test)]
 mod error_chain_tests {
-    use super::error_chain;
     use anyhow::Context;
+    use drover_core::error::error_chain;
 
     #[test]
     fn a_cause_already_in_the_message_is_not_repeated() {
         let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "Connection refused");
         let e = anyhow::Error::new(sqlx::Error::Io(io)).context("cannot connect to Postgres at X");
         assert_eq!(
-            error_chain(&e),
+            error_chain(&*e),
             "cannot connect to Postgres at X: error communicating with database: Connection refused"
         );
     }
@@ -118,6 +99,9 @@ mod error_chain_tests {
             .context("writing part 3")
             .context("running job k1")
             .unwrap_err();
-        assert_eq!(error_chain(&e), "running job k1: writing part 3: disk full");
+        assert_eq!(
+            error_chain(&*e),
+            "running job k1: writing part 3: disk full"
+        );
     }
 }

@@ -264,7 +264,7 @@ pub async fn verify(ctx: &Context, args: VerifyArgs) -> anyhow::Result<ExitCode>
         Err(e) => {
             eprintln!(
                 "drover: error: verify could not run: {}",
-                crate::error_chain(&e)
+                drover_core::error::error_chain(&*e)
             );
             Ok(ExitCode::from(2))
         }
